@@ -1,0 +1,24 @@
+"""skiplm: skip layers of Hugging Face decoder-only LLMs, and measure honestly what each skip costs."""
+
+__version__ = "0.1.0"
+
+from .adapters import Adapter, get_adapter, set_adapter, supported_model_types  # noqa: E402
+from .costs import CostModel  # noqa: E402
+from .errors import (  # noqa: E402
+    DataError,
+    ModelLoadError,
+    PlanError,
+    PlanMismatchError,
+    SkipLMError,
+    UnsupportedArchitectureError,
+)
+from .models import DEFAULT_MODEL, load_model  # noqa: E402
+from .plan import SkipPlan, SkipSet, model_identity  # noqa: E402
+from .planners import get_planner, plan_uniform  # noqa: E402
+from .runtime import SkipHandle, apply  # noqa: E402
+
+__all__ = [
+    "Adapter", "CostModel", "DEFAULT_MODEL", "DataError", "ModelLoadError", "PlanError", "PlanMismatchError",
+    "SkipHandle", "SkipLMError", "SkipPlan", "SkipSet", "UnsupportedArchitectureError", "apply", "get_adapter",
+    "get_planner", "load_model", "model_identity", "plan_uniform", "set_adapter", "supported_model_types",
+]

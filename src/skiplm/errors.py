@@ -1,0 +1,25 @@
+"""Errors skiplm raises for bad input. Each message says what went wrong and what to do about it."""
+
+
+class SkipLMError(ValueError):
+    """Base class of every error skiplm raises on purpose."""
+
+
+class PlanError(SkipLMError):
+    """A skip plan is malformed, inconsistent, or skips too much."""
+
+
+class PlanMismatchError(PlanError):
+    """A skip plan was made for a different model than the one it is applied to."""
+
+
+class UnsupportedArchitectureError(SkipLMError):
+    """The model's family has no adapter."""
+
+
+class ModelLoadError(SkipLMError):
+    """A model could not be loaded from the given spec."""
+
+
+class DataError(SkipLMError):
+    """Evaluation data or a prompt is missing or empty."""
