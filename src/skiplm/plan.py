@@ -15,6 +15,8 @@ import datetime
 import hashlib
 import json
 import math
+import numbers
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,13 +41,16 @@ class SkipSet:
     mlp: frozenset[int] = frozenset()
 
     def __post_init__(self):
-        object.__setattr__(self, "attention", frozenset(int(i) for i in self.attention))
-        object.__setattr__(self, "mlp", frozenset(int(i) for i in self.mlp))
+        for part in PARTS:
+            indices = getattr(self, part)
+            if isinstance(indices, (str, bytes)) or not all(_is_index(i) for i in indices):
+                raise PlanError(f"{part} skips must be layer indices (integers), got {sorted(map(repr, indices))}.")
+            object.__setattr__(self, part, frozenset(int(i) for i in indices))
 
     @classmethod
     def of(cls, blocks: Iterable[int] = (), attention: Iterable[int] = (), mlp: Iterable[int] = ()) -> SkipSet:
-        blocks = set(blocks)
-        return cls(frozenset(blocks | set(attention)), frozenset(blocks | set(mlp)))
+        blocks, attention, mlp = _index_list(blocks, "blocks"), _index_list(attention, "attention"), _index_list(mlp, "mlp")
+        return cls(frozenset(blocks + attention), frozenset(blocks + mlp))
 
     @property
     def blocks(self) -> list[int]:
@@ -79,9 +84,9 @@ class SkipSet:
         lists = {}
         for key in ("blocks", "attention", "mlp"):
             value = data.get(key, [])
-            if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            if not isinstance(value, list):
                 raise PlanError(f"{where}.{key} must be a list of layer indices (integers), got {value!r}.")
-            lists[key] = value
+            lists[key] = _index_list(value, f"{where}.{key}")
         return cls.of(**lists)
 
     def describe(self, num_layers: int) -> str:
@@ -149,7 +154,7 @@ def model_identity(model: nn.Module, name: str | None = None) -> ModelIdentity:
     samples = []
     for tensor in probes:
         flat = tensor.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR).long().to(flat.device)
+        index = (torch.arange(_SAMPLES_PER_TENSOR) * (flat.numel() - 1) // (_SAMPLES_PER_TENSOR - 1)).to(flat.device)
         samples.extend(float(f"{v:.6g}") for v in flat[index].float().cpu().tolist())
     return ModelIdentity(
         model_type=model_type_of(model),
@@ -294,7 +299,10 @@ class SkipPlan:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        text = json.dumps(self.to_json(), indent=2)
+        # keep lists of numbers on one line: a plan should read at a glance
+        text = re.sub(r"\[\s*([-0-9.,\se]*?)\s*\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
+        path.write_text(text + "\n")
         return path
 
     @classmethod
@@ -331,7 +339,10 @@ class SkipPlan:
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"plan file {path} does not exist.")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise PlanError(f"plan file {path} is not text (not UTF-8); a plan is a JSON file made by `skiplm plan`.") from None
         if not text.strip():
             raise PlanError(f"plan file {path} is empty; re-create it with `skiplm plan`.")
         try:
@@ -356,6 +367,19 @@ def provenance(method: str, **fields: Any) -> dict[str, Any]:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "skiplm_version": __version__,
     }
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _index_list(values: Iterable[Any], where: str) -> list[int]:
+    if isinstance(values, (str, bytes)):
+        raise PlanError(f"{where} must be a list of layer indices (integers), got {values!r}.")
+    values = list(values)
+    if not all(_is_index(v) for v in values):
+        raise PlanError(f"{where} must be a list of layer indices (integers), got {values!r}.")
+    return values
 
 
 def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:

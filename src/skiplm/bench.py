@@ -1,0 +1,164 @@
+"""Speed: prefill latency and decode throughput of the full model and of plans, measured in the same run.
+
+Method. Every configuration (the full model, each plan, optionally a copy with the plan's blocks physically deleted)
+is measured interleaved — round r runs every configuration once before round r+1 starts — after warm-up rounds that
+are not recorded, and reported as the median over rounds. Prompts are real text (GSM8K), different per batch row.
+
+* prefill: one forward over ``[batch, prompt_tokens]`` that fills a fresh KV cache; reported in ms and tokens/s.
+* decode: after a (untimed) prefill of ``[batch, decode_prompt_tokens]``, ``new_tokens`` greedy steps with the KV cache
+  in a plain loop (no ``generate()`` bookkeeping, no early stop); reported in tokens/s (batch x steps / time).
+
+Ratios are full-model time / configuration time (>1 is faster). The ideal ratio is the cost model's
+(:mod:`skiplm.costs`): the fraction of weight reads a plan removes, so the gap between ideal and measured is overhead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .costs import CostModel
+from .plan import SkipPlan
+from .prune import prune_blocks
+from .runtime import apply
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    batch_sizes: tuple[int, ...] = (1, 8)
+    prompt_tokens: int = 256
+    decode_prompt_tokens: int = 64
+    new_tokens: int = 64
+    repeats: int = 5
+    warmup: int = 1
+
+    def measures(self) -> list[str]:
+        return [f"{kind}_b{b}" for b in self.batch_sizes for kind in ("prefill", "decode")]
+
+
+@dataclasses.dataclass
+class Config:
+    """One thing to time: a model object, optionally with a plan applied while it runs."""
+
+    name: str
+    model: nn.Module
+    plan: SkipPlan | None = None
+    ideal_decode: float = 1.0
+    ideal_prefill: float = 1.0
+
+
+@torch.inference_mode()
+def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(ids, use_cache=True)
+    _sync(ids)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def time_decode(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
+    out = model(ids, use_cache=True)
+    cache = out.cache
+    token = out.logits[:, -1:].argmax(-1)
+    _sync(ids)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(token, cache=cache, use_cache=True)
+        cache = out.cache
+        token = out.logits[:, -1:].argmax(-1)
+    _sync(ids)
+    return time.perf_counter() - start
+
+
+def _sync(tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
+def prompt_batch(corpus_ids: torch.Tensor, batch: int, length: int, device) -> torch.Tensor:
+    """``batch`` different real-text prompts of ``length`` tokens."""
+    needed = batch * length
+    if corpus_ids.numel() < needed:
+        corpus_ids = corpus_ids.repeat(needed // corpus_ids.numel() + 1)
+    return corpus_ids[:needed].view(batch, length).to(device)
+
+
+def make_configs(model: nn.Module, plans: Mapping[str, SkipPlan], *, compare_pruned: bool) -> list[Config]:
+    """The full model, each plan, and (for block-only plans, if asked) a physically pruned copy of the model."""
+    costs = CostModel.from_parameter_counts(model)
+    configs = [Config("full", model)]
+    for name, plan in plans.items():
+        plan.check_model(model)
+        configs.append(Config(name, model, plan, costs.ideal_speedup(plan.decode), costs.ideal_speedup(plan.prefill)))
+        block_only = plan.prefill == plan.decode and set(plan.decode.attention) == set(plan.decode.mlp)
+        if compare_pruned and block_only and not plan.decode.is_empty():
+            pruned = prune_blocks(model, plan.decode.blocks)
+            configs.append(Config(f"{name} (layers deleted)", pruned, None, configs[-1].ideal_decode, configs[-1].ideal_prefill))
+    return configs
+
+
+def run_bench(
+    configs: list[Config],
+    corpus_ids: torch.Tensor,
+    settings: BenchSettings = BenchSettings(),
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Time every configuration on every measure; returns samples (seconds), medians and ratios to ``full``."""
+    device = next(configs[0].model.parameters()).device
+    inputs = {}
+    for batch in settings.batch_sizes:
+        inputs[f"prefill_b{batch}"] = prompt_batch(corpus_ids, batch, settings.prompt_tokens, device)
+        inputs[f"decode_b{batch}"] = prompt_batch(corpus_ids, batch, settings.decode_prompt_tokens, device)
+    samples = {c.name: {m: [] for m in settings.measures()} for c in configs}
+    for round_index in range(settings.warmup + settings.repeats):
+        for config in configs:
+            handle = apply(config.model, config.plan, check_model=False) if config.plan else None
+            try:
+                for measure in settings.measures():
+                    ids = inputs[measure]
+                    if measure.startswith("prefill"):
+                        seconds = time_prefill(config.model, ids)
+                    else:
+                        seconds = time_decode(config.model, ids, settings.new_tokens)
+                    if round_index >= settings.warmup:
+                        samples[config.name][measure].append(seconds)
+                    if progress:
+                        progress(f"{config.name}: {measure}")
+            finally:
+                if handle:
+                    handle.remove()
+    return summarize(configs, samples, settings)
+
+
+def summarize(configs: list[Config], samples: dict, settings: BenchSettings) -> dict:
+    results = {}
+    full = {m: statistics.median(v) for m, v in samples["full"].items()}
+    for config in configs:
+        per_measure = {}
+        for measure, values in samples[config.name].items():
+            median = statistics.median(values)
+            batch = int(measure.split("_b")[1])
+            if measure.startswith("prefill"):
+                throughput = batch * settings.prompt_tokens / median
+                ideal = config.ideal_prefill
+            else:
+                throughput = batch * settings.new_tokens / median
+                ideal = config.ideal_decode
+            per_measure[measure] = {
+                "median_s": median,
+                "samples_s": values,
+                "tokens_per_s": throughput,
+                "speedup": full[measure] / median,
+                "ideal_speedup": ideal,
+            }
+        results[config.name] = per_measure
+    return results
+
+
+def total_work(configs: list[Config], settings: BenchSettings) -> int:
+    return (settings.warmup + settings.repeats) * len(configs) * len(settings.measures())

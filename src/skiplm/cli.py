@@ -1,0 +1,363 @@
+"""The ``skiplm`` command line: a thin shell over the library (plan, eval, bench, generate, demo, info)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import SkipLMError
+
+console = Console(stderr=True)
+MODEL_ARGUMENT = click.argument("model", default="smollm2-135m", required=False)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+    )
+
+
+def _load(model: str, dtype: str, device: str):
+    from .models import load_model
+
+    with console.status(f"loading {model} ({dtype}, {device})"):
+        return load_model(model, dtype=dtype, device=device)
+
+
+def _model_options(function):
+    function = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda")(function)
+    function = click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16")(function)
+    return function
+
+
+def _load_plan(path: str | None, model, force: bool):
+    from .plan import SkipPlan
+
+    if path is None:
+        return None
+    plan = SkipPlan.load(path)
+    if not force:
+        plan.check_model(model)
+    return plan
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="skiplm")
+def cli():
+    """Skip layers of Hugging Face decoder-only LLMs, and measure what each skip costs.
+
+    MODEL is the shipped default `smollm2-135m`, a local model folder, a local .gguf file, or a hub id (needs a
+    network).
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own progress bars only
+
+
+@cli.command()
+@MODEL_ARGUMENT
+@click.option("--method", default="uniform", show_default=True, help="planning method")
+@click.option("--speedup", type=float, help="target ideal speedup, e.g. 1.25")
+@click.option("--skip", type=int, help="number of blocks to skip")
+@click.option("--prefill", type=click.Choice(["same", "full"]), default="same", show_default=True,
+              help="prefill skips the same layers, or runs at full depth")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="plan file to write (JSON)")
+@_model_options
+def plan(model, method, speedup, skip, prefill, out, dtype, device):
+    """Make a skip plan for MODEL and save it."""
+    from .costs import CostModel
+    from .planners import get_planner
+
+    planner = get_planner(method)
+    hf_model, _ = _load(model, dtype, device)
+    skip_plan = planner(hf_model, speedup=speedup, skip=skip, prefill=prefill, name=model)
+    skip_plan.save(out)
+    ideal = CostModel.from_parameter_counts(hf_model).ideal_speedup(skip_plan.decode)
+    console.print(f"{skip_plan.describe()} — ideal decode speedup {ideal:.3f}x")
+    console.print(f"wrote {out}")
+
+
+@cli.command("eval")
+@MODEL_ARGUMENT
+@click.option("--plan", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="plan file (repeat for several); the full model is always evaluated too")
+@click.option("--corpus", "corpora", multiple=True, default=("gsm8k",), show_default=True,
+              help="gsm8k, pydoc, or a text file (repeatable)")
+@click.option("--tokens", default=16384, show_default=True, help="tokens scored per corpus")
+@click.option("--context", default=1024, show_default=True, help="window length")
+@click.option("--stride", default=512, show_default=True, help="window advance")
+@click.option("--out", "-o", type=click.Path(), default="results/eval", show_default=True, help="output folder")
+@click.option("--force", is_flag=True, help="apply plans even if made for other weights")
+@_model_options
+def eval_command(model, plan_paths, corpora, tokens, context, stride, out, force, dtype, device):
+    """Perplexity of the full model and of each plan, side by side."""
+    hf_model, tokenizer = _load(model, dtype, device)
+    plans = {"full": None} | {Path(p).stem: _load_plan(p, hf_model, force) for p in plan_paths}
+    result = evaluate_and_report(hf_model, tokenizer, plans, corpora, tokens, context, stride, Path(out), model, device)
+    _print_quality(result)
+
+
+@cli.command()
+@MODEL_ARGUMENT
+@click.option("--plan", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="plan file (repeat for several); the full model is always measured too")
+@click.option("--batch-sizes", default="1,8", show_default=True)
+@click.option("--prompt-tokens", default=256, show_default=True, help="prefill length")
+@click.option("--decode-prompt-tokens", default=64, show_default=True, help="prompt length before decoding")
+@click.option("--new-tokens", default=64, show_default=True, help="decode steps")
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--warmup", default=1, show_default=True)
+@click.option("--compare-pruned/--no-compare-pruned", default=True, show_default=True,
+              help="also time a copy with the plan's blocks physically deleted")
+@click.option("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+@click.option("--out", "-o", type=click.Path(), default="results/bench", show_default=True, help="output folder")
+@click.option("--force", is_flag=True, help="apply plans even if made for other weights")
+@_model_options
+def bench(model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup,
+          compare_pruned, threads, out, force, dtype, device):
+    """Prefill latency and decode tokens/s of the full model and each plan, interleaved, in one run."""
+    from .bench import BenchSettings
+
+    _set_threads(threads)
+    hf_model, tokenizer = _load(model, dtype, device)
+    plans = {Path(p).stem: _load_plan(p, hf_model, force) for p in plan_paths}
+    settings = BenchSettings(tuple(int(b) for b in batch_sizes.split(",")), prompt_tokens, decode_prompt_tokens,
+                             new_tokens, repeats, warmup)
+    result = bench_and_report(hf_model, tokenizer, plans, settings, compare_pruned, Path(out), model, device)
+    _print_speed(result)
+
+
+@cli.command()
+@MODEL_ARGUMENT
+@click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False), help="plan file")
+@click.option("--prompt", "-p", required=True, help="the user message")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--chat/--raw", default=True, show_default=True, help="wrap the prompt in the model's chat template")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="apply the plan even if made for other weights")
+@_model_options
+def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p, seed, force, dtype, device):
+    """Generate text with MODEL (under a plan if given), streaming to stdout."""
+    import torch
+    from transformers import TextStreamer
+
+    from .errors import DataError
+    from .runtime import apply
+
+    if not prompt.strip():
+        raise DataError("the prompt is empty: pass some text with --prompt.")
+    hf_model, tokenizer = _load(model, dtype, device)
+    skip_plan = _load_plan(plan_path, hf_model, force)
+    if chat and tokenizer.chat_template:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    handle = apply(hf_model, skip_plan, check_model=False) if skip_plan else None
+    try:
+        start = time.perf_counter()
+        output = hf_model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
+                                   pad_token_id=tokenizer.pad_token_id, **sampling)
+        elapsed = time.perf_counter() - start
+    finally:
+        if handle:
+            handle.remove()
+    new = output.shape[1] - inputs["input_ids"].shape[1]
+    console.print(f"[dim]{new} tokens in {elapsed:.2f} s ({new / elapsed:.1f} tokens/s, including prefill)"
+                  f"{'; plan: ' + skip_plan.describe() if skip_plan else ''}[/dim]")
+
+
+@cli.command()
+@MODEL_ARGUMENT
+@_model_options
+def info(model, dtype, device):
+    """Show how skiplm sees MODEL: family, layers, and what each sublayer costs."""
+    from .adapters import get_adapter, model_type_of
+    from .costs import CostModel
+
+    hf_model, _ = _load(model, dtype, device)
+    adapter = get_adapter(hf_model)
+    costs = CostModel.from_parameter_counts(hf_model)
+    console.print(f"model type {model_type_of(hf_model)}, {len(costs.attention)} decoder layers "
+                  f"(at `{adapter.layers}`), {sum(p.numel() for p in hf_model.parameters()) / 1e6:.1f}M parameters")
+    console.print(f"per layer: attention {costs.attention[0] / 1e6:.2f}M, MLP {costs.mlp[0] / 1e6:.2f}M parameters; "
+                  f"output head {costs.fixed / 1e6:.2f}M ({costs.fixed / costs.total:.0%} of a decode step by the cost model)")
+
+
+@cli.command()
+@click.option("--speedup", default=1.25, show_default=True, help="target ideal speedup of the uniform plan")
+@click.option("--tokens", default=8192, show_default=True, help="tokens scored per corpus")
+@click.option("--repeats", default=3, show_default=True, help="timed rounds per measure")
+@click.option("--out", "-o", type=click.Path(), default="results/demo", show_default=True, help="output folder")
+@_model_options
+def demo(speedup, tokens, repeats, out, dtype, device):
+    """The main job: on the default model, plan a uniform skip, evaluate and bench it against the full model."""
+    from .bench import BenchSettings
+    from .models import DEFAULT_MODEL
+    from .planners import plan_uniform
+
+    out = Path(out)
+    hf_model, tokenizer = _load(DEFAULT_MODEL, dtype, device)
+    skip_plan = plan_uniform(hf_model, speedup=speedup, name=DEFAULT_MODEL)
+    plan_file = skip_plan.save(out / "plan.json")
+    console.print(f"[bold]plan[/bold] uniform {speedup}x: {skip_plan.describe()} -> {plan_file}")
+    name = f"uniform-{speedup}x"
+    quality = evaluate_and_report(hf_model, tokenizer, {"full": None, name: skip_plan}, ("gsm8k", "pydoc"), tokens,
+                                  1024, 512, out, DEFAULT_MODEL, device)
+    settings = BenchSettings(repeats=repeats)
+    speed = bench_and_report(hf_model, tokenizer, {name: skip_plan}, settings, True, out, DEFAULT_MODEL, device)
+    _print_quality(quality)
+    _print_speed(speed)
+    _write_demo_summary(out, skip_plan, quality, speed)
+    console.print(f"results in {out}/")
+
+
+# -- shared by the commands ------------------------------------------------------------------------------------------
+def evaluate_and_report(model, tokenizer, plans, corpora, tokens, context, stride, out: Path, model_name, device):
+    from .data import corpus_label, load_corpus
+    from .evaluate import compare_perplexity, tokenize_corpus
+    from .reporting import machine_info, markdown_table, write_json
+
+    texts = {corpus_label(c): tokenize_corpus(tokenizer, load_corpus(c), tokens) for c in corpora}
+    per_corpus = {}
+    with _progress() as progress:
+        task = progress.add_task("perplexity", total=sum((ids.numel() - 1) * len(plans) for ids in texts.values()))
+        for label, ids in texts.items():
+            progress.update(task, description=f"perplexity on {label}")
+            per_corpus[label] = compare_perplexity(model, ids, plans, context=context, stride=stride,
+                                                   progress=lambda n: progress.advance(task, n))
+    result = {
+        "kind": "perplexity",
+        "model": model_name,
+        "machine": machine_info(device),
+        "settings": {"tokens": tokens, "context": context, "stride": stride, "corpora": list(texts)},
+        "plans": {name: (p.to_json() if p else None) for name, p in plans.items()},
+        "perplexity": {c: {n: r.to_json() for n, r in rs.items()} for c, rs in per_corpus.items()},
+    }
+    write_json(out / "eval.json", result)
+    headers = ["config"] + [f"ppl {c} ({tokens} tok)" for c in texts]
+    rows = [[name] + [f"{per_corpus[c][name].perplexity:.3f}" for c in texts] for name in plans]
+    (out / "eval.md").write_text(f"# Perplexity, {model_name}\n\ncontext {context}, stride {stride}; plans' decode skip "
+                                 f"set applied to every token.\n\n" + markdown_table(headers, rows))
+    return result
+
+
+def bench_and_report(model, tokenizer, plans, settings, compare_pruned, out: Path, model_name, device):
+    import dataclasses
+
+    from .bench import make_configs, run_bench, total_work
+    from .data import load_corpus
+    from .evaluate import tokenize_corpus
+    from .reporting import machine_info, markdown_table, plot_speedups, settings_line, speed_rows, write_json
+
+    corpus_ids = tokenize_corpus(tokenizer, load_corpus("gsm8k"), 8 * max(settings.prompt_tokens, settings.decode_prompt_tokens))
+    configs = make_configs(model, plans, compare_pruned=compare_pruned)
+    with _progress() as progress:
+        task = progress.add_task("bench", total=total_work(configs, settings))
+        speed = run_bench(configs, corpus_ids, settings,
+                          progress=lambda what: progress.update(task, advance=1, description=f"bench {what}"))
+    result = {
+        "kind": "speed",
+        "model": model_name,
+        "machine": machine_info(device),
+        "settings": dataclasses.asdict(settings),
+        "plans": {name: p.to_json() for name, p in plans.items()},
+        "speed": speed,
+    }
+    write_json(out / "bench.json", result)
+    headers, rows = speed_rows(speed, result["settings"])
+    (out / "bench.md").write_text(
+        f"# Speed, {model_name}\n\n{result['machine']['cpu']}, {result['machine']['torch_threads']} threads, "
+        f"torch {result['machine']['torch']}; medians of {settings.repeats} interleaved rounds after "
+        f"{settings.warmup} warm-up. {settings_line(result['settings'])}.\n\n" + markdown_table(headers, rows) + "\n![speedups](bench.png)\n")
+    if len(configs) > 1:
+        plot_speedups(speed, result["settings"], out / "bench.png", f"{model_name}: measured vs ideal speedup")
+    return result
+
+
+def _print_quality(result):
+    table = Table(title=f"perplexity ({result['settings']['tokens']} tokens, context {result['settings']['context']})")
+    table.add_column("config")
+    corpora = list(result["perplexity"])
+    for corpus in corpora:
+        table.add_column(corpus, justify="right")
+    for name in result["plans"]:
+        full = [result["perplexity"][c]["full"]["perplexity"] for c in corpora] if "full" in result["plans"] else None
+        cells = []
+        for i, corpus in enumerate(corpora):
+            value = result["perplexity"][corpus][name]["perplexity"]
+            cells.append(f"{value:.2f}" + (f" ({value / full[i]:.2f}x)" if full and name != "full" else ""))
+        table.add_row(name, *cells)
+    Console().print(table)
+
+
+def _print_speed(result):
+    from .reporting import settings_line, speed_rows
+
+    headers, rows = speed_rows(result["speed"], result["settings"])
+    table = Table(title="speed (medians; speedup = full time / config time)", caption=settings_line(result["settings"]))
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i < 2 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def _write_demo_summary(out: Path, skip_plan, quality, speed):
+    from .reporting import markdown_table, measure_label, settings_line
+
+    names = list(speed["speed"])
+    headers = ["config"] + [f"ppl {c}" for c in quality["perplexity"]] + [
+        measure_label(m, speed["settings"]) for m in speed["speed"]["full"]]
+    rows = []
+    for name in names:
+        plan_name = name.replace(" (layers deleted)", "")
+        ppl = [f"{quality['perplexity'][c][plan_name]['perplexity']:.2f}" for c in quality["perplexity"]]
+        times = [f"{r['tokens_per_s']:.1f} tok/s ({r['speedup']:.2f}x, ideal {r['ideal_speedup']:.2f}x)"
+                 for r in speed["speed"][name].values()]
+        rows.append([name] + ppl + times)
+    (out / "summary.md").write_text(
+        f"# skiplm demo: {skip_plan.describe()}\n\n{settings_line(speed['settings'])}.\n\n" + markdown_table(headers, rows)
+        + "\nThe layers-deleted copy has the same perplexity as the plan (same computation).\n")
+
+
+def _set_threads(threads):
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def main():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cli(standalone_mode=False)
+    except SkipLMError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        console.print("aborted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Tiny, seeded, randomly initialised models of every family skiplm supports (no network, no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+import transformers
+
+# Tiny tensors: intra-op threads only add overhead (on a 2-core machine, a 2-thread softmax of 200 floats takes ~8 ms).
+torch.set_num_threads(1)
+
+NUM_LAYERS = 5
+VOCAB = 128
+SLIDING_WINDOW = 8  # sequences in the tests are longer than this
+ATTN_IMPLEMENTATION = "eager"
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2"]
+SLIDING_FAMILIES = {"mistral", "gemma2", "gemma3_text"}
+
+# The Linear that does the first piece of work of each branch (used to prove that a skipped branch does not run).
+ATTENTION_PROBE = {"phi3": "qkv_proj"}  # default: q_proj
+MLP_PROBE = {"phi3": "gate_up_proj"}  # default: gate_proj
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=NUM_LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+
+def _config(family: str, num_layers: int) -> transformers.PretrainedConfig:
+    common = dict(_COMMON, num_hidden_layers=num_layers)
+    if family == "llama":
+        return transformers.LlamaConfig(**common)
+    if family == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=SLIDING_WINDOW)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=8)
+    if family == "gemma2":
+        # Gemma 2 alternates sliding-window and global layers.
+        return transformers.Gemma2Config(**common, head_dim=8, sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=8)
+    if family == "gemma3_text":
+        # Every 2nd layer global, the others sliding.
+        layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+        return transformers.Gemma3TextConfig(
+            **common, head_dim=8, sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=8, layer_types=layer_types
+        )
+    if family == "phi3":
+        return transformers.Phi3Config(**common)
+    if family == "olmo2":
+        return transformers.Olmo2Config(**common)
+    raise KeyError(family)
+
+
+_MODEL_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+}
+
+
+def tiny_model(family: str, *, seed: int = 0, num_layers: int = NUM_LAYERS) -> transformers.PreTrainedModel:
+    """A tiny fp32 ``family`` model in eval mode, its weights drawn from ``seed``."""
+    config = _config(family, num_layers)
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    torch.manual_seed(seed)
+    model = getattr(transformers, _MODEL_CLASSES[family])(config)
+    # Random init with std 0.02 makes every layer nearly an identity; larger weights make skips visible in the logits.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2)
+    model.to(torch.float32).eval()
+    model.generation_config.pad_token_id = config.pad_token_id
+    return model
+
+
+def tiny_gpt2(seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny model of a family skiplm does not support."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+_CACHE: dict[tuple[str, int, int], transformers.PreTrainedModel] = {}
+
+
+def cached_tiny_model(family: str, *, seed: int = 0, num_layers: int = NUM_LAYERS) -> transformers.PreTrainedModel:
+    """Shared instance of :func:`tiny_model` (tests must not leave a plan applied or change its weights)."""
+    key = (family, seed, num_layers)
+    if key not in _CACHE:
+        _CACHE[key] = tiny_model(family, seed=seed, num_layers=num_layers)
+    return _CACHE[key]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(family):
+    """A tiny model of each supported family; fails the test if a plan is left applied on it."""
+    m = cached_tiny_model(family)
+    yield m
+    assert getattr(m, "_skiplm_handle", None) is None, "a test left a skip plan applied"
+
+
+@pytest.fixture
+def llama():
+    m = cached_tiny_model("llama")
+    yield m
+    assert getattr(m, "_skiplm_handle", None) is None, "a test left a skip plan applied"
+
+
+@pytest.fixture
+def make_model():
+    """Factory fixture: ``make_model(family, seed=..., num_layers=...)`` builds a fresh tiny model."""
+    return tiny_model
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    """A [1, 20] batch of token ids (longer than the sliding window), avoiding pad / bos / eos."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(3, VOCAB, (1, 20), generator=g)
