@@ -1,8 +1,9 @@
 """Speed: prefill latency and decode throughput of the full model and of plans, measured in the same run.
 
-Method. Every configuration (the full model, each plan, optionally a copy with the plan's blocks physically deleted)
-is measured interleaved — round r runs every configuration once before round r+1 starts — after warm-up rounds that
-are not recorded, and reported as the median over rounds. Prompts are real text (GSM8K), different per batch row.
+Method. Every configuration (the full model, each plan, optionally a copy with the plan's blocks physically deleted and
+the *same* weight tensors) is measured interleaved — within a round, each measure runs on every configuration back to
+back, in an order that alternates between rounds — after warm-up rounds that are not recorded, and reported as the
+median over rounds. Prompts are real text (GSM8K), different per batch row.
 
 * prefill: one forward over ``[batch, prompt_tokens]`` that fills a fresh KV cache; reported in ms and tokens/s.
 * decode: after a (untimed) prefill of ``[batch, decode_prompt_tokens]``, ``new_tokens`` greedy steps with the KV cache
@@ -97,7 +98,7 @@ def make_configs(model: nn.Module, plans: Mapping[str, SkipPlan], *, compare_pru
         configs.append(Config(name, model, plan, costs.ideal_speedup(plan.decode), costs.ideal_speedup(plan.prefill)))
         block_only = plan.prefill == plan.decode and set(plan.decode.attention) == set(plan.decode.mlp)
         if compare_pruned and block_only and not plan.decode.is_empty():
-            pruned = prune_blocks(model, plan.decode.blocks)
+            pruned = prune_blocks(model, plan.decode.blocks, share_weights=True)  # same memory as `full`
             configs.append(Config(f"{name} (layers deleted)", pruned, None, configs[-1].ideal_decode, configs[-1].ideal_prefill))
     return configs
 
@@ -116,22 +117,25 @@ def run_bench(
         inputs[f"decode_b{batch}"] = prompt_batch(corpus_ids, batch, settings.decode_prompt_tokens, device)
     samples = {c.name: {m: [] for m in settings.measures()} for c in configs}
     for round_index in range(settings.warmup + settings.repeats):
-        for config in configs:
-            handle = apply(config.model, config.plan, check_model=False) if config.plan else None
-            try:
-                for measure in settings.measures():
-                    ids = inputs[measure]
+        # Interleave at the finest grain (each measure, every config back to back) and alternate the order between
+        # rounds, so slow drift of the machine and position in the round fall on every config alike.
+        order = configs if round_index % 2 == 0 else configs[::-1]
+        for measure in settings.measures():
+            ids = inputs[measure]
+            for config in order:
+                handle = apply(config.model, config.plan, check_model=False) if config.plan else None
+                try:
                     if measure.startswith("prefill"):
                         seconds = time_prefill(config.model, ids)
                     else:
                         seconds = time_decode(config.model, ids, settings.new_tokens)
-                    if round_index >= settings.warmup:
-                        samples[config.name][measure].append(seconds)
-                    if progress:
-                        progress(f"{config.name}: {measure}")
-            finally:
-                if handle:
-                    handle.remove()
+                finally:
+                    if handle:
+                        handle.remove()
+                if round_index >= settings.warmup:
+                    samples[config.name][measure].append(seconds)
+                if progress:
+                    progress(f"{config.name}: {measure}")
     return summarize(configs, samples, settings)
 
 

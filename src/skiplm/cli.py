@@ -61,6 +61,10 @@ def cli():
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import transformers
 
+    from .system import keep_freed_memory
+
+    keep_freed_memory()
+
     transformers.utils.logging.disable_progress_bar()  # our own progress bars only
 
 
@@ -202,7 +206,7 @@ def info(model, dtype, device):
 
 @cli.command()
 @click.option("--speedup", default=1.25, show_default=True, help="target ideal speedup of the uniform plan")
-@click.option("--tokens", default=8192, show_default=True, help="tokens scored per corpus")
+@click.option("--tokens", default=4096, show_default=True, help="tokens scored per corpus")
 @click.option("--repeats", default=3, show_default=True, help="timed rounds per measure")
 @click.option("--out", "-o", type=click.Path(), default="results/demo", show_default=True, help="output folder")
 @_model_options

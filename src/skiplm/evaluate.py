@@ -50,8 +50,11 @@ def tokenize_corpus(tokenizer, text: str, tokens: int) -> torch.Tensor:
 
 def windows(total: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, first_scored) per window over positions 0..total-1; every position >= 1 is scored once."""
-    if not 0 < stride <= context:
-        raise DataError(f"stride must be in 1..context ({context}), got {stride}.")
+    if not 0 < stride < context:
+        raise DataError(
+            f"stride must be in 1..{context - 1} (less than the context, {context}, so that the first token scored in "
+            f"a window has a token before it in that window), got {stride}."
+        )
     spans, scored_until = [], 1  # position 0 has no left context: never scored
     for start in range(0, total, stride):
         end = min(start + context, total)

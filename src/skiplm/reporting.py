@@ -31,10 +31,17 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "transformers": transformers.__version__,
         "skiplm": __version__,
         "device": device,
+        "malloc_keeps_freed_memory": _malloc_tuned(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def _malloc_tuned() -> bool:
+    from .system import keep_freed_memory
+
+    return keep_freed_memory()  # idempotent: reports whether the setting is (now) in force
 
 
 def write_json(path: Path, data: Any) -> Path:
