@@ -69,7 +69,7 @@ def settings_line(settings: dict) -> str:
 
 def speed_rows(speed: dict, settings: dict) -> tuple[list[str], list[list[str]]]:
     """One row per configuration and measure: time, throughput, measured and ideal speedup."""
-    headers = ["config", "measure", "median", "tokens/s", "speedup vs full", "ideal speedup"]
+    headers = ["config", "measure", "median", "tokens/s", "speedup vs full (paired)", "ideal speedup"]
     rows = []
     for name, measures in speed.items():
         for measure, r in measures.items():
