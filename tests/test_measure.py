@@ -60,6 +60,16 @@ def test_compare_perplexity_uses_the_decode_skip_set_for_every_token():
     assert results["plan"].perplexity != results["full"].perplexity
 
 
+def test_bootstrap_interval_brackets_the_median():
+    from skiplm.bench import bootstrap_median_ci
+
+    values = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6]
+    low, high = bootstrap_median_ci(values)
+    assert 1.0 <= low <= 1.3 < 1.3 + 1e-9 <= high + 1e-9 <= 1.6
+    assert bootstrap_median_ci(values) == (low, high)  # seeded
+    assert bootstrap_median_ci([2.0] * 5) == (2.0, 2.0)
+
+
 def test_corpora_ship_with_packages(tmp_path):
     assert len(gsm8k_questions()) == 1319
     assert "Question:" in load_corpus("gsm8k")[:100]
@@ -120,6 +130,8 @@ def test_bench_measures_every_config_and_reports_ratios():
             assert len(r["samples_s"]) == 2 and all(s > 0 for s in r["samples_s"])
             assert r["median_s"] > 0 and r["tokens_per_s"] > 0
     assert result["full"]["decode_b1"]["speedup"] == 1.0
+    low, high = result["blocks"]["decode_b1"]["speedup_ci95"]
+    assert low <= result["blocks"]["decode_b1"]["speedup"] <= high
     assert result["blocks"]["decode_b1"]["ideal_speedup"] == pytest.approx(costs.ideal_speedup(block_plan.decode))
     assert result["blocks"]["decode_b1"]["ideal_speedup"] > result["attn"]["decode_b1"]["ideal_speedup"] > 1.0
     assert getattr(model, "_skiplm_handle", None) is None  # no plan left applied

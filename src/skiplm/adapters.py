@@ -37,6 +37,8 @@ class Adapter:
     mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
     # Number of values the attention module returns as a tuple (output first). transformers 5.x: (output, weights).
     attention_outputs: int = 2
+    # The child whose input is the residual stream entering the MLP branch (i.e. after the attention branch's add).
+    mlp_input: str = "post_attention_layernorm"
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return _get_path(model, self.layers)
@@ -57,12 +59,14 @@ BUILTIN_ADAPTERS: tuple[Adapter, ...] = (
         model_types=("gemma2", "gemma3_text"),
         attention_norms=("input_layernorm", "post_attention_layernorm"),
         mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+        mlp_input="pre_feedforward_layernorm",
     ),
     # OLMo 2 normalises each branch's output instead of its input.
     Adapter(
         model_types=("olmo2",),
         attention_norms=("post_attention_layernorm",),
         mlp_norms=("post_feedforward_layernorm",),
+        mlp_input="mlp",
     ),
 )
 
@@ -102,6 +106,7 @@ def _check_matches(model: nn.Module, adapter: Adapter) -> None:
         for layer in adapter.decoder_layers(model):
             adapter.branch_modules(layer, "attention")
             adapter.branch_modules(layer, "mlp")
+            _get_path(layer, adapter.mlp_input)
     except (AttributeError, IndexError, TypeError) as exc:
         raise UnsupportedArchitectureError(
             f"The adapter for {model_type_of(model)!r} does not match this model's modules ({exc}). The modeling code "

@@ -18,6 +18,7 @@ this is far steadier than a ratio of medians (also reported, as ``speedup_of_med
 from __future__ import annotations
 
 import dataclasses
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -161,12 +162,20 @@ def summarize(configs: list[Config], samples: dict, settings: BenchSettings) -> 
                 "median_s": median,
                 "samples_s": values,
                 "tokens_per_s": throughput,
-                "speedup": statistics.median(f / v for f, v in zip(full[measure], values)),
+                "speedup": statistics.median(ratios := [f / v for f, v in zip(full[measure], values)]),
+                "speedup_ci95": bootstrap_median_ci(ratios),
                 "speedup_of_medians": statistics.median(full[measure]) / median,
                 "ideal_speedup": ideal,
             }
         results[config.name] = per_measure
     return results
+
+
+def bootstrap_median_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the median of ``values`` (seeded: the same samples give the same interval)."""
+    generator = random.Random(seed)
+    medians = sorted(statistics.median(generator.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def total_work(configs: list[Config], settings: BenchSettings) -> int:

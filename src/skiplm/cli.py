@@ -189,6 +189,26 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
 
 @cli.command()
 @MODEL_ARGUMENT
+@click.option("--plan", "plan_path", required=True, type=click.Path(exists=True, dir_okay=False), help="plan file")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="folder to write the checkpoint to")
+@click.option("--zero-sublayers", is_flag=True,
+              help="for attention-/MLP-only skips: zero that branch's weights (same outputs, no speedup)")
+@click.option("--force", is_flag=True, help="export even if the plan was made for other weights")
+@_model_options
+def export(model, plan_path, out, zero_sublayers, force, dtype, device):
+    """Save MODEL with a plan baked in, as a checkpoint vanilla transformers loads (skipped blocks deleted)."""
+    from .export import export_pruned
+
+    hf_model, tokenizer = _load(model, dtype, device)
+    skip_plan = _load_plan(plan_path, hf_model, force)
+    folder = export_pruned(hf_model, skip_plan, out, tokenizer=tokenizer, zero_sublayers=zero_sublayers,
+                           check_model=False)
+    console.print(f"wrote {folder}: {skip_plan.describe()}; load it with "
+                  f"AutoModelForCausalLM.from_pretrained({str(folder)!r})")
+
+
+@cli.command()
+@MODEL_ARGUMENT
 @_model_options
 def info(model, dtype, device):
     """Show how skiplm sees MODEL: family, layers, and what each sublayer costs."""

@@ -69,7 +69,7 @@ def settings_line(settings: dict) -> str:
 
 def speed_rows(speed: dict, settings: dict) -> tuple[list[str], list[list[str]]]:
     """One row per configuration and measure: time, throughput, measured and ideal speedup."""
-    headers = ["config", "measure", "median", "tokens/s", "speedup vs full (paired)", "ideal speedup"]
+    headers = ["config", "measure", "median", "tokens/s", "speedup vs full (paired)", "95% CI", "ideal speedup"]
     rows = []
     for name, measures in speed.items():
         for measure, r in measures.items():
@@ -79,6 +79,7 @@ def speed_rows(speed: dict, settings: dict) -> tuple[list[str], list[list[str]]]
                 f"{r['median_s'] * 1000:.1f} ms",
                 f"{r['tokens_per_s']:.1f}",
                 f"{r['speedup']:.3f}x",
+                "{:.2f}-{:.2f}".format(*r["speedup_ci95"]),
                 f"{r['ideal_speedup']:.3f}x",
             ])
     return headers, rows
