@@ -1,0 +1,151 @@
+"""``search``: skiplm's own planner — any mix of attention and MLP sublayers, chosen for a *measured* speedup at the
+least loss of quality.
+
+1. A latency model of a decode step is measured on this device (:class:`~skiplm.latency.LatencyModel`): what
+   skipping one attention or one MLP sublayer actually saves, and the fixed cost nothing removes.
+2. A greedy search with re-scoring: at every step each candidate sublayer is scored *on top of the sublayers already
+   chosen* by the increase in KL(full model || planned model) on calibration text per second saved, and the best
+   is added. Scores from the previous step order the candidates, and only the most promising ``candidates`` are
+   re-scored (all of them on the first step), which keeps the search to minutes.
+3. It stops at the target: a measured speedup (by the latency model), a step latency, or a quality budget (the
+   largest mean KL allowed).
+
+Unlike ranking by a proxy once (cosine similarity, Block Influence), every choice is judged by its effect on the
+model's output distribution given everything skipped before it, and by its real cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..activations import trace_residuals
+from ..adapters import get_adapter
+from ..errors import PlanError
+from ..latency import LatencyModel
+from ..metrics import skip_effect
+from ..plan import PARTS, SkipPlan, SkipSet, model_identity, provenance
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchStep:
+    layer: int
+    part: str
+    kl: float  # mean KL to the full model after this step
+    speedup: float  # by the latency model
+
+
+def search_path(
+    model: nn.Module,
+    calibration: list[torch.Tensor],
+    latency: LatencyModel,
+    *,
+    stop: Callable[[SkipSet, float], bool],
+    candidates: int = 12,
+    progress: Callable[[str], None] | None = None,
+) -> list[SearchStep]:
+    """Greedy sublayer choices until ``stop(skips, kl)`` is true (or nothing is left that leaves a layer running)."""
+    reference = trace_residuals(model, calibration, keep_logits=True).logits
+    num_layers = len(get_adapter(model).decoder_layers(model))
+    skips, kl, path = SkipSet(), 0.0, []
+    priority: dict[tuple[int, str], float] = {(layer, part): 0.0 for layer in range(num_layers) for part in PARTS}
+    while not stop(skips, kl):
+        remaining = sorted((c for c in priority if not skips.skips(*c)), key=lambda c: priority[c])
+        if not path:
+            to_score = remaining
+        else:
+            to_score = remaining[:candidates]
+        scored = {}
+        for layer, part in to_score:
+            trial = _with(skips, layer, part)
+            if len(trial.blocks) == num_layers:
+                continue
+            trial_kl = skip_effect(model, calibration, trial, reference)["kl"]
+            scored[(layer, part)] = (trial_kl - kl) / latency.saving_s(part) if latency.saving_s(part) > 0 else float("inf")
+            priority[(layer, part)] = scored[(layer, part)]
+            if progress:
+                progress(f"step {len(path) + 1}: scored layer {layer} {part}")
+        if not scored:
+            break
+        (layer, part) = min(scored, key=scored.get)
+        skips = _with(skips, layer, part)
+        kl = skip_effect(model, calibration, skips, reference)["kl"]
+        path.append(SearchStep(layer, part, kl, latency.speedup(skips)))
+    return path
+
+
+def plan_search(
+    model: nn.Module,
+    *,
+    calibration: list[torch.Tensor] | None = None,
+    speedup: float | None = None,
+    latency_ms: float | None = None,
+    max_kl: float | None = None,
+    skip: int | None = None,
+    latency_model: LatencyModel | None = None,
+    candidates: int = 12,
+    prefill: str = "same",
+    name: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SkipPlan:
+    """Plan for a measured ``speedup``, a step ``latency_ms``, a quality budget ``max_kl``, or ``skip`` sublayers."""
+    targets = {k: v for k, v in dict(speedup=speedup, latency_ms=latency_ms, max_kl=max_kl, skip=skip).items() if v is not None}
+    if len(targets) != 1:
+        raise PlanError("search needs exactly one target: --speedup X, --latency-ms T, --max-kl K or --skip N.")
+    if not calibration:
+        raise PlanError("search needs calibration text: pass calibration=[token-id batches] (the CLI builds it from --corpus).")
+    if speedup is not None and speedup <= 1.0:
+        raise PlanError(f"target speedup must be greater than 1, got {speedup}.")
+    latency = latency_model or LatencyModel.measure(model)
+    if latency_ms is not None and latency_ms * 1e-3 < latency.fixed_s:
+        raise PlanError(f"a {latency_ms} ms step is out of reach: the unskippable part alone takes {latency.fixed_s * 1e3:.1f} ms.")
+    stop = _stop_rule(latency, speedup=speedup, latency_ms=latency_ms, max_kl=max_kl, skip=skip)
+    path = search_path(model, calibration, latency, stop=stop, candidates=candidates, progress=progress)
+    chosen = path
+    if max_kl is not None:  # the last step crossed the budget: leave it out
+        chosen = [step for step in path if step.kl <= max_kl]
+    skips = SkipSet()
+    for step in chosen:
+        skips = _with(skips, step.layer, step.part)
+    if speedup is not None and latency.speedup(skips) < speedup:
+        raise PlanError(
+            f"a {speedup}x measured speedup is out of reach: the search stopped at {latency.speedup(skips):.2f}x "
+            "(every remaining choice would skip all layers)."
+        )
+    decode = skips
+    num_layers = latency.num_layers
+    return SkipPlan.from_layers(
+        num_layers,
+        blocks=decode.blocks,
+        attention=decode.attention,
+        mlp=decode.mlp,
+        prefill=prefill,
+        model=model_identity(model, name),
+        provenance=provenance(
+            "search",
+            target=targets,
+            latency_model=latency.to_json(),
+            predicted_speedup=latency.speedup(skips),
+            calibration_tokens=sum(ids.numel() for ids in calibration),
+            path=[dataclasses.asdict(step) for step in chosen],
+        ),
+    )
+
+
+def _stop_rule(latency: LatencyModel, *, speedup, latency_ms, max_kl, skip) -> Callable[[SkipSet, float], bool]:
+    if speedup is not None:
+        return lambda skips, kl: latency.speedup(skips) >= speedup
+    if latency_ms is not None:
+        return lambda skips, kl: latency.step_s(skips) * 1e3 <= latency_ms
+    if max_kl is not None:
+        return lambda skips, kl: kl > max_kl
+    return lambda skips, kl: len(skips.attention) + len(skips.mlp) >= skip
+
+
+def _with(skips: SkipSet, layer: int, part: str) -> SkipSet:
+    if part == "attention":
+        return SkipSet(skips.attention | {layer}, skips.mlp)
+    return SkipSet(skips.attention, skips.mlp | {layer})

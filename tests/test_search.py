@@ -1,0 +1,83 @@
+"""skiplm's own planner: a measured latency model and a KL-greedy search over attention and MLP sublayers."""
+
+import pytest
+import torch
+
+import skiplm
+from skiplm.latency import LatencyModel
+from skiplm.planners.search import plan_search
+from skiplm.plan import SkipSet
+
+from conftest import NUM_LAYERS, tiny_model
+
+# A fixed latency model keeps the tests deterministic: attention saves 1 ms, an MLP 2 ms, 3 ms are fixed.
+LATENCY = LatencyModel(fixed_s=0.003, attention_s=0.001, mlp_s=0.002, num_layers=NUM_LAYERS, batch_size=1, context=8)
+
+
+def calibration(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (1, 24), generator=generator) for _ in range(2)]
+
+
+def with_dead_sublayers(family="llama"):
+    """A tiny model whose layer-1 MLP and layer-3 attention write nothing: skipping them costs no quality."""
+    model = tiny_model(family)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+        model.model.layers[3].self_attn.o_proj.weight.zero_()
+    return model
+
+
+def test_latency_model_arithmetic():
+    skips = SkipSet.of(attention=[1, 2], mlp=[3])
+    assert LATENCY.full_s == pytest.approx(0.003 + NUM_LAYERS * 0.003)
+    assert LATENCY.step_s(skips) == pytest.approx(LATENCY.full_s - 0.002 - 0.002)
+    assert LATENCY.speedup(skips) == pytest.approx(LATENCY.full_s / LATENCY.step_s(skips))
+
+
+def test_latency_model_is_measured_from_real_steps():
+    model = tiny_model("llama")
+    measured = LatencyModel.measure(model, context=8, steps=4, repeats=2)
+    assert measured.num_layers == NUM_LAYERS and measured.full_s > 0
+    assert measured.attention_s >= 0 and measured.mlp_s >= 0 and measured.fixed_s >= 0
+
+
+def test_search_finds_the_free_sublayers_first():
+    model = with_dead_sublayers()
+    plan = plan_search(model, calibration=calibration(), skip=2, latency_model=LATENCY)
+    assert plan.decode.attention == {3} and plan.decode.mlp == {1}
+    path = plan.provenance["path"]
+    assert [step["kl"] for step in path] == pytest.approx([0.0, 0.0], abs=1e-6)
+
+
+@pytest.mark.parametrize("target", [1.2, 1.5])
+def test_search_reaches_a_speedup_target_and_stops(target):
+    model = with_dead_sublayers()
+    plan = plan_search(model, calibration=calibration(), speedup=target, latency_model=LATENCY)
+    assert LATENCY.speedup(plan.decode) >= target
+    path = plan.provenance["path"]
+    one_fewer = SkipSet()
+    for step in path[:-1]:
+        one_fewer = SkipSet.of(attention=one_fewer.attention | ({step["layer"]} if step["part"] == "attention" else set()),
+                               mlp=one_fewer.mlp | ({step["layer"]} if step["part"] == "mlp" else set()))
+    assert LATENCY.speedup(one_fewer) < target
+    with skiplm.apply(model, plan):  # the plan is valid for this model
+        model(torch.arange(3, 10)[None])
+
+
+def test_search_respects_latency_and_quality_budgets():
+    model = with_dead_sublayers()
+    fast = plan_search(model, calibration=calibration(), latency_ms=12.0, latency_model=LATENCY)
+    assert LATENCY.step_s(fast.decode) * 1e3 <= 12.0
+    careful = plan_search(model, calibration=calibration(), max_kl=1e-6, latency_model=LATENCY)
+    assert careful.decode.attention == {3} and careful.decode.mlp == {1}  # only the free ones fit a zero budget
+
+
+def test_search_bad_targets_are_clear():
+    model = tiny_model("llama")
+    with pytest.raises(skiplm.PlanError, match="exactly one target"):
+        plan_search(model, calibration=calibration(), latency_model=LATENCY)
+    with pytest.raises(skiplm.PlanError, match="calibration"):
+        plan_search(model, speedup=1.2, latency_model=LATENCY)
+    with pytest.raises(skiplm.PlanError, match="out of reach"):
+        plan_search(model, calibration=calibration(), latency_ms=1.0, latency_model=LATENCY)
