@@ -48,7 +48,8 @@ class ResidualTrace:
 def trace_residuals(
     model: nn.Module, batches: Iterable[torch.Tensor], *, keep_logits: bool = False
 ) -> ResidualTrace:
-    """Run ``model`` (full depth) on each [B, T] batch of token ids and record the residual stream everywhere."""
+    """Run ``model`` on each [B, T] batch of token ids and record the residual stream everywhere. Under a skip plan
+    (``skiplm.apply``) a skipped unit's recorded output equals its input."""
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     device = next(model.parameters()).device
@@ -62,12 +63,21 @@ def trace_residuals(
             store.append(flatten(hidden))
         return hook
 
+    def fill_skipped_block(index: int):
+        # Under a plan that skips layer ``index`` whole (skiplm.apply), nothing inside the layer runs, so the MLP
+        # input is never seen: the block's output is its input, and so is the state between its branches.
+        def hook(module, args, output):
+            if len(mid[index]) < len(block_in[index]):
+                mid[index].append(block_in[index][-1])
+        return hook
+
     handles = []
     try:
         for index, layer in enumerate(layers):
             handles.append(layer.register_forward_pre_hook(record(block_in[index], _flat), with_kwargs=True))
             mlp_input = _get_path(layer, adapter.mlp_input)
             handles.append(mlp_input.register_forward_pre_hook(record(mid[index], _flat), with_kwargs=True))
+            handles.append(layer.register_forward_hook(fill_skipped_block(index)))
         handles.append(layers[len(layers) - 1].register_forward_hook(
             lambda module, args, output: block_in[-1].append(_flat(output[0] if isinstance(output, tuple) else output))))
         for ids in batches:

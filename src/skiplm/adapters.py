@@ -13,6 +13,7 @@ A family skiplm does not know is described once per model object (no global regi
         mlp="mlp",                      # child of a decoder layer
         attention_norms=("input_layernorm",),        # norms that only feed / wrap the attention branch
         mlp_norms=("post_attention_layernorm",),     # norms that only feed / wrap the MLP branch
+        final_norm="model.norm",        # the norm before the LM head (only the logit lens needs it)
     ))
 
 The norms listed must touch only their own residual branch (``h = h + post(branch(pre(h)))``); the runtime turns
@@ -39,6 +40,8 @@ class Adapter:
     attention_outputs: int = 2
     # The child whose input is the residual stream entering the MLP branch (i.e. after the attention branch's add).
     mlp_input: str = "post_attention_layernorm"
+    # The norm between the last decoder layer and the LM head, from the *ForCausalLM object (used by the logit lens).
+    final_norm: str = "model.norm"
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return _get_path(model, self.layers)

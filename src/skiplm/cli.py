@@ -1,4 +1,4 @@
-"""The ``skiplm`` command line: a thin shell over the library (plan, eval, bench, generate, demo, info)."""
+"""The ``skiplm`` command line: a thin shell over the library (analyze, plan, eval, bench, generate, demo, info)."""
 
 from __future__ import annotations
 
@@ -70,24 +70,60 @@ def cli():
 
 @cli.command()
 @MODEL_ARGUMENT
-@click.option("--method", default="uniform", show_default=True, help="planning method")
+@click.option("--method", default="uniform", show_default=True,
+              help="planning method: uniform, block-influence, angular, similarity, greedy-loss")
 @click.option("--speedup", type=float, help="target ideal speedup, e.g. 1.25")
-@click.option("--skip", type=int, help="number of blocks to skip")
+@click.option("--skip", type=int, help="number of units to skip: blocks, or sublayers for --unit attention/mlp/joint")
+@click.option("--unit", help="similarity: attention, mlp, block or joint (attention and MLP ranked together)  "
+                             "[default: block]")
+@click.option("--iterative", is_flag=True, help="similarity: re-score the remaining units after each drop")
+@click.option("--corpus", help="calibration text of data-driven methods: gsm8k, pydoc, or a text file  [default: gsm8k]")
+@click.option("--sequences", type=int, help="calibration sequences  [default: per method; 8, greedy-loss 4]")
+@click.option("--length", type=int, help="tokens per calibration sequence  [default: per method; 256, greedy-loss 128]")
 @click.option("--prefill", type=click.Choice(["same", "full"]), default="same", show_default=True,
               help="prefill skips the same layers, or runs at full depth")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="plan file to write (JSON)")
 @_model_options
-def plan(model, method, speedup, skip, prefill, out, dtype, device):
+def plan(model, method, speedup, skip, unit, iterative, corpus, sequences, length, prefill, out, dtype, device):
     """Make a skip plan for MODEL and save it."""
+    import inspect
+
     from .costs import CostModel
-    from .planners import get_planner
+    from .errors import PlanError
+    from .planners import get_planner, load_calibration
+    from .planners.common import DEFAULT_CORPUS, Target
 
     planner = get_planner(method)
-    hf_model, _ = _load(model, dtype, device)
-    skip_plan = planner(hf_model, speedup=speedup, skip=skip, prefill=prefill, name=model)
+    Target.of(speedup, skip)  # a bad target fails before the model loads
+    accepted = inspect.signature(planner).parameters
+    options = {"unit": unit, "iterative": iterative or None}
+    for option, value in options.items():
+        if value is not None and option not in accepted:
+            raise PlanError(f"--{option} does not apply to the {method!r} method.")
+    kwargs = {option: value for option, value in options.items() if value is not None}
+    defaults = getattr(planner, "calibration_defaults", None)
+    if defaults is None and (corpus, sequences, length) != (None, None, None):
+        raise PlanError(f"the {method!r} method uses no calibration text: drop --corpus / --sequences / --length.")
+    hf_model, tokenizer = _load(model, dtype, device)
+    if defaults is not None:
+        corpus = DEFAULT_CORPUS if corpus is None else corpus
+        sequences = defaults[0] if sequences is None else sequences
+        length = defaults[1] if length is None else length
+        kwargs["calibration"] = load_calibration(tokenizer, corpus, sequences, length)
+    start = time.perf_counter()
+    if defaults is not None and "progress" in accepted:  # @calibrated planners report progress(done, total)
+        with _progress() as progress:
+            task = progress.add_task(f"planning ({method})", total=None)
+            kwargs["progress"] = lambda done, total: progress.update(task, completed=done, total=total)
+            skip_plan = planner(hf_model, speedup=speedup, skip=skip, prefill=prefill, name=model, **kwargs)
+    else:
+        skip_plan = planner(hf_model, speedup=speedup, skip=skip, prefill=prefill, name=model, **kwargs)
+    elapsed = time.perf_counter() - start
     skip_plan.save(out)
     ideal = CostModel.from_parameter_counts(hf_model).ideal_speedup(skip_plan.decode)
-    console.print(f"{skip_plan.describe()} — ideal decode speedup {ideal:.3f}x")
+    calibration = kwargs.get("calibration")
+    data = f" on {sequences} x {length} tokens of {calibration.source}" if calibration is not None else ""
+    console.print(f"{skip_plan.describe()} — ideal decode speedup {ideal:.3f}x ({method}{data}, {elapsed:.1f} s)")
     console.print(f"wrote {out}")
 
 
@@ -185,6 +221,49 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
     new = output.shape[1] - inputs["input_ids"].shape[1]
     console.print(f"[dim]{new} tokens in {elapsed:.2f} s ({new / elapsed:.1f} tokens/s, including prefill)"
                   f"{'; plan: ' + skip_plan.describe() if skip_plan else ''}[/dim]")
+
+
+@cli.command("analyze")
+@MODEL_ARGUMENT
+@click.option("--corpus", default="gsm8k", show_default=True, help="calibration text: gsm8k, pydoc, or a text file")
+@click.option("--sequences", default=8, show_default=True, type=click.IntRange(min=1), help="calibration sequences")
+@click.option("--length", default=256, show_default=True, type=click.IntRange(min=2), help="tokens per sequence")
+@click.option("--span-max", type=click.IntRange(min=1),
+              help="largest span n of the angular distance between layer l and l+n  [default: layers // 4]")
+@click.option("--skip-one/--no-skip-one", default=True, show_default=True,
+              help="also measure skipping each attention / MLP / block alone (3 extra passes per layer)")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="results/analysis", show_default=True,
+              help="output folder")
+@_model_options
+def analyze_command(model, corpus, sequences, length, span_max, skip_one, out, dtype, device):
+    """Which layers and sublayers of MODEL matter: per-layer metrics on calibration text, as a table, JSON and plots."""
+    from .activations import calibration_batches
+    from .analysis import analysis_steps, analyze, write_analysis
+    from .data import corpus_label, load_corpus
+    from .errors import DataError
+    from .evaluate import tokenize_corpus
+    from .reporting import machine_info
+
+    text = load_corpus(corpus)
+    hf_model, tokenizer = _load(model, dtype, device)
+    label = corpus_label(corpus)
+    ids = tokenize_corpus(tokenizer, text, sequences * length)
+    try:
+        batches = calibration_batches(ids, sequences, length)
+    except DataError as exc:
+        raise DataError(f"corpus {label}: {exc} Use a longer text, fewer --sequences or a shorter --length.") from None
+    from .adapters import num_layers
+
+    layers = num_layers(hf_model)
+    if span_max is not None and span_max > layers:
+        raise click.BadParameter(f"{span_max} is more than the model's {layers} layers.", param_hint="--span-max")
+    with _progress() as progress:
+        task = progress.add_task("analysis", total=analysis_steps(layers, len(batches), skip_one))
+        result = analyze(hf_model, batches, span_max=span_max, skip_one=skip_one, corpus=label, model_name=model,
+                         progress=lambda what: progress.update(task, advance=1, description=what))
+    paths = write_analysis(result, Path(out), {"machine": machine_info(device)})
+    _print_analysis(result)
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
 @cli.command()
@@ -340,6 +419,46 @@ def _print_speed(result):
         table.add_column(header, justify="left" if i < 2 else "right")
     for row in rows:
         table.add_row(*row)
+    Console().print(table)
+
+
+_ANALYSIS_HEADERS = {"lens KL gain": ("lens", "gain"), "skip Δloss attn": ("Δloss", "attn"),
+                     "skip Δloss mlp": ("Δloss", "mlp"), "skip Δloss block": ("Δloss", "blk")}
+
+
+def _print_analysis(result):
+    """Layers as rows, the main metrics as columns (fits 80 columns); per column the 3 most important layers bold,
+    the 3 least dim."""
+    from rich import box
+
+    from .analysis import format_value
+
+    columns = [column for column in result.columns() if column.in_table]
+    s = result.settings
+    table = Table(
+        title=f"{result.model_name}: per-layer metrics ({s['sequences']} x {s['length']} tokens of {s['corpus']})",
+        caption="cos: cos(in, out) (LLM-Drop); BI: 1 - cos of the block (ShortGPT); rel: ||out - in|| / ||in|| "
+                "(Csordás); ΔL2: | ||out|| - ||in|| | (LAC); lens gain: drop of the logit-lens KL at the layer; "
+                "Δloss: loss increase when skipped alone (SLEB); ZD: share of weights with |z| > 1 (low: heavy tails). "
+                "↑/↓: a high/low value marks an important layer; bold: the 3 most important per column, dim: the 3 "
+                f"least. Full-model loss {result.full_loss:.3f}.",
+        box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, caption_justify="left",
+    )
+    table.add_column("layer", justify="right")
+    marks = []
+    for column in columns:
+        metric, unit = _ANALYSIS_HEADERS.get(column.label) or column.label.split(" ", 1)
+        unit = unit.replace("block", "blk")
+        table.add_column(f"{metric}\n{unit}{'↑' if column.important == 'high' else '↓'}", justify="right", min_width=5)
+        order = column.importance().argsort(descending=True).tolist()
+        marks.append({i: "bold" for i in order[:3]} | {i: "dim" for i in order[-3:]})
+    for layer in range(result.num_layers):
+        cells = []
+        for column, mark in zip(columns, marks):
+            text = format_value(column.values[layer], short=True)
+            style = mark.get(layer)
+            cells.append(f"[{style}]{text}[/{style}]" if style else text)
+        table.add_row(str(layer), *cells)
     Console().print(table)
 
 

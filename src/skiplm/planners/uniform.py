@@ -12,9 +12,9 @@ import math
 from torch import nn
 
 from ..adapters import get_adapter
-from ..costs import CostModel
 from ..errors import PlanError
-from ..plan import SkipPlan, SkipSet, model_identity, provenance
+from ..plan import SkipPlan
+from .common import Target, make_plan, select
 
 
 def balanced_positions(num_layers: int, count: int) -> list[int]:
@@ -34,29 +34,11 @@ def plan_uniform(
     name: str | None = None,
 ) -> SkipPlan:
     """A Unified Layer Skipping plan for ``model``: give exactly one of ``speedup`` (ideal, >1) or ``skip`` (blocks)."""
-    if (speedup is None) == (skip is None):
-        raise PlanError("give exactly one of a target speedup (e.g. 1.25) or a number of layers to skip.")
+    target = Target.of(speedup, skip)
     num_layers = len(get_adapter(model).decoder_layers(model))
-    if skip is None:
-        if not speedup > 1.0:
-            raise PlanError(f"target speedup must be greater than 1, got {speedup}.")
-        costs = CostModel.from_parameter_counts(model)
-        for count in range(num_layers - 1):
-            if costs.ideal_speedup(SkipSet.of(balanced_positions(num_layers, count))) >= speedup:
-                skip = count
-                break
-        else:
-            best = costs.ideal_speedup(SkipSet.of(range(1, num_layers - 1)))
-            raise PlanError(
-                f"a {speedup}x target is out of reach: skipping all {num_layers - 2} intermediate layers gives at most "
-                f"{best:.2f}x by the cost model."
-            )
-    blocks = balanced_positions(num_layers, skip)
-    target = {"speedup": speedup} if speedup is not None else {"skip": skip}
-    return SkipPlan.from_layers(
-        num_layers,
-        blocks=blocks,
-        prefill=prefill,
-        model=model_identity(model, name),
-        provenance=provenance("uniform", target=target, prefill=prefill, paper="Liu et al. 2024, Unified Layer Skipping"),
-    )
+    middle = list(range(1, num_layers - 1))
+    sequence = ([("block", b) for b in balanced_positions(num_layers, count)] for count in range(len(middle) + 1))
+    units = select(model, target, sequence, pool=[("block", b) for b in middle], limit=len(middle),
+                   what="intermediate layers")
+    return make_plan(model, units, method="uniform", target=target, prefill=prefill, name=name,
+                     paper="Liu et al. 2024, Unified Layer Skipping")

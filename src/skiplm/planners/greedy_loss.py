@@ -1,0 +1,95 @@
+"""SLEB (Song et al. 2024, "SLEB: Streamlining LLMs through Redundancy Verification and Elimination of Transformer
+Blocks"): greedy block removal by calibration loss.
+
+Each step removes the block whose removal — on top of the blocks already removed — gives the lowest next-token loss
+on the calibration text (:func:`skiplm.metrics.skip_effect`), so the redundancy of a block is judged in the pruned
+model it will live in. Cost: step s tries every one of the L - s remaining blocks, one forward pass over the
+calibration text each — O(L^2) passes in all — hence a small default calibration set (4 x 128 tokens; the paper uses
+128 x 2048) and a ``progress`` callback. Layer protection: none, as in the paper; a plan keeps at least one block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..metrics import next_token_loss, skip_effect
+from ..plan import SkipPlan
+from .common import (Progress, Target, Unit, as_calibration, calibrated, check_unplanned, count_layers, make_plan,
+                     max_units, rounded, select, skip_set)
+
+METHOD = "greedy-loss"
+
+
+@torch.inference_mode()
+def _full_logits(model: nn.Module, batches) -> torch.Tensor:
+    device = next(model.parameters()).device
+    logits = [model(ids.to(device), use_cache=False).logits for ids in batches]
+    return torch.cat([out.reshape(-1, out.shape[-1]).float().cpu() for out in logits])
+
+
+@calibrated(sequences=4, length=128)
+def plan_greedy_loss(
+    model: nn.Module,
+    *,
+    speedup: float | None = None,
+    skip: int | None = None,
+    prefill: str = "same",
+    name: str | None = None,
+    calibration=None,
+    progress: Progress | None = None,
+) -> SkipPlan:
+    """Remove blocks one at a time, each the one whose removal raises calibration loss least.
+
+    ``calibration``: [1, T] token-id batches, T >= 2 (:func:`skiplm.planners.load_calibration`);
+    ``progress(done, total)``: after each forward pass (total: an upper bound for a speedup target).
+    """
+    target = Target.of(speedup, skip)
+    batches = as_calibration(calibration, model, METHOD, min_length=2)
+    check_unplanned(model)
+    num_layers = count_layers(model)
+    pool: list[Unit] = [("block", layer) for layer in range(num_layers)]
+    limit = num_layers - 1
+    steps = max_units(model, target, pool, limit)
+    total = 1 + sum(num_layers - s for s in range(steps))
+    history: list[dict] = []
+    baseline: list[float] = []
+    done = 0
+
+    def sequence():  # runs only once select() has checked that the target is in reach
+        nonlocal done
+        reference = _full_logits(model, batches)
+        baseline.append(next_token_loss(reference, batches))
+        done = 1
+        if progress:
+            progress(done, total)
+        removed: list[int] = []
+        yield []
+        while len(removed) < limit:
+            trials = {}
+            for layer in range(num_layers):
+                if layer in removed:
+                    continue
+                trials[layer] = skip_effect(model, batches, skip_set(("block", b) for b in [*removed, layer]), reference)
+                done += 1
+                if progress:
+                    progress(done, total)
+            best = min(trials, key=lambda layer: (trials[layer]["loss"], layer))
+            removed.append(best)
+            history.append({
+                "block": best, "loss": rounded([trials[best]["loss"]])[0], "kl": rounded([trials[best]["kl"]])[0],
+                "candidate_loss": rounded([trials[layer]["loss"] if layer in trials else None
+                                           for layer in range(num_layers)]),
+            })
+            yield [("block", b) for b in removed]
+
+    units = select(model, target, sequence(), pool=pool, limit=limit, what="blocks but one (a plan keeps at least one)")
+    return make_plan(
+        model, units, method=METHOD, target=target, prefill=prefill, name=name,
+        paper="Song et al. 2024, SLEB (greedy removal by calibration loss)",
+        protection="none: any block may be removed, as in the paper",
+        calibration=batches.describe(),
+        order=[layer for _, layer in units],
+        baseline_loss=rounded(baseline)[0] if baseline else None,
+        steps=history[: len(units)],
+    )
