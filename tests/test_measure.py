@@ -214,3 +214,23 @@ def test_main_turns_errors_into_messages_and_exit_code_2(tiny_folder, tmp_path, 
         cli_module.main()
     assert exit_info.value.code == 2
     assert "prompt is empty" in capsys.readouterr().err
+
+
+def test_cli_compare_writes_table_json_and_pareto_plot(tiny_folder, tmp_path):
+    result = run_cli("compare", tiny_folder, "--methods", "uniform,block-influence,search", "--targets", "1.005,1.01",
+                     "--sequences", 2, "--length", 16, "--tokens", 64, "--context", 32, "--stride", 16,
+                     "--repeats", 1, "--new-tokens", 2, "-o", tmp_path)
+    assert result.exception is None, result.output
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert data["settings"]["calibration"] == "gsm8k" and data["settings"]["eval"] == "pydoc"
+    points = {(p["method"], p["target"]): p for p in data["points"]}
+    # (the tiny model's 49k-token head dwarfs its layers, hence the small targets)
+    assert set(points) == {(m, t) for m in ("uniform", "block-influence", "search") for t in (1.005, 1.01)}
+    for (method, target), point in points.items():
+        if method != "search":
+            assert point["error"] is None and point["ideal_speedup"] >= target
+        if point["error"] is None:
+            assert point["perplexity"] > 0 and point["decode_speedup"] > 0
+            assert len(point["decode_speedup_ci95"]) == 2
+    assert "| search |" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "pareto.png").stat().st_size > 1000

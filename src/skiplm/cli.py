@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -76,6 +77,8 @@ def cli():
 @click.option("--skip", type=int, help="number of units to skip: blocks, or sublayers for --unit attention/mlp/joint")
 @click.option("--unit", help="similarity: attention, mlp, block or joint (attention and MLP ranked together)  "
                              "[default: block]")
+@click.option("--latency-ms", type=float, help="search: target decode step time on this device (ms)")
+@click.option("--max-kl", type=float, help="search: quality budget, the largest mean KL to the full model allowed")
 @click.option("--iterative", is_flag=True, help="similarity: re-score the remaining units after each drop")
 @click.option("--corpus", help="calibration text of data-driven methods: gsm8k, pydoc, or a text file  [default: gsm8k]")
 @click.option("--sequences", type=int, help="calibration sequences  [default: per method; 8, greedy-loss 4]")
@@ -84,7 +87,8 @@ def cli():
               help="prefill skips the same layers, or runs at full depth")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="plan file to write (JSON)")
 @_model_options
-def plan(model, method, speedup, skip, unit, iterative, corpus, sequences, length, prefill, out, dtype, device):
+def plan(model, method, speedup, skip, latency_ms, max_kl, unit, iterative, corpus, sequences, length, prefill, out,
+         dtype, device):
     """Make a skip plan for MODEL and save it."""
     import inspect
 
@@ -94,12 +98,13 @@ def plan(model, method, speedup, skip, unit, iterative, corpus, sequences, lengt
     from .planners.common import DEFAULT_CORPUS, Target
 
     planner = get_planner(method)
-    Target.of(speedup, skip)  # a bad target fails before the model loads
     accepted = inspect.signature(planner).parameters
-    options = {"unit": unit, "iterative": iterative or None}
+    if latency_ms is None and max_kl is None:
+        Target.of(speedup, skip)  # a bad target fails before the model loads
+    options = {"unit": unit, "iterative": iterative or None, "latency_ms": latency_ms, "max_kl": max_kl}
     for option, value in options.items():
         if value is not None and option not in accepted:
-            raise PlanError(f"--{option} does not apply to the {method!r} method.")
+            raise PlanError(f"--{option.replace('_', '-')} does not apply to the {method!r} method.")
     kwargs = {option: value for option, value in options.items() if value is not None}
     defaults = getattr(planner, "calibration_defaults", None)
     if defaults is None and (corpus, sequences, length) != (None, None, None):
@@ -328,6 +333,71 @@ def demo(speedup, tokens, repeats, out, dtype, device):
     _print_quality(quality)
     _print_speed(speed)
     _write_demo_summary(out, skip_plan, quality, speed)
+    console.print(f"results in {out}/")
+
+
+@cli.command()
+@MODEL_ARGUMENT
+@click.option("--methods", default=",".join(["uniform", "block-influence", "angular", "similarity-block",
+              "similarity-attention", "similarity-mlp", "similarity-joint", "greedy-loss", "search"]), show_default=True,
+              help="comma-separated methods (see skiplm.compare.METHODS)")
+@click.option("--targets", default="1.1,1.2,1.3,1.5", show_default=True, help="comma-separated target speedups")
+@click.option("--calibration-corpus", default="gsm8k", show_default=True, help="text the planners are fitted on")
+@click.option("--eval-corpus", default="pydoc", show_default=True, help="held-out text for perplexity")
+@click.option("--sequences", default=8, show_default=True, help="calibration sequences")
+@click.option("--length", default=128, show_default=True, help="tokens per calibration sequence")
+@click.option("--tokens", default=4096, show_default=True, help="held-out tokens scored")
+@click.option("--context", default=1024, show_default=True)
+@click.option("--stride", default=512, show_default=True)
+@click.option("--repeats", default=5, show_default=True, help="paired timing rounds per plan")
+@click.option("--new-tokens", default=32, show_default=True, help="decode steps per timing")
+@click.option("--out", "-o", type=click.Path(), default="results/compare", show_default=True, help="output folder")
+@_model_options
+def compare(model, methods, targets, calibration_corpus, eval_corpus, sequences, length, tokens, context, stride,
+            repeats, new_tokens, out, dtype, device):
+    """Every planner at every target: held-out perplexity vs measured decode speedup, one run (table + Pareto plot)."""
+    from .activations import calibration_batches
+    from .bench import BenchSettings
+    from .compare import evaluate_points, make_plans, pareto_table, plot_pareto
+    from .data import corpus_label, load_corpus
+    from .evaluate import tokenize_corpus
+    from .reporting import machine_info, markdown_table, write_json
+
+    out = Path(out)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    target_list = [float(t) for t in targets.split(",")]
+    hf_model, tokenizer = _load(model, dtype, device)
+    calibration = calibration_batches(tokenize_corpus(tokenizer, load_corpus(calibration_corpus), sequences * length),
+                                      sequences, length)
+    eval_ids = tokenize_corpus(tokenizer, load_corpus(eval_corpus), tokens)
+    corpus_ids = tokenize_corpus(tokenizer, load_corpus("gsm8k"), 4096)
+    settings = BenchSettings(batch_sizes=(1,), decode_prompt_tokens=64, new_tokens=new_tokens, repeats=repeats,
+                             warmup=1)
+    started = time.perf_counter()
+    with console.status("planning") as status:
+        points = make_plans(hf_model, method_list, target_list, calibration, progress=status.update)
+        result = evaluate_points(hf_model, points, eval_ids, corpus_ids, context=context, stride=stride,
+                                 bench=settings, progress=status.update)
+    result.update({
+        "kind": "planner-comparison",
+        "model": model,
+        "machine": machine_info(device),
+        "settings": {"methods": method_list, "targets": target_list, "calibration": corpus_label(calibration_corpus),
+                     "calibration_tokens": sequences * length, "eval": corpus_label(eval_corpus), "eval_tokens": tokens,
+                     "context": context, "stride": stride, "timing": dataclasses.asdict(settings)},
+        "seconds": time.perf_counter() - started,
+    })
+    write_json(out / "compare.json", result)
+    headers, rows = pareto_table(result, target_list)
+    table = markdown_table(headers, rows)
+    (out / "compare.md").write_text(
+        f"# Planners compared, {model}\n\nCalibration: {sequences} x {length} tokens of {calibration_corpus}. "
+        f"Held-out perplexity: {tokens} tokens of {eval_corpus}, context {context}, stride {stride}. Measured decode "
+        f"speedup: batch 1, {new_tokens} steps, paired with the full model over {repeats} rounds. Targets are each "
+        "method's own (ideal by the cost model; `search`: predicted by its measured latency model).\n\n"
+        + table + "\n![pareto](pareto.png)\n")
+    plot_pareto(result, out / "pareto.png", f"{model}: held-out perplexity vs measured decode speedup")
+    console.print(table)
     console.print(f"results in {out}/")
 
 

@@ -9,6 +9,7 @@ from .angular import plan_angular
 from .block_influence import plan_block_influence
 from .common import Calibration, load_calibration
 from .greedy_loss import plan_greedy_loss
+from .search import plan_search
 from .similarity import plan_similarity
 from .uniform import plan_uniform
 
@@ -20,6 +21,7 @@ PLANNERS: dict[str, Callable] = {
     "angular": plan_angular,
     "similarity": plan_similarity,
     "greedy-loss": plan_greedy_loss,
+    "search": plan_search,
 }
 
 

@@ -28,6 +28,7 @@ from ..errors import PlanError
 from ..latency import LatencyModel
 from ..metrics import skip_effect
 from ..plan import PARTS, SkipPlan, SkipSet, model_identity, provenance
+from .common import calibrated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +46,12 @@ def search_path(
     *,
     stop: Callable[[SkipSet, float], bool],
     candidates: int = 12,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> list[SearchStep]:
     """Greedy sublayer choices until ``stop(skips, kl)`` is true (or nothing is left that leaves a layer running)."""
     reference = trace_residuals(model, calibration, keep_logits=True).logits
     num_layers = len(get_adapter(model).decoder_layers(model))
-    skips, kl, path = SkipSet(), 0.0, []
+    skips, kl, path, evaluations = SkipSet(), 0.0, [], 0
     priority: dict[tuple[int, str], float] = {(layer, part): 0.0 for layer in range(num_layers) for part in PARTS}
     while not stop(skips, kl):
         remaining = sorted((c for c in priority if not skips.skips(*c)), key=lambda c: priority[c])
@@ -66,8 +67,9 @@ def search_path(
             trial_kl = skip_effect(model, calibration, trial, reference)["kl"]
             scored[(layer, part)] = (trial_kl - kl) / latency.saving_s(part) if latency.saving_s(part) > 0 else float("inf")
             priority[(layer, part)] = scored[(layer, part)]
+            evaluations += 1
             if progress:
-                progress(f"step {len(path) + 1}: scored layer {layer} {part}")
+                progress(evaluations, None)  # forward passes so far; the total depends on where the target is met
         if not scored:
             break
         (layer, part) = min(scored, key=scored.get)
@@ -77,6 +79,7 @@ def search_path(
     return path
 
 
+@calibrated(sequences=8, length=128)
 def plan_search(
     model: nn.Module,
     *,
@@ -89,7 +92,7 @@ def plan_search(
     candidates: int = 12,
     prefill: str = "same",
     name: str | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> SkipPlan:
     """Plan for a measured ``speedup``, a step ``latency_ms``, a quality budget ``max_kl``, or ``skip`` sublayers."""
     targets = {k: v for k, v in dict(speedup=speedup, latency_ms=latency_ms, max_kl=max_kl, skip=skip).items() if v is not None}
@@ -104,35 +107,50 @@ def plan_search(
         raise PlanError(f"a {latency_ms} ms step is out of reach: the unskippable part alone takes {latency.fixed_s * 1e3:.1f} ms.")
     stop = _stop_rule(latency, speedup=speedup, latency_ms=latency_ms, max_kl=max_kl, skip=skip)
     path = search_path(model, calibration, latency, stop=stop, candidates=candidates, progress=progress)
-    chosen = path
     if max_kl is not None:  # the last step crossed the budget: leave it out
-        chosen = [step for step in path if step.kl <= max_kl]
-    skips = SkipSet()
-    for step in chosen:
-        skips = _with(skips, step.layer, step.part)
-    if speedup is not None and latency.speedup(skips) < speedup:
+        path = [step for step in path if step.kl <= max_kl]
+    if speedup is not None and latency.speedup(_skips_of(path)) < speedup:
         raise PlanError(
-            f"a {speedup}x measured speedup is out of reach: the search stopped at {latency.speedup(skips):.2f}x "
-            "(every remaining choice would skip all layers)."
+            f"a {speedup}x measured speedup is out of reach: the search stopped at "
+            f"{latency.speedup(_skips_of(path)):.2f}x (every remaining choice would skip all layers)."
         )
-    decode = skips
-    num_layers = latency.num_layers
+    return plan_from_path(model, path, latency, targets, calibration, prefill=prefill, name=name)
+
+
+def plan_from_path(model, path, latency, target, calibration, *, prefill="same", name=None) -> SkipPlan:
+    """The plan made of the search steps ``path`` (a prefix of a longer search serves a smaller target)."""
+    skips = _skips_of(path)
     return SkipPlan.from_layers(
-        num_layers,
-        blocks=decode.blocks,
-        attention=decode.attention,
-        mlp=decode.mlp,
+        latency.num_layers,
+        blocks=skips.blocks,
+        attention=skips.attention,
+        mlp=skips.mlp,
         prefill=prefill,
         model=model_identity(model, name),
         provenance=provenance(
             "search",
-            target=targets,
+            target=target,
             latency_model=latency.to_json(),
             predicted_speedup=latency.speedup(skips),
             calibration_tokens=sum(ids.numel() for ids in calibration),
-            path=[dataclasses.asdict(step) for step in chosen],
+            path=[dataclasses.asdict(step) for step in path],
         ),
     )
+
+
+def prefix_for_speedup(path: list[SearchStep], speedup: float) -> list[SearchStep] | None:
+    """The shortest prefix of a search path that reaches ``speedup`` by the latency model, or None."""
+    for count, step in enumerate(path, start=1):
+        if step.speedup >= speedup:
+            return path[:count]
+    return None
+
+
+def _skips_of(path: list[SearchStep]) -> SkipSet:
+    skips = SkipSet()
+    for step in path:
+        skips = _with(skips, step.layer, step.part)
+    return skips
 
 
 def _stop_rule(latency: LatencyModel, *, speedup, latency_ms, max_kl, skip) -> Callable[[SkipSet, float], bool]:
