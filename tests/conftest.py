@@ -144,3 +144,29 @@ def ids() -> torch.Tensor:
     """A [1, 20] batch of token ids (longer than the sliding window), avoiding pad / bos / eos."""
     g = torch.Generator().manual_seed(1234)
     return torch.randint(3, VOCAB, (1, 20), generator=g)
+
+
+# -- a tiny model saved as a folder with the real tokenizer, for the CLI -------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from skiplm.models import _converted_gguf, default_gguf_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(_converted_gguf(default_gguf_path(), "smollm2-135m")))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    folder = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_cli(*args):
+    """Invoke the ``skiplm`` CLI in-process; the result's ``exception`` is the error a user would see."""
+    from click.testing import CliRunner
+
+    from skiplm.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], standalone_mode=False, catch_exceptions=True)

@@ -6,15 +6,13 @@ import math
 import click
 import pytest
 import torch
-from click.testing import CliRunner
 
 import skiplm
 from skiplm.analysis import UNITS, AnalysisResult, _spearman, analysis_steps, analyze, write_analysis
-from skiplm.cli import cli
 from skiplm.data import load_corpus
 from skiplm.errors import DataError, SkipLMError
 
-from conftest import FAMILIES, NUM_LAYERS, VOCAB, cached_tiny_model
+from conftest import FAMILIES, NUM_LAYERS, VOCAB, cached_tiny_model, run_cli
 
 # The module whose output is what a branch adds to the residual stream (found independently of skiplm's adapters:
 # the post-norm for the families that normalise a branch's output, else the attention / MLP module itself).
@@ -224,24 +222,7 @@ def test_write_analysis_without_skip_one(tmp_path):
     assert "| 4 |" in (tmp_path / "analysis.md").read_text()
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from skiplm.models import _converted_gguf, default_gguf_path
-
-    tokenizer = AutoTokenizer.from_pretrained(str(_converted_gguf(default_gguf_path(), "smollm2-135m")))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    folder = tmp_path_factory.mktemp("tiny-analysis")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def run_cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], standalone_mode=False, catch_exceptions=True)
 
 
 def test_cli_analyze_writes_json_markdown_and_plots(tiny_folder, tmp_path):

@@ -108,3 +108,18 @@ def test_load_model_errors_are_clear(tmp_path):
         skiplm.load_model(str(tmp_path / "absent.gguf"))
     with pytest.raises(ModelLoadError, match="could not load model"):
         skiplm.load_model("no-such-org/no-such-model")  # HF_HUB_OFFLINE=1 in tests
+
+
+def test_exported_default_model_reloads_with_vanilla_transformers(smol, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = smol
+    plan = skiplm.plan_uniform(model, speedup=1.25)
+    skiplm.export_pruned(model, plan, tmp_path, tokenizer=tokenizer)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_hidden_layers == 30 - len(plan.decode.blocks)
+    ids = tokenizer("Weng earns $12 an hour for babysitting.", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        with skiplm.apply(model, plan):
+            planned = model(ids).logits
+        assert (reloaded(ids).logits - planned).abs().max().item() < 1e-4

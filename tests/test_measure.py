@@ -5,18 +5,16 @@ import math
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import skiplm
 from skiplm.bench import BenchSettings, make_configs, run_bench
-from skiplm.cli import cli
 from skiplm.costs import CostModel
 from skiplm.data import load_corpus, gsm8k_questions
 from skiplm.errors import DataError
 from skiplm.evaluate import compare_perplexity, perplexity, tokenize_corpus, windows
 from skiplm.prune import prune_blocks
 
-from conftest import tiny_model
+from conftest import run_cli, tiny_model
 
 
 @pytest.mark.parametrize("total,context,stride", [(10, 4, 2), (10, 4, 3), (3, 8, 4), (100, 16, 5), (17, 16, 15)])
@@ -138,25 +136,7 @@ def test_bench_measures_every_config_and_reports_ratios():
 
 
 # -- the CLI, on a tiny model saved with the real tokenizer ---------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from skiplm.models import _converted_gguf, default_gguf_path
-
-    tokenizer = AutoTokenizer.from_pretrained(str(_converted_gguf(default_gguf_path(), "smollm2-135m")))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    folder = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def run_cli(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], standalone_mode=False, catch_exceptions=True)
-    return result
 
 
 def test_cli_plan_eval_bench_generate(tiny_folder, tmp_path):

@@ -7,17 +7,15 @@ import copy
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import skiplm
 from skiplm import CostModel, DataError, PlanError, SkipPlan
 from skiplm.activations import trace_residuals
-from skiplm.cli import cli
 from skiplm.metrics import cosine_similarity, skip_effect
 from skiplm.planners import PLANNERS, get_planner, load_calibration
 from skiplm.planners.common import Calibration, skip_set
 
-from conftest import FAMILIES, VOCAB, cached_tiny_model, tiny_model
+from conftest import FAMILIES, VOCAB, cached_tiny_model, run_cli, tiny_model
 
 DEEP = 8
 
@@ -356,24 +354,7 @@ def test_load_calibration_from_a_text_file(tmp_path):
 # -- the CLI ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from skiplm.models import _converted_gguf, default_gguf_path
-
-    tokenizer = AutoTokenizer.from_pretrained(str(_converted_gguf(default_gguf_path(), "smollm2-135m")))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    folder = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def run_cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], standalone_mode=False, catch_exceptions=True)
 
 
 @pytest.mark.parametrize("method, options", [

@@ -14,11 +14,12 @@ from .errors import (  # noqa: E402
 )
 from .models import DEFAULT_MODEL, load_model  # noqa: E402
 from .plan import SkipPlan, SkipSet, model_identity  # noqa: E402
-from .planners import get_planner, plan_uniform  # noqa: E402
+from .export import export_pruned  # noqa: E402
+from .planners import PLANNERS, get_planner, load_calibration, plan_uniform  # noqa: E402
 from .runtime import SkipHandle, apply  # noqa: E402
 
 __all__ = [
-    "Adapter", "CostModel", "DEFAULT_MODEL", "DataError", "ModelLoadError", "PlanError", "PlanMismatchError",
+    "Adapter", "CostModel", "PLANNERS", "export_pruned", "load_calibration", "DEFAULT_MODEL", "DataError", "ModelLoadError", "PlanError", "PlanMismatchError",
     "SkipHandle", "SkipLMError", "SkipPlan", "SkipSet", "UnsupportedArchitectureError", "apply", "get_adapter",
     "get_planner", "load_model", "model_identity", "plan_uniform", "set_adapter", "supported_model_types",
 ]
