@@ -132,5 +132,5 @@ def _get_path(root: nn.Module, path: str) -> nn.Module:
     return obj
 
 
-def num_layers(model: nn.Module) -> int:
+def count_layers(model: nn.Module) -> int:
     return len(get_adapter(model).decoder_layers(model))

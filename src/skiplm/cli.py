@@ -257,9 +257,9 @@ def analyze_command(model, corpus, sequences, length, span_max, skip_one, out, d
         batches = calibration_batches(ids, sequences, length)
     except DataError as exc:
         raise DataError(f"corpus {label}: {exc} Use a longer text, fewer --sequences or a shorter --length.") from None
-    from .adapters import num_layers
+    from .adapters import count_layers
 
-    layers = num_layers(hf_model)
+    layers = count_layers(hf_model)
     if span_max is not None and span_max > layers:
         raise click.BadParameter(f"{span_max} is more than the model's {layers} layers.", param_hint="--span-max")
     with _progress() as progress:

@@ -15,7 +15,7 @@ import statistics
 import torch
 from torch import nn
 
-from .adapters import get_adapter
+from .adapters import count_layers
 from .bench import time_decode
 from .plan import SkipPlan, SkipSet
 from .runtime import apply
@@ -52,7 +52,7 @@ class LatencyModel:
     def measure(
         cls, model: nn.Module, *, batch_size: int = 1, context: int = 64, steps: int = 16, repeats: int = 5
     ) -> LatencyModel:
-        num_layers = len(get_adapter(model).decoder_layers(model))
+        num_layers = count_layers(model)
         middle = range(1, num_layers - 1)
         probes = {
             "attention": SkipSet.of(attention=middle),

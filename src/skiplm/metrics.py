@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .activations import ResidualTrace
-from .adapters import get_adapter
+from .adapters import count_layers, get_adapter
 from .plan import SkipPlan, SkipSet
 from .runtime import apply
 
@@ -62,7 +62,7 @@ def skip_effect(
     :func:`~skiplm.activations.trace_residuals` with ``keep_logits=True``).
     """
     device = next(model.parameters()).device
-    plan = SkipPlan(len(get_adapter(model).decoder_layers(model)), skips, skips)
+    plan = SkipPlan(count_layers(model), skips, skips)
     handle = None if skips.is_empty() else apply(model, plan, check_model=False)
     try:
         logits = torch.cat([

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .adapters import get_adapter, _get_path
+from .adapters import count_layers, get_adapter, _get_path
 from .errors import PlanError
 from .plan import PARTS, SkipPlan
 
@@ -185,7 +185,7 @@ def apply(model: nn.Module, plan: SkipPlan, *, check_model: bool = True) -> Skip
         )
     if check_model:
         plan.check_model(model)
-    elif plan.num_layers != len(get_adapter(model).decoder_layers(model)):
+    elif plan.num_layers != count_layers(model):
         raise PlanError(f"the plan covers {plan.num_layers} layers but the model has a different number.")
     handle = SkipHandle(model, plan)
     setattr(model, _HANDLE_ATTRIBUTE, handle)

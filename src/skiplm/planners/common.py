@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import get_adapter
+from ..adapters import count_layers, get_adapter
 from ..costs import CostModel
 from ..errors import DataError, PlanError
 from ..plan import SkipPlan, SkipSet, model_identity, provenance
@@ -111,7 +111,7 @@ def select(
     ``pool``: every unit the method may choose; ``limit``: the most units it may skip (a plan keeps a layer running);
     ``what``: how to name them in messages, e.g. ``"intermediate layers"``.
     """
-    num_layers = len(get_adapter(model).decoder_layers(model))
+    num_layers = count_layers(model)
     if target.skip is not None:
         if not 0 <= target.skip <= limit:
             raise PlanError(f"can skip 0..{limit} {what} of a {num_layers}-layer model, not {target.skip}.")
@@ -152,7 +152,7 @@ def make_plan(
     """The plan skipping ``units``, stamped with the model's identity and the method's provenance."""
     skips = skip_set(units)
     return SkipPlan.from_layers(
-        len(get_adapter(model).decoder_layers(model)),
+        count_layers(model),
         attention=sorted(skips.attention),
         mlp=sorted(skips.mlp),
         prefill=prefill,
@@ -258,10 +258,6 @@ def as_calibration(calibration: Any, model: nn.Module, method: str, *, min_lengt
                             "was it made with another tokenizer?")
     source = getattr(calibration, "source", "token ids given by the caller")
     return Calibration(batches, source=source)
-
-
-def count_layers(model: nn.Module) -> int:
-    return len(get_adapter(model).decoder_layers(model))
 
 
 __all__ = [

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..activations import trace_residuals
-from ..adapters import get_adapter
+from ..adapters import count_layers
 from ..errors import PlanError
 from ..latency import LatencyModel
 from ..metrics import skip_effect
@@ -50,7 +50,7 @@ def search_path(
 ) -> list[SearchStep]:
     """Greedy sublayer choices until ``stop(skips, kl)`` is true (or nothing is left that leaves a layer running)."""
     reference = trace_residuals(model, calibration, keep_logits=True).logits
-    num_layers = len(get_adapter(model).decoder_layers(model))
+    num_layers = count_layers(model)
     skips, kl, path, evaluations = SkipSet(), 0.0, [], 0
     priority: dict[tuple[int, str], float] = {(layer, part): 0.0 for layer in range(num_layers) for part in PARTS}
     while not stop(skips, kl):
