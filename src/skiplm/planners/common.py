@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import count_layers, get_adapter
+from ..adapters import count_layers
 from ..costs import CostModel
 from ..errors import DataError, PlanError
 from ..plan import SkipPlan, SkipSet, model_identity, provenance
