@@ -243,6 +243,25 @@ def test_greedy_loss_removes_the_block_that_costs_no_loss_and_scores_on_top_of_e
     assert [done for done, _ in seen] == list(range(1, 1 + 1 + 6 + 5)) and all(t == 12 for _, t in seen)
 
 
+def test_greedy_loss_plan_cut_to_a_smaller_target_equals_planning_for_it(deep):
+    from skiplm.planners.greedy_loss import cut_plan
+
+    calibration = random_calibration()
+    costs = CostModel.from_parameter_counts(deep)
+    large = run_planner("greedy-loss", deep, calibration, speedup=1.6)
+    for target in (1.05, 1.2, 1.4, 1.6):
+        direct = run_planner("greedy-loss", deep, calibration, speedup=target)
+        cut = cut_plan(deep, large, target)
+        assert (cut.decode, cut.prefill) == (direct.decode, direct.prefill)
+        assert cut.provenance["steps"] == direct.provenance["steps"]
+        assert cut.provenance["target"] == {"speedup": target}
+        assert costs.ideal_speedup(cut.decode) >= target
+    with pytest.raises(PlanError, match="out of reach|ran out"):
+        cut_plan(deep, run_planner("greedy-loss", deep, calibration, speedup=1.1), 1.6)
+    with pytest.raises(PlanError, match="only a greedy-loss plan"):
+        cut_plan(deep, run_planner("uniform", deep, speedup=1.2), 1.1)
+
+
 # -- iterative similarity --------------------------------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ import torch
 
 import skiplm
 from skiplm.latency import LatencyModel
-from skiplm.planners.search import plan_search
+from skiplm.planners.search import SearchStep, _skips_of, plan_search
 from skiplm.plan import SkipSet
 
 from conftest import NUM_LAYERS, tiny_model
@@ -35,11 +35,38 @@ def test_latency_model_arithmetic():
     assert LATENCY.speedup(skips) == pytest.approx(LATENCY.full_s / LATENCY.step_s(skips))
 
 
+def test_latency_model_gives_a_whole_block_its_own_saving():
+    latency = LatencyModel(fixed_s=0.003, attention_s=0.001, mlp_s=0.002, num_layers=NUM_LAYERS, batch_size=1,
+                           context=8, block_s=0.005)
+    # layer 1: a whole block (5 ms); layer 2: attention only (1 ms); layer 3: MLP only (2 ms)
+    skips = SkipSet.of(blocks=[1], attention=[2], mlp=[3])
+    assert latency.step_s(skips) == pytest.approx(latency.full_s - 0.005 - 0.001 - 0.002)
+    assert LATENCY.step_s(SkipSet.of(blocks=[1])) == pytest.approx(LATENCY.full_s - 0.003)  # no block_s: the halves
+
+
 def test_latency_model_is_measured_from_real_steps():
     model = tiny_model("llama")
     measured = LatencyModel.measure(model, context=8, steps=4, repeats=2)
     assert measured.num_layers == NUM_LAYERS and measured.full_s > 0
-    assert measured.attention_s >= 0 and measured.mlp_s >= 0 and measured.fixed_s >= 0
+    assert measured.attention_s >= 0 and measured.mlp_s >= 0 and measured.fixed_s >= 0 and measured.block_s >= 0
+    assert measured.check_error >= 0
+
+
+def test_search_takes_a_whole_free_block_in_one_step_when_a_block_saves_more():
+    model = tiny_model("llama")
+    with torch.no_grad():  # layer 2 writes nothing: either half, or the block, costs no quality
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+    latency = LatencyModel(fixed_s=0.003, attention_s=0.001, mlp_s=0.002, num_layers=NUM_LAYERS, batch_size=1,
+                           context=8, block_s=0.004)
+    plan = plan_search(model, calibration=calibration(), speedup=latency.full_s / (latency.full_s - 0.004),
+                       latency_model=latency)
+    path = plan.provenance["path"]
+    assert [(step["layer"], step["part"]) for step in path] == [(2, "block")]
+    assert plan.decode.blocks == [2] and path[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    # with a sublayer count as the target the search goes sublayer by sublayer
+    counted = plan_search(model, calibration=calibration(), skip=2, latency_model=latency)
+    assert {step["part"] for step in counted.provenance["path"]} <= {"attention", "mlp"}
 
 
 def test_search_finds_the_free_sublayers_first():
@@ -55,12 +82,9 @@ def test_search_reaches_a_speedup_target_and_stops(target):
     model = with_dead_sublayers()
     plan = plan_search(model, calibration=calibration(), speedup=target, latency_model=LATENCY)
     assert LATENCY.speedup(plan.decode) >= target
-    path = plan.provenance["path"]
-    one_fewer = SkipSet()
-    for step in path[:-1]:
-        one_fewer = SkipSet.of(attention=one_fewer.attention | ({step["layer"]} if step["part"] == "attention" else set()),
-                               mlp=one_fewer.mlp | ({step["layer"]} if step["part"] == "mlp" else set()))
-    assert LATENCY.speedup(one_fewer) < target
+    path = [SearchStep(**step) for step in plan.provenance["path"]]
+    assert _skips_of(path) == plan.decode
+    assert LATENCY.speedup(_skips_of(path[:-1])) < target
     with skiplm.apply(model, plan):  # the plan is valid for this model
         model(torch.arange(3, 10)[None])
 

@@ -1,10 +1,12 @@
 """A measured latency model of one decode step: what skipping each attention / MLP sublayer saves on this device.
 
 Fitted by timing real decode steps (interleaved, medians) of the full model and of three probe plans that skip the
-attention sublayers, the MLP sublayers, or both, of every layer but the first and last. Decoder layers of one model
-have the same shapes, so the per-layer saving of a sublayer is (full - probe) / number of layers probed, and the
-rest of a step is a fixed cost (embedding, norms, the output head, Python). The model predicts a plan's step time as
-fixed + the sublayers it keeps, and its speedup as full / that.
+attention sublayers, the MLP sublayers, or whole blocks, of every layer but the first and last. Decoder layers of one
+model have the same shapes, so the per-layer saving is (full - probe) / number of layers probed, and the rest of a
+step is a fixed cost (embedding, the output head, Python). A whole skipped block saves more than its two halves (its
+norms, residual adds and call overhead go too), so it has its own saving. The model predicts a plan's step time as
+full - its savings, and its speedup as full / that. A fourth probe it is not fitted on (attention of every other
+middle layer, MLPs of the others) checks it: ``check_error``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class LatencyModel:
     num_layers: int
     batch_size: int
     context: int
-    # relative error of the model's prediction for a probe it was not fitted on (skipping whole middle blocks)
+    block_s: float | None = None  # saved per skipped whole block; None: attention_s + mlp_s
+    # relative error of the model's prediction for a probe it was not fitted on (a mix of single sublayers)
     check_error: float = 0.0
 
     @property
@@ -37,13 +40,13 @@ class LatencyModel:
         return self.fixed_s + self.num_layers * (self.attention_s + self.mlp_s)
 
     def step_s(self, skips: SkipSet) -> float:
-        return self.full_s - len(skips.attention) * self.attention_s - len(skips.mlp) * self.mlp_s
+        blocks = set(skips.blocks)
+        block_s = self.attention_s + self.mlp_s if self.block_s is None else self.block_s
+        return (self.full_s - len(blocks) * block_s - len(skips.attention - blocks) * self.attention_s
+                - len(skips.mlp - blocks) * self.mlp_s)
 
     def speedup(self, skips: SkipSet) -> float:
         return self.full_s / self.step_s(skips)
-
-    def saving_s(self, part: str) -> float:
-        return self.attention_s if part == "attention" else self.mlp_s
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -58,6 +61,7 @@ class LatencyModel:
             "attention": SkipSet.of(attention=middle),
             "mlp": SkipSet.of(mlp=middle),
             "block": SkipSet.of(blocks=middle),
+            "check": SkipSet.of(attention=middle[::2], mlp=middle[1::2]),
         }
         device = next(model.parameters()).device
         generator = torch.Generator().manual_seed(0)
@@ -79,7 +83,8 @@ class LatencyModel:
         median = {name: statistics.median(values) for name, values in times.items()}
         attention = max(median["full"] - median["attention"], 0.0) / len(middle)
         mlp = max(median["full"] - median["mlp"], 0.0) / len(middle)
+        block = max(median["full"] - median["block"], 0.0) / len(middle)
         fixed = max(median["full"] - num_layers * (attention + mlp), 0.0)
-        fitted = cls(fixed, attention, mlp, num_layers, batch_size, context)
-        error = abs(fitted.step_s(probes["block"]) - median["block"]) / median["block"]
+        fitted = cls(fixed, attention, mlp, num_layers, batch_size, context, block_s=block)
+        error = abs(fitted.step_s(probes["check"]) - median["check"]) / median["check"]
         return dataclasses.replace(fitted, check_error=error)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import PlanError
 from ..metrics import next_token_loss, skip_effect
 from ..plan import SkipPlan
 from .common import (Progress, Target, Unit, as_calibration, calibrated, check_unplanned, count_layers, make_plan,
-                     max_units, rounded, select, skip_set)
+                     max_units, prefixes, rounded, select, skip_set)
 
 METHOD = "greedy-loss"
 
@@ -92,4 +93,27 @@ def plan_greedy_loss(
         order=[layer for _, layer in units],
         baseline_loss=rounded(baseline)[0] if baseline else None,
         steps=history[: len(units)],
+    )
+
+
+def cut_plan(model: nn.Module, plan: SkipPlan, speedup: float) -> SkipPlan:
+    """The greedy-loss plan for a smaller ``speedup`` target, cut from ``plan`` (one made for a larger target).
+
+    Each removal depends only on the removals before it, so the plan for a smaller target is a prefix of a larger
+    target's removal order: the same plan as running :func:`plan_greedy_loss` again, without its forward passes.
+    """
+    record = plan.provenance
+    if record.get("method") != METHOD:
+        raise PlanError(f"only a {METHOD} plan can be cut to a smaller target, this one is {record.get('method')!r}.")
+    target = Target.of(speedup, None)
+    num_layers = count_layers(model)
+    order = [("block", layer) for layer in record["order"]]
+    units = select(model, target, prefixes(order), pool=[("block", layer) for layer in range(num_layers)],
+                   limit=len(order), what="blocks of the larger plan")
+    rebuilt = ("method", "target", "prefill", "order", "steps", "created", "skiplm_version")
+    fields = {key: value for key, value in record.items() if key not in rebuilt}
+    return make_plan(
+        model, units, method=METHOD, target=target, prefill=record.get("prefill", "same"),
+        name=plan.model.name if plan.model else None, **fields,
+        order=[layer for _, layer in units], steps=record["steps"][: len(units)],
     )

@@ -3,8 +3,9 @@ least loss of quality.
 
 1. A latency model of a decode step is measured on this device (:class:`~skiplm.latency.LatencyModel`): what
    skipping one attention or one MLP sublayer actually saves, and the fixed cost nothing removes.
-2. A greedy search with re-scoring: at every step each candidate sublayer is scored *on top of the sublayers already
-   chosen* by the increase in KL(full model || planned model) on calibration text per second saved, and the best
+2. A greedy search with re-scoring: at every step each candidate — one attention or MLP sublayer, or a whole block
+   (which saves more than its halves: norms, adds and call overhead go too) — is scored *on top of what is already
+   chosen* by the increase in KL(full model || planned model) on calibration text per second it saves, and the best
    is added. Scores from the previous step order the candidates, and only the most promising ``candidates`` are
    re-scored (all of them on the first step), which keeps the search to minutes.
 3. It stops at the target: a measured speedup (by the latency model), a step latency, or a quality budget (the
@@ -34,7 +35,7 @@ from .common import calibrated
 @dataclasses.dataclass(frozen=True)
 class SearchStep:
     layer: int
-    part: str
+    part: str  # "attention", "mlp" or "block"
     kl: float  # mean KL to the full model after this step
     speedup: float  # by the latency model
 
@@ -46,27 +47,29 @@ def search_path(
     *,
     stop: Callable[[SkipSet, float], bool],
     candidates: int = 12,
+    blocks: bool = True,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> list[SearchStep]:
-    """Greedy sublayer choices until ``stop(skips, kl)`` is true (or nothing is left that leaves a layer running)."""
+    """Greedy choices until ``stop(skips, kl)`` is true (or nothing is left that leaves a layer running).
+    ``blocks``: also consider skipping a whole block in one step."""
     reference = trace_residuals(model, calibration, keep_logits=True).logits
     num_layers = count_layers(model)
     skips, kl, path, evaluations = SkipSet(), 0.0, [], 0
-    priority: dict[tuple[int, str], float] = {(layer, part): 0.0 for layer in range(num_layers) for part in PARTS}
+    parts = (*PARTS, "block") if blocks else PARTS
+    priority: dict[tuple[int, str], float] = {(layer, part): 0.0 for layer in range(num_layers) for part in parts}
     while not stop(skips, kl):
-        remaining = sorted((c for c in priority if not skips.skips(*c)), key=lambda c: priority[c])
-        if not path:
-            to_score = remaining
-        else:
-            to_score = remaining[:candidates]
+        remaining = sorted((c for c in priority if _open(skips, *c)), key=lambda c: priority[c])
+        to_score = remaining if not path else remaining[:candidates]
         scored = {}
         for layer, part in to_score:
             trial = _with(skips, layer, part)
+            saving = latency.step_s(skips) - latency.step_s(trial)
             if len(trial.blocks) == num_layers:
                 continue
             trial_kl = skip_effect(model, calibration, trial, reference)["kl"]
-            scored[(layer, part)] = (trial_kl - kl) / latency.saving_s(part) if latency.saving_s(part) > 0 else float("inf")
-            priority[(layer, part)] = scored[(layer, part)]
+            # KL added per second saved; among equal scores the larger saving first
+            scored[(layer, part)] = ((trial_kl - kl) / saving if saving > 0 else float("inf"), -saving)
+            priority[(layer, part)] = scored[(layer, part)][0]
             evaluations += 1
             if progress:
                 progress(evaluations, None)  # forward passes so far; the total depends on where the target is met
@@ -79,7 +82,7 @@ def search_path(
     return path
 
 
-@calibrated(sequences=8, length=128)
+@calibrated(sequences=2, length=512)  # long sequences: skipped attention hurts more the more context there is
 def plan_search(
     model: nn.Module,
     *,
@@ -106,7 +109,9 @@ def plan_search(
     if latency_ms is not None and latency_ms * 1e-3 < latency.fixed_s:
         raise PlanError(f"a {latency_ms} ms step is out of reach: the unskippable part alone takes {latency.fixed_s * 1e3:.1f} ms.")
     stop = _stop_rule(latency, speedup=speedup, latency_ms=latency_ms, max_kl=max_kl, skip=skip)
-    path = search_path(model, calibration, latency, stop=stop, candidates=candidates, progress=progress)
+    # a block is two sublayers: with a sublayer count as the target, choose sublayers one at a time
+    path = search_path(model, calibration, latency, stop=stop, candidates=candidates, blocks=skip is None,
+                       progress=progress)
     if max_kl is not None:  # the last step crossed the budget: leave it out
         path = [step for step in path if step.kl <= max_kl]
     if speedup is not None and latency.speedup(_skips_of(path)) < speedup:
@@ -163,7 +168,16 @@ def _stop_rule(latency: LatencyModel, *, speedup, latency_ms, max_kl, skip) -> C
     return lambda skips, kl: len(skips.attention) + len(skips.mlp) >= skip
 
 
+def _open(skips: SkipSet, layer: int, part: str) -> bool:
+    """Whether choosing (layer, part) adds something: a block only while neither of its halves is skipped."""
+    if part == "block":
+        return layer not in skips.attention and layer not in skips.mlp
+    return not skips.skips(layer, part)
+
+
 def _with(skips: SkipSet, layer: int, part: str) -> SkipSet:
+    if part == "block":
+        return SkipSet(skips.attention | {layer}, skips.mlp | {layer})
     if part == "attention":
         return SkipSet(skips.attention | {layer}, skips.mlp)
     return SkipSet(skips.attention, skips.mlp | {layer})
