@@ -1,4 +1,5 @@
-"""The ``skiplm`` command line: a thin shell over the library (analyze, plan, eval, bench, generate, demo, info)."""
+"""The ``skiplm`` command line: a thin shell over the library (analyze, plan, eval, bench, generate, agree, compare,
+export, demo, info, lm-eval)."""
 
 from __future__ import annotations
 
@@ -344,8 +345,8 @@ def demo(speedup, tokens, repeats, out, dtype, device):
 @click.option("--targets", default="1.1,1.2,1.3,1.5", show_default=True, help="comma-separated target speedups")
 @click.option("--calibration-corpus", default="gsm8k", show_default=True, help="text the planners are fitted on")
 @click.option("--eval-corpus", default="pydoc", show_default=True, help="held-out text for perplexity")
-@click.option("--sequences", default=8, show_default=True, help="calibration sequences")
-@click.option("--length", default=128, show_default=True, help="tokens per calibration sequence")
+@click.option("--sequences", default=2, show_default=True, help="calibration sequences")
+@click.option("--length", default=512, show_default=True, help="tokens per calibration sequence")
 @click.option("--tokens", default=4096, show_default=True, help="held-out tokens scored")
 @click.option("--context", default=1024, show_default=True)
 @click.option("--stride", default=512, show_default=True)
@@ -399,6 +400,70 @@ def compare(model, methods, targets, calibration_corpus, eval_corpus, sequences,
     plot_pareto(result, out / "pareto.png", f"{model}: held-out perplexity vs measured decode speedup")
     console.print(table)
     console.print(f"results in {out}/")
+
+
+@cli.command()
+@MODEL_ARGUMENT
+@click.option("--plan", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="plan file (repeat for several); the full model always generates the reference")
+@click.option("--prompts", default="gsm8k", show_default=True,
+              help="gsm8k (the shipped test questions), or a file: one prompt per line, or JSON Lines with a "
+                   "\"prompt\" field (and optionally an \"answer\")")
+@click.option("--limit", type=click.IntRange(min=1), default=32, show_default=True, help="use the first N prompts")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="greedy tokens per prompt (fewer if the model emits EOS)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--chat/--raw", default=True, show_default=True, help="wrap each prompt in the model's chat template")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="results/agree", show_default=True,
+              help="output folder")
+@click.option("--force", is_flag=True, help="apply plans even if made for other weights")
+@_model_options
+def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, force, dtype, device):
+    """Greedy generation agreement of each plan with the full model (and GSM8K answer accuracy)."""
+    from .agreement import FULL, load_prompts, measure_agreement, summary_rows, write_agreement
+    from .data import corpus_label
+    from .reporting import machine_info
+
+    prompt_list = load_prompts(prompts, limit)  # bad prompts fail before the model loads
+    hf_model, tokenizer = _load(model, dtype, device)
+    plans = {Path(p).stem: _load_plan(p, hf_model, force) for p in plan_paths}
+    if FULL in plans:
+        raise click.BadParameter(f"a plan file may not be named {FULL}.json: that name is the full model's.",
+                                 param_hint="--plan")
+    with _progress() as progress:
+        task = progress.add_task("generating", total=len(prompt_list) * (1 + len(plans)))
+        result = measure_agreement(
+            hf_model, tokenizer, prompt_list, plans, new_tokens=new_tokens, batch_size=batch_size, chat=chat,
+            source=corpus_label(prompts), check_model=False,
+            progress=lambda name, rows: progress.update(task, advance=rows, description=f"generating ({name})"))
+    result = {"kind": result.pop("kind"), "model": model, "machine": machine_info(device), **result}
+    paths = write_agreement(result, Path(out), model)
+    headers, rows = summary_rows(result)
+    table = Table(title=f"agreement with the full model's greedy output ({len(prompt_list)} prompts, "
+                        f"<= {new_tokens} tokens)")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    if not plans:
+        console.print("no --plan given: only the full model was run.")
+    console.print(f"wrote {paths['json']}, {paths['markdown']}")
+
+
+@cli.command("lm-eval", add_help_option=False,
+             context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval_command(args):
+    """lm-evaluation-harness's command line, with the `skiplm` model type registered; ARGS go to it unchanged.
+
+    e.g. skiplm lm-eval --model skiplm --model_args pretrained=smollm2-135m,plan=plan.json --tasks arc_easy
+    """
+    try:
+        from .lm_eval_bridge import main as lm_eval_main
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from None
+    lm_eval_main(list(args))
 
 
 # -- shared by the commands ------------------------------------------------------------------------------------------
