@@ -153,6 +153,166 @@ def eval_command(model, plan_paths, corpora, tokens, context, stride, out, force
     _print_quality(result)
 
 
+# -- bench --sweep: the scoreboard -----------------------------------------------------------------------------------
+_SWEEP_OPTIONS = [
+    click.option("--fresh", is_flag=True, help="--sweep: discard the finished points and plans in -o and start over"),
+    click.option("--seed", type=int, default=0, show_default=True, help="--sweep: torch seed"),
+    click.option("--length", type=click.IntRange(min=1), default=512, show_default=True,
+                 help="--sweep: tokens per calibration sequence"),
+    click.option("--sequences", type=click.IntRange(min=1), default=2, show_default=True,
+                 help="--sweep: calibration sequences of the data-driven planners"),
+    click.option("--calibration-corpus", default="gsm8k", show_default=True,
+                 help="--sweep: text the data-driven planners are fitted on"),
+    click.option("--chat/--raw", default=True, show_default=True,
+                 help="--sweep: wrap agreement prompts in the model's chat template"),
+    click.option("--agree-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+                 help="--sweep: greedy tokens generated per agreement prompt (--new-tokens is the timed decode steps)"),
+    click.option("--limit", type=click.IntRange(min=1), default=16, show_default=True,
+                 help="--sweep: agreement on the first N prompts"),
+    click.option("--prompts", default="gsm8k", show_default=True,
+                 help="--sweep: agreement prompts: gsm8k, or a file (one per line, or JSON Lines)"),
+    click.option("--stride", type=click.IntRange(min=1), default=512, show_default=True,
+                 help="--sweep: perplexity window advance"),
+    click.option("--context", type=click.IntRange(min=2), default=1024, show_default=True,
+                 help="--sweep: perplexity window length"),
+    click.option("--tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+                 help="--sweep: perplexity tokens scored"),
+    click.option("--corpus", default="pydoc", show_default=True,
+                 help="--sweep: held-out perplexity text: gsm8k, pydoc, or a text file"),
+    click.option("--targets", default="1.1,1.2,1.3", show_default=True, help="--sweep: comma-separated target speedups"),
+    click.option("--methods", default=",".join(["uniform", "block-influence", "angular", "similarity-block",
+                 "similarity-attention", "similarity-mlp", "similarity-joint", "greedy-loss", "search"]),
+                 show_default=True, help="--sweep: comma-separated methods (see skiplm.compare.METHODS)"),
+    click.option("--sweep", is_flag=True,
+                 help="the scoreboard: plan every method at every target and measure quality and speed against the "
+                      "full model, resumable (results in -o, default results/sweep)"),
+]
+
+
+def _sweep_options(function):
+    for option in _SWEEP_OPTIONS:
+        function = option(function)
+    return function
+
+
+def _given(ctx, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+
+_SWEEP_PARAMS = ("methods", "targets", "corpus", "tokens", "context", "stride", "prompts", "limit", "agree_tokens",
+                 "chat", "calibration_corpus", "sequences", "length", "seed", "fresh")
+
+
+def _check_sweep_options(ctx, sweep: bool) -> None:
+    """Sweep options only with --sweep; options of a plain bench that a sweep does not take, refused with it."""
+    if not sweep:
+        given = [p.opts[0] for p in ctx.command.params if p.name in _SWEEP_PARAMS and _given(ctx, p.name)]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --sweep.")
+        return
+    for name, option, why in (("plan_paths", "--plan", "a sweep makes its own plans (see --methods, --targets)"),
+                              ("compare_pruned", "--compare-pruned", "a sweep times each plan against the full model"),
+                              ("force", "--force", "a sweep's plans are made for the model")):
+        if _given(ctx, name):
+            raise click.UsageError(f"{option} does not apply with --sweep: {why}.")
+
+
+def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup, threads, out,
+           dtype, device, *, methods, targets, corpus, tokens, context, stride, prompts, limit, agree_tokens, chat,
+           calibration_corpus, sequences, length, seed, fresh):
+    import datetime
+    import shlex
+
+    from .agreement import load_prompts
+    from .bench import BenchSettings
+    from .sweep import SweepProgress, SweepSettings, compact_table, run_sweep
+
+    out = Path("results/sweep" if not _given(ctx, "out") else out)
+    settings = SweepSettings(
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        targets=_floats(targets, "--targets"),
+        corpus=corpus, tokens=tokens, context=context, stride=stride, prompts=prompts, limit=limit,
+        agree_tokens=agree_tokens, chat=chat, calibration_corpus=calibration_corpus, sequences=sequences,
+        length=length, seed=seed,
+        bench=BenchSettings(_ints(batch_sizes, "--batch-sizes"), prompt_tokens, decode_prompt_tokens, new_tokens,
+                            repeats, warmup),
+    )
+    settings.check()  # bad settings fail before the model loads
+    load_prompts(prompts, limit)
+    _set_threads(threads)
+    hf_model, tokenizer = _load(model, dtype, device)
+    command = shlex.join(["skiplm", *sys.argv[1:]])
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+                  speed_estimate_period=24 * 3600) as bar:  # the ETA averages over the whole run, not the last 30 s
+
+        class Report(SweepProgress):
+            def __init__(self):
+                self.planning_task = self.task = None
+                self.done = self.points = 0
+
+            def planning(self, text):
+                if self.planning_task is None:
+                    self.planning_task = bar.add_task(text, total=None)
+                if text.startswith("planning ") and not console.is_terminal:
+                    console.print(text)  # no live display (e.g. output to a file): say what takes the time
+                bar.update(self.planning_task, description=text)
+
+            def start(self, total_steps, points, resumed):
+                if self.planning_task is not None:
+                    bar.update(self.planning_task, description="planning done", total=1, completed=1)
+                if resumed:
+                    console.print(f"resuming: {resumed} finished point(s) loaded from {out}/points.jsonl")
+                self.points = points
+                self.task = bar.add_task(f"{points} point(s) to measure", total=max(total_steps, 1))
+
+            def step(self, description, steps=1):
+                bar.update(self.task, advance=steps, description=description)
+
+            def finished(self, record):
+                # also a line per point, with the ETA: a log file (no live display) shows the run's progress too
+                self.done += 1
+                target = "" if record["method"] == "full" else f" @ {record['target']:g}"
+                remaining = bar.tasks[self.task].time_remaining
+                eta = "" if remaining is None else f", eta {datetime.timedelta(seconds=round(remaining))}"
+                console.print(f"finished {record['method']}{target} ({self.done} of {self.points}{eta}); saved to "
+                              f"{out}/points.jsonl")
+
+        try:
+            result = run_sweep(hf_model, tokenizer, settings, out, model_name=model, dtype=dtype, device=device,
+                               command=command, fresh=fresh, progress=Report())
+        except KeyboardInterrupt:
+            bar.stop()
+            console.print(f"interrupted: the finished points are saved in {out}/points.jsonl; run the same command "
+                          "again to resume.")
+            raise
+    headers, rows = compact_table(result)
+    table = Table(title=f"scoreboard: {model}", caption="speed: full time / plan time, paired per round (the full "
+                  "model's row: against itself); intervals and more in sweep.md")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    console.print(f"wrote {out}/sweep.json, {out}/sweep.md, {out}/pareto.png "
+                  f"({result['resumed_points']} point(s) resumed)")
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}.", param_hint=option) from None
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}.", param_hint=option) from None
+
+
 @cli.command()
 @MODEL_ARGUMENT
 @click.option("--plan", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
@@ -168,12 +328,22 @@ def eval_command(model, plan_paths, corpora, tokens, context, stride, out, force
 @click.option("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 @click.option("--out", "-o", type=click.Path(), default="results/bench", show_default=True, help="output folder")
 @click.option("--force", is_flag=True, help="apply plans even if made for other weights")
+@_sweep_options
 @_model_options
-def bench(model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup,
-          compare_pruned, threads, out, force, dtype, device):
-    """Prefill latency and decode tokens/s of the full model and each plan, interleaved, in one run."""
+@click.pass_context
+def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup,
+          compare_pruned, threads, out, force, dtype, device, sweep, **sweep_options):
+    """Prefill latency and decode tokens/s of the full model and each plan, interleaved, in one run.
+
+    With --sweep: the scoreboard. Every method of --methods at every target of --targets is planned and measured
+    against the full model — perplexity, generation agreement, prefill and decode speed — in one resumable run.
+    """
     from .bench import BenchSettings
 
+    _check_sweep_options(ctx, sweep)
+    if sweep:
+        return _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup, threads,
+                      out, dtype, device, **sweep_options)
     _set_threads(threads)
     hf_model, tokenizer = _load(model, dtype, device)
     plans = {Path(p).stem: _load_plan(p, hf_model, force) for p in plan_paths}
@@ -185,21 +355,32 @@ def bench(model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_tokens, n
 
 @cli.command()
 @MODEL_ARGUMENT
-@click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False), help="plan file")
+@click.option("--plan", "--draft-plan", "plan_path", type=click.Path(exists=True, dir_okay=False),
+              help="plan file (with --speculative: the draft's plan)")
 @click.option("--prompt", "-p", required=True, help="the user message")
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--chat/--raw", default=True, show_default=True, help="wrap the prompt in the model's chat template")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="keep the k most likely tokens when sampling (0: off; without --speculative, 0 keeps the model's "
+                   "generation config)")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--speculative", is_flag=True,
+              help="lossless self-speculative decoding: the model under --plan (and/or --draft-dtype) drafts, the full "
+                   "model verifies; the output is the full model's")
+@click.option("--max-draft", type=click.IntRange(min=1), default=6, show_default=True,
+              help="--speculative: most tokens drafted per round (fewer when the draft is unsure)")
+@click.option("--draft-dtype", help="--speculative: draft with a copy of the weights in this dtype, e.g. bfloat16")
 @click.option("--force", is_flag=True, help="apply the plan even if made for other weights")
 @_model_options
-def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p, seed, force, dtype, device):
-    """Generate text with MODEL (under a plan if given), streaming to stdout."""
+def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p, top_k, seed, speculative, max_draft,
+             draft_dtype, force, dtype, device):
+    """Generate text with MODEL (under a plan if given, or speculatively with --speculative), streaming to stdout."""
     import torch
     from transformers import TextStreamer
 
-    from .errors import DataError
+    from .errors import DataError, PlanError
     from .runtime import apply
 
     if not prompt.strip():
@@ -213,7 +394,28 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
         inputs = tokenizer(prompt, return_tensors="pt")
     inputs = {k: v.to(device) for k, v in inputs.items()}
     torch.manual_seed(seed)
+    if speculative:
+        from .speculative import generate as speculative_generate
+
+        if draft_dtype is None and skip_plan is None:
+            raise PlanError("--speculative needs a draft: a --plan (the layers the draft skips) and/or --draft-dtype.")
+        start = time.perf_counter()
+        result = speculative_generate(
+            hf_model, tokenizer, inputs["input_ids"], inputs.get("attention_mask"), plan=skip_plan,
+            draft_dtype=draft_dtype, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0, top_k=top_k, top_p=top_p, max_draft=max_draft,
+            seed=seed, streamer=TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True), check_model=False)
+        elapsed = time.perf_counter() - start
+        new = len(result.tokens[0])
+        draft = "; ".join(filter(None, [skip_plan.describe() if skip_plan else "",
+                                        f"{draft_dtype} copy" if draft_dtype else ""]))
+        console.print(f"[dim]{new} tokens in {elapsed:.2f} s ({new / elapsed:.1f} tokens/s, including prefill); "
+                      f"draft: {draft}[/dim]")
+        console.print(f"[dim]{result.stats.describe()}[/dim]")
+        return
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    if temperature > 0 and top_k:
+        sampling["top_k"] = top_k
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     handle = apply(hf_model, skip_plan, check_model=False) if skip_plan else None
     try:
@@ -449,6 +651,20 @@ def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, 
     if not plans:
         console.print("no --plan given: only the full model was run.")
     console.print(f"wrote {paths['json']}, {paths['markdown']}")
+
+
+@cli.command("report")
+@click.argument("results", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default="report.html", show_default=True,
+              help="HTML file to write")
+@click.option("--title", default="skiplm report", show_default=True, help="page title")
+def report_command(results, out, title):
+    """One self-contained HTML page (tables, embedded plots, plan grids, commands, machine) from RESULTS: folders or
+    JSON files written by bench --sweep, compare, bench, eval and agree."""
+    from .report import write_report
+
+    path = write_report(results, out, title)
+    console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB, no external references)")
 
 
 @cli.command("lm-eval", add_help_option=False,

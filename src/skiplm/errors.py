@@ -23,3 +23,11 @@ class ModelLoadError(SkipLMError):
 
 class DataError(SkipLMError):
     """Evaluation data or a prompt is missing or empty."""
+
+
+class SweepError(SkipLMError):
+    """A sweep's settings are invalid, or its output folder holds results it cannot resume with them."""
+
+
+class ReportError(SkipLMError):
+    """A result file given to `skiplm report` is missing, unreadable or of an unknown kind."""
