@@ -17,6 +17,7 @@ from .plan import SkipPlan, SkipSet, model_identity  # noqa: E402
 from .export import export_pruned  # noqa: E402
 from .planners import PLANNERS, get_planner, load_calibration, plan_uniform  # noqa: E402
 from .runtime import SkipHandle, apply  # noqa: E402
+from . import speculative  # noqa: E402  (skiplm.speculative.generate: self-speculative decoding)
 
 __all__ = [
     "Adapter", "CostModel", "PLANNERS", "export_pruned", "load_calibration", "DEFAULT_MODEL", "DataError", "ModelLoadError", "PlanError", "PlanMismatchError",

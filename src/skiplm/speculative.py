@@ -1,0 +1,709 @@
+"""Lossless self-speculative decoding: a layer-skipped view of the model drafts, the full model verifies.
+
+One model object plays both parts (Draft & Verify, SWIFT): the *draft* is the model with a :class:`~skiplm.SkipPlan`
+applied, the *verifier* is the same model inside ``handle.disabled()``. Optionally the draft is a lower-precision copy
+of the same weights (``draft_dtype=torch.bfloat16``), with or without a plan; its weights are then extra memory,
+reported in :attr:`SpeculativeStats.draft_weight_bytes` (0 for the same-weights draft).
+
+Caches. The draft and the verifier keep separate KV caches: the draft's active attention layers compute keys and values
+from the draft's own residual stream, which differs from the full model's, so neither can use the other's. Both caches
+hold only committed tokens at the start of a round; after verification both are cropped back to the accepted length
+(sliding-window layers record their past so they can be cropped, as transformers' own assisted decoding does). The
+draft cache is filled lazily: its prefill runs at the first speculative round, and tokens committed while speculation
+was off (fallback) are fed to the draft in one chunk when it resumes.
+
+One round, for committed tokens ``x[0..S-1]`` (the full cache holds ``x[0..S-2]``; ``x[S-1]`` was chosen by the full
+model but not yet fed to it)::
+
+    draft:   d1 = argmax q(.|x), d2 = argmax q(.|x, d1), ...  up to k tokens    (k draft forwards of 1 token)
+    verify:  p0..pk = full(x[S-1], d1..dk)                                       (1 forward of k + 1 tokens)
+    accept:  n = leading i with d_i == argmax p_{i-1};  commit d1..dn, then argmax p_n (a correction, or a bonus)
+
+Greedy output is the full model's greedy output token for token (up to floating-point differences between a
+(k+1)-token and a 1-token forward, which flip an argmax only at exact near-ties). Sampling (temperature, top-k, top-p,
+applied alike to draft and full distributions) uses speculative rejection sampling (Leviathan et al. 2023, Chen et al.
+2023): accept d_i with probability min(1, p(d_i) / q(d_i)); at the first rejection sample from norm(max(0, p - q)); if
+all are accepted, sample a bonus token from p_k. Every committed token is then distributed as the full model's.
+
+Batch > 1. Rows accept different numbers of drafts. Every row advances by ``m + 1`` tokens, ``m`` the fewest drafts any
+unfinished row accepted: the first ``m`` drafts are accepted by every row and token ``m + 1`` is, per row, either the
+full model's own choice (greedy: argmax p_m; sampling: the residual sample or bonus) or a draft that row accepted —
+in all cases exactly what the full model would produce, so output stays exact. The waste: drafts a row accepted beyond
+``m`` are thrown away and re-drafted next round (:attr:`SpeculativeStats.discarded`); with many rows, ``m`` is often
+0 and speculation degenerates into plain decoding plus draft overhead. Left padding is handled with the attention
+mask and per-row position ids. A row that emits an end-of-sequence token is finished: it keeps decoding (its tokens are
+replaced by padding and ignored) until every row has finished; outputs end at the first EOS, which is kept.
+
+Draft length (Draft & Verify, Zhang et al. 2023): drafting stops after a token whose draft probability (top-1 of the
+draft distribution; at batch > 1, in any unfinished row, since the batch advances by its least accepting row) is below
+a threshold, or after ``max_draft`` tokens. The threshold adapts to acceptance: it rises
+when the smoothed acceptance rate is below a target and falls when above (:class:`AdaptiveDraftLength`).
+
+Never slower (:class:`SpeedMonitor`): the seconds per committed token of speculative rounds and of plain decoding steps
+are tracked online; when speculation is slower than plain decoding it falls back to plain steps (through the same
+verify path with no drafts), retries later with a doubling back-off, and the stats report when and how long.
+
+Hooks left for later work: ``on_round`` (a callback receiving a :class:`RoundInfo` after every round — where an online
+skip-set search such as SWIFT's would observe acceptance), and :meth:`SpeculativeDecoder.set_plan` (swap the draft
+plan between generations — where an offline draft-plan search plugs in). Changing the plan of a live draft cache
+mid-generation is not supported: skipped attention layers hold placeholders, not keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DataError, PlanError
+from .plan import SkipPlan
+from .runtime import SkipHandle, apply
+
+_HANDLE_ATTRIBUTE = "_skiplm_handle"
+
+
+# -- statistics --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SpeculativeStats:
+    """What happened during one generation. Counts of drafted / accepted tokens are summed over unfinished rows."""
+
+    batch_size: int = 0
+    new_tokens: int = 0  # tokens generated per row (before truncation at EOS)
+    rounds: int = 0  # speculative rounds (draft + verify)
+    row_rounds: int = 0  # sum over rounds of the unfinished rows
+    drafted: int = 0
+    accepted: int = 0  # drafts each row's verification accepted (before the batch minimum)
+    committed_from_draft: int = 0  # drafts kept (after the batch minimum)
+    discarded: int = 0  # accepted - committed_from_draft: drafts a row accepted but another row's rejection threw away
+    plain_steps: int = 0  # single-token full-model steps (probe, fallback, or the last token)
+    fallback_steps: int = 0  # plain steps taken because speculation did not pay
+    fallbacks: int = 0  # times speculation was switched off
+    fallback_events: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    accepted_histogram: list[int] = dataclasses.field(default_factory=list)  # rounds by tokens committed from drafts
+    prefill_seconds: float = 0.0  # the full model's prefill
+    draft_prefill_seconds: float = 0.0  # the draft's (lazy) prefill
+    draft_seconds: float = 0.0  # drafting, including feeding the draft tokens committed while it was off
+    verify_seconds: float = 0.0  # the full model's verification passes
+    plain_seconds: float = 0.0  # plain decoding steps
+    total_seconds: float = 0.0
+    draft_weight_bytes: int = 0  # extra weights the draft needs (0: it is the same model)
+    draft_cache_bytes: int = 0  # the draft KV cache at the end of the generation
+    final_threshold: float | None = None
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_per_round(self) -> float:
+        """Drafts accepted per row and round (before the batch minimum)."""
+        return self.accepted / self.row_rounds if self.row_rounds else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens committed per row per speculative round (drafts kept + the verifier's own token)."""
+        return (self.committed_from_draft / self.row_rounds + 1.0) if self.row_rounds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second after prefill, all rows (the first token, from the prefill, excluded)."""
+        seconds = self.total_seconds - self.prefill_seconds
+        return self.batch_size * max(self.new_tokens - 1, 0) / seconds if seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(acceptance_rate=self.acceptance_rate, mean_accepted_per_round=self.mean_accepted_per_round,
+                    tokens_per_round=self.tokens_per_round, decode_tokens_per_second=self.decode_tokens_per_second)
+        return data
+
+    def describe(self) -> str:
+        text = (f"{self.rounds} speculative rounds: {self.accepted}/{self.drafted} drafts accepted "
+                f"({100 * self.acceptance_rate:.1f}%), {self.mean_accepted_per_round:.2f} accepted and "
+                f"{self.tokens_per_round:.2f} tokens per round; {self.plain_steps} plain steps")
+        if self.fallbacks:
+            text += f" ({self.fallback_steps} after {self.fallbacks} fallback(s): speculation did not pay)"
+        if self.discarded:
+            text += f"; {self.discarded} accepted drafts discarded by the batch minimum"
+        text += (f"; draft {self.draft_seconds:.2f} s, verify {self.verify_seconds:.2f} s, plain "
+                 f"{self.plain_seconds:.2f} s; draft weights {self.draft_weight_bytes / 2**20:.1f} MiB extra")
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundInfo:
+    """Passed to ``on_round`` after every speculative round (a hook for online draft adaptation)."""
+
+    index: int
+    drafted: int  # k
+    accepted: tuple[int, ...]  # per unfinished row
+    committed: int  # tokens every row advanced (min accepted + 1)
+    draft_seconds: float
+    verify_seconds: float
+    threshold: float | None
+
+
+@dataclasses.dataclass
+class SpeculativeOutput:
+    tokens: list[list[int]]  # new tokens per row, ending at (and including) the first EOS
+    stats: SpeculativeStats
+    texts: list[str] | None = None  # decoded tokens, when a tokenizer was given
+
+
+# -- draft length and fallback policies ------------------------------------------------------------------------------
+class AdaptiveDraftLength:
+    """Draft & Verify's confidence stop: stop drafting after a token whose draft top-1 probability is below
+    ``threshold``; the threshold follows the acceptance rate (smoothed with ``beta``) towards ``target_acceptance``
+    in steps of ``step``."""
+
+    def __init__(self, threshold: float = 0.5, target_acceptance: float = 0.8, step: float = 0.05, beta: float = 0.5,
+                 adapt: bool = True, bounds: tuple[float, float] = (0.0, 0.99)):
+        self.threshold = threshold
+        self.target_acceptance = target_acceptance
+        self.step = step
+        self.beta = beta
+        self.adapt = adapt
+        self.bounds = bounds
+        self.acceptance: float | None = None
+
+    def stop(self, confidence: torch.Tensor) -> bool:
+        """``confidence``: [rows] top-1 draft probabilities of the token just drafted (unfinished rows)."""
+        return bool(confidence.numel()) and float(confidence.min()) < self.threshold
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if not self.adapt or drafted == 0:
+            return
+        rate = accepted / drafted
+        self.acceptance = rate if self.acceptance is None else self.beta * self.acceptance + (1 - self.beta) * rate
+        self.threshold += self.step if self.acceptance < self.target_acceptance else -self.step
+        self.threshold = min(max(self.threshold, self.bounds[0]), self.bounds[1])
+
+
+class SpeedMonitor:
+    """Decides, step by step, whether to speculate: speculation must beat plain decoding in seconds per token.
+
+    It first takes ``probe_steps`` plain steps to time plain decoding. Then it speculates; after ``min_rounds`` rounds,
+    if the smoothed seconds per committed token exceed plain decoding's by more than ``margin``, it falls back to
+    ``backoff`` plain steps and tries again, doubling the back-off after each failure (up to ``max_backoff``) and
+    resetting it when speculation pays.
+    """
+
+    def __init__(self, probe_steps: int = 2, min_rounds: int = 3, margin: float = 0.0, backoff: int = 8,
+                 max_backoff: int = 256, smoothing: float = 0.5):
+        self.probe_steps = probe_steps
+        self.min_rounds = min_rounds
+        self.margin = margin
+        self.initial_backoff = self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.smoothing = smoothing
+        self.plain: tuple[float, float] | None = None  # smoothed (seconds, tokens) of plain steps
+        self.spec: tuple[float, float] | None = None
+        self.plain_observed = 0
+        self.rounds = 0  # speculative rounds since speculation (re)started
+        self.plain_left = 0  # plain steps left in the current fallback
+        self.events: list[dict[str, float]] = []
+
+    def speculate(self) -> bool:
+        return self.plain_observed >= self.probe_steps and self.plain_left == 0
+
+    @property
+    def in_fallback(self) -> bool:
+        return self.plain_left > 0
+
+    @staticmethod
+    def rate(pair: tuple[float, float] | None) -> float | None:
+        return None if pair is None else pair[0] / pair[1]
+
+    def _smooth(self, pair, seconds, tokens):
+        if pair is None:
+            return seconds, float(tokens)
+        a = self.smoothing
+        return a * pair[0] + (1 - a) * seconds, a * pair[1] + (1 - a) * tokens
+
+    def observe_plain(self, seconds: float, tokens: int = 1) -> None:
+        self.plain = self._smooth(self.plain, seconds, tokens)
+        self.plain_observed += 1
+        if self.plain_left > 0:
+            self.plain_left -= 1
+            if self.plain_left == 0:
+                self.spec, self.rounds = None, 0  # retry with a fresh estimate
+
+    def observe_round(self, seconds: float, tokens: int, at_token: int = 0) -> None:
+        self.spec = self._smooth(self.spec, seconds, tokens)
+        self.rounds += 1
+        if self.rounds < self.min_rounds or self.plain is None:
+            return
+        spec, plain = self.rate(self.spec), self.rate(self.plain)
+        if spec > plain * (1 + self.margin):
+            self.events.append({"at_token": at_token, "plain_steps": self.backoff, "speculative_s_per_token": spec,
+                                "plain_s_per_token": plain})
+            self.plain_left = self.backoff
+            self.backoff = min(self.backoff * 2, self.max_backoff)
+        else:
+            self.backoff = self.initial_backoff
+
+
+# -- sampling helpers --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.do_sample and not self.temperature > 0:
+            raise DataError(f"temperature must be > 0 when sampling, got {self.temperature}.")
+        if self.top_k < 0:
+            raise DataError(f"top_k must be >= 0 (0: off), got {self.top_k}.")
+        if not 0 < self.top_p <= 1:
+            raise DataError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution decoding draws from: logits [..., V] -> probabilities [..., V] (float32). Greedy: the plain
+        softmax (only its top-1 value is used, as the draft's confidence)."""
+        logits = logits.float()
+        if not self.do_sample:
+            return torch.softmax(logits, dim=-1)
+        logits = logits / self.temperature
+        if self.top_k and self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            sorted_probs = torch.softmax(sorted_logits, dim=-1)
+            # drop a token when the tokens ranked above it already hold top_p of the mass (the top-1 always stays)
+            drop = (sorted_probs.cumsum(-1) - sorted_probs) >= self.top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of ``probs`` [B, V] -> [B]."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -- the decoder -------------------------------------------------------------------------------------------------------
+class SpeculativeDecoder:
+    """A draft (``model`` under ``plan``, or a ``draft_dtype`` copy of it) and the full model as verifier.
+
+    Keep one for many generations (a low-precision copy is made once; the adaptive threshold carries over). Call
+    :meth:`close` (or use ``with``) to remove the plan it applied. With ``plan=None`` and a plan already applied to
+    ``model``, that plan drafts (and stays applied after :meth:`close`).
+    """
+
+    def __init__(self, model: nn.Module, plan: SkipPlan | None = None, *, draft_dtype: torch.dtype | str | None = None,
+                 check_model: bool = True, draft_length: AdaptiveDraftLength | None = None):
+        self.model = model
+        self.draft_length = draft_length or AdaptiveDraftLength()
+        self.monitor = SpeedMonitor()  # fallback=True: what it learned about speed carries over between generations
+        self._owned: list[SkipHandle] = []
+        existing: SkipHandle | None = getattr(model, _HANDLE_ATTRIBUTE, None)
+        if draft_dtype is not None:
+            from .models import resolve_dtype
+
+            dtype = resolve_dtype(draft_dtype)
+            if existing is not None:
+                raise PlanError("a plan is already applied to this model; remove it and pass the draft plan as plan= "
+                                "(a low-precision draft is a copy of the plain model).")
+            self.draft_model = copy.deepcopy(model).to(dtype).eval()
+            self.draft_handle = self._apply(self.draft_model, plan, check_model) if plan is not None else None
+            self.draft_weight_bytes = _tensor_bytes(self.draft_model)
+        else:
+            if plan is None:
+                if existing is None:
+                    raise PlanError("self-speculative decoding needs a draft: pass plan= (a skip plan; an empty plan "
+                                    "drafts with the full model), or draft_dtype= for a low-precision draft.")
+                self.draft_handle = existing
+            else:
+                self.draft_handle = self._apply(model, plan, check_model)
+            self.draft_model = model
+            self.draft_weight_bytes = 0
+
+    def _apply(self, model: nn.Module, plan: SkipPlan, check_model: bool) -> SkipHandle:
+        handle = apply(model, plan, check_model=check_model)
+        self._owned.append(handle)
+        return handle
+
+    @property
+    def plan(self) -> SkipPlan | None:
+        return self.draft_handle.plan if self.draft_handle is not None else None
+
+    def set_plan(self, plan: SkipPlan, check_model: bool = True) -> None:
+        """Draft with another plan from the next generation on (hook for an offline draft-plan search)."""
+        if self.draft_handle is not None and self.draft_handle in self._owned:
+            self.draft_handle.remove()
+            self._owned.remove(self.draft_handle)
+        elif self.draft_handle is not None:
+            raise PlanError("the draft plan was applied by the caller; remove it and pass plan= instead.")
+        self.draft_handle = self._apply(self.draft_model, plan, check_model)
+
+    def close(self) -> None:
+        while self._owned:
+            self._owned.pop().remove()
+
+    def __enter__(self) -> SpeculativeDecoder:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _verifying(self):
+        """The full model: whatever plan is applied to ``model`` (the draft's, or another) is off while verifying."""
+        handle = getattr(self.model, _HANDLE_ATTRIBUTE, None)
+        return handle.disabled() if handle is not None else contextlib.nullcontext()
+
+    # -- generation --------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        max_draft: int = 6,
+        seed: int | None = None,
+        streamer: Any = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        fallback: bool | SpeedMonitor = True,
+        on_round: Callable[[RoundInfo], None] | None = None,
+    ) -> SpeculativeOutput:
+        """Generate up to ``max_new_tokens`` per row from left-padded ``input_ids`` [B, T] (see the module docstring).
+
+        ``fallback``: True (this decoder's :class:`SpeedMonitor`, which keeps what it measured between generations),
+        a monitor of your own, or False (always speculate).
+        ``streamer``: an object with ``put(tensor)`` / ``end()`` (e.g. transformers' ``TextStreamer``, batch 1), or
+        a callable receiving, per step, a list with each row's newly committed tokens.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise DataError(f"input_ids must be [batch, tokens] with at least one token, got {tuple(input_ids.shape)}.")
+        if max_new_tokens < 1:
+            raise DataError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        if max_draft < 1:
+            raise DataError(f"max_draft must be at least 1, got {max_draft}.")
+        sampling = Sampling(do_sample, temperature, top_k, top_p)
+        start = time.perf_counter()
+        device = next(self.model.parameters()).device
+        ids = input_ids.to(device)
+        batch, prompt_length = ids.shape
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device).long()
+        if mask.shape != ids.shape:
+            raise DataError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}.")
+        if bool((mask[:, 1:] < mask[:, :-1]).any()) or not bool(mask[:, -1].all()):
+            raise DataError("speculative decoding needs left padding: each attention_mask row must be 0s then 1s.")
+        eos = torch.as_tensor(_eos_ids(self.model, eos_token_id), dtype=torch.long, device=device)
+        pad = pad_token_id if pad_token_id is not None else _pad_id(self.model, eos)
+        generator = None
+        if do_sample:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+        monitor = fallback if isinstance(fallback, SpeedMonitor) else (self.monitor if fallback else None)
+        events_before = len(monitor.events) if monitor is not None else 0
+        policy = self.draft_length
+        stats = SpeculativeStats(batch_size=batch, draft_weight_bytes=self.draft_weight_bytes)
+
+        capacity = prompt_length + max_new_tokens + max_draft + 1
+        seq = torch.full((batch, capacity), pad, dtype=torch.long, device=device)  # committed tokens, left padded
+        seq[:, :prompt_length] = ids
+        full_mask = torch.cat([mask, mask.new_ones(batch, capacity - prompt_length)], dim=1)
+        pads = prompt_length - mask.sum(-1)  # [B] left-padding per row
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        outputs: list[list[int]] = [[] for _ in range(batch)]
+
+        def forward(model, start_index: int, tokens: torch.Tensor, cache, keep: int):
+            """``tokens`` [B, n] at sequence indices start_index.. over a cache holding start_index tokens."""
+            n = tokens.shape[1]
+            positions = (torch.arange(start_index, start_index + n, device=device)[None] - pads[:, None]).clamp(min=0)
+            out = model(input_ids=tokens, attention_mask=full_mask[:, :start_index + n], position_ids=positions,
+                        cache=cache, use_cache=True, logits_to_keep=keep)
+            return out.logits.float(), out.cache
+
+        def commit(new: torch.Tensor) -> None:
+            """Append ``new`` [B, n] to every row; rows finish at their first EOS."""
+            nonlocal committed
+            new = torch.where(finished[:, None], torch.full_like(new, pad), new)
+            is_eos = torch.isin(new, eos) & ~finished[:, None]
+            after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # positions after a row's first EOS in `new`
+            new = new.masked_fill(after_eos, pad)
+            streamed = []
+            for row, tokens in enumerate(new.tolist()):
+                keep = [] if finished[row] else tokens[: int(after_eos[row].logical_not().sum())]
+                outputs[row].extend(keep)
+                streamed.append(keep)
+            finished.logical_or_(is_eos.any(-1))
+            seq[:, committed:committed + new.shape[1]] = new
+            committed += new.shape[1]
+            _stream(streamer, streamed)
+
+        # prefill of the full model; its last logits give the first token
+        t = time.perf_counter()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self._verifying():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1)
+        full_cache = out.cache
+        full_cache.activate_past_recording()  # sliding-window layers must keep their past to be cropped
+        last = out.logits[:, -1]
+        first = _sample(sampling.probabilities(last), generator) if do_sample else last.argmax(-1)
+        committed = prompt_length
+        commit(first[:, None])
+        stats.prefill_seconds = time.perf_counter() - t
+        generated = 1
+        draft_cache, drafted_length = None, 0  # the draft cache holds seq[:, :drafted_length]
+
+        while generated < max_new_tokens and not bool(finished.all()):
+            room = max_new_tokens - generated  # the round commits at most k + 1 <= room tokens
+            k_max = min(max_draft, room - 1)
+            speculate = k_max >= 1 and (monitor is None or monitor.speculate())
+            active = ~finished
+            # -- draft ------------------------------------------------------------------------------------------------
+            drafts, draft_probs = [], []
+            t = time.perf_counter()
+            draft_prefill = 0.0
+            if speculate:
+                # committed tokens the draft has not seen, [B, >= 1]; the first time, everything: the draft's prefill
+                feed = seq[:, drafted_length:committed]
+                for i in range(k_max):
+                    logits, draft_cache = forward(self.draft_model, drafted_length, feed, draft_cache, 1)
+                    if drafted_length == 0:
+                        draft_cache.activate_past_recording()
+                        draft_prefill = time.perf_counter() - t
+                        stats.draft_prefill_seconds += draft_prefill
+                    drafted_length += feed.shape[1]
+                    q = sampling.probabilities(logits[:, -1])  # [B, V]
+                    token = _sample(q, generator) if do_sample else logits[:, -1].argmax(-1)
+                    drafts.append(token)
+                    draft_probs.append(q)
+                    if i + 1 == k_max or policy.stop(q.max(-1).values[active]):
+                        break
+                    feed = token[:, None]
+            k = len(drafts)
+            draft_seconds = time.perf_counter() - t - draft_prefill
+            # -- verify: one forward of the full model over [last committed token, d1..dk] -----------------------------
+            t = time.perf_counter()
+            inputs = seq[:, committed - 1:committed]
+            if k:
+                inputs = torch.cat([inputs, torch.stack(drafts, dim=1)], dim=1)  # [B, k + 1]
+            with self._verifying():
+                logits, full_cache = forward(self.model, committed - 1, inputs, full_cache, k + 1)  # [B, k + 1, V]
+            if k:
+                d = torch.stack(drafts, dim=1)  # [B, k]
+                if do_sample:
+                    p = sampling.probabilities(logits)  # [B, k + 1, V]
+                    q = torch.stack(draft_probs, dim=1)  # [B, k, V]
+                    p_d = p[:, :k].gather(-1, d[..., None]).squeeze(-1)
+                    q_d = q.gather(-1, d[..., None]).squeeze(-1)
+                    u = torch.rand(p_d.shape, generator=generator, device=device)
+                    accept = u * q_d < p_d  # u < min(1, p/q), q(d) > 0 since d was drawn from q
+                    n = accept.long().cumprod(-1).sum(-1)  # [B] leading accepted drafts
+                    rows = torch.arange(batch, device=device)
+                    q_padded = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # at n == k: the bonus, from p_k
+                    residual = (p[rows, n] - q_padded[rows, n]).clamp(min=0)
+                    empty = residual.sum(-1, keepdim=True) <= 0
+                    residual = torch.where(empty, p[rows, n], residual)
+                    correction = _sample(residual / residual.sum(-1, keepdim=True), generator)
+                    tokens = torch.cat([d, d[:, :1]], dim=1).scatter(1, n[:, None], correction[:, None])
+                else:
+                    target = logits.argmax(-1)  # [B, k + 1]: the full model's greedy choices
+                    n = (d == target[:, :k]).long().cumprod(-1).sum(-1)
+                    tokens = target  # target[:, :n] == d[:, :n]
+                accepted = n[active]
+                m = int(accepted.min()) if accepted.numel() else 0
+                new = tokens[:, :m + 1]
+            else:  # a plain step
+                last = logits[:, -1]
+                new = (_sample(sampling.probabilities(last), generator) if do_sample else last.argmax(-1))[:, None]
+                m = 0
+            old_committed = committed
+            commit(new)
+            # crop both caches to the committed tokens minus the last one (which neither has seen yet)
+            full_cache.crop(-(k - m))
+            if draft_cache is not None:
+                excess = max(drafted_length - (committed - 1), 0)
+                draft_cache.crop(-excess)
+                drafted_length -= excess
+            verify_seconds = time.perf_counter() - t
+            generated += m + 1
+            # -- bookkeeping -------------------------------------------------------------------------------------------
+            if k:
+                rows_active = int(active.sum())
+                stats.rounds += 1
+                stats.row_rounds += rows_active
+                stats.drafted += k * rows_active
+                stats.accepted += int(accepted.sum())
+                stats.committed_from_draft += m * rows_active
+                stats.discarded = stats.accepted - stats.committed_from_draft
+                stats.draft_seconds += draft_seconds
+                stats.verify_seconds += verify_seconds
+                if len(stats.accepted_histogram) <= m:
+                    stats.accepted_histogram.extend([0] * (m + 1 - len(stats.accepted_histogram)))
+                stats.accepted_histogram[m] += 1
+                policy.update(k * rows_active, int(accepted.sum()))
+                if monitor is not None:
+                    monitor.observe_round(draft_seconds + verify_seconds, m + 1, at_token=old_committed - prompt_length)
+                if on_round is not None:
+                    on_round(RoundInfo(stats.rounds - 1, k, tuple(accepted.tolist()), m + 1, draft_seconds,
+                                       verify_seconds, policy.threshold))
+            else:
+                stats.plain_steps += 1
+                stats.plain_seconds += verify_seconds
+                if monitor is not None:
+                    if monitor.in_fallback:
+                        stats.fallback_steps += 1
+                    monitor.observe_plain(verify_seconds)
+
+        _stream_end(streamer)
+        stats.new_tokens = generated
+        stats.total_seconds = time.perf_counter() - start
+        stats.draft_cache_bytes = _cache_bytes(draft_cache)
+        stats.final_threshold = policy.threshold
+        if monitor is not None:
+            stats.fallback_events = monitor.events[events_before:]
+            stats.fallbacks = len(stats.fallback_events)
+        return SpeculativeOutput(outputs, stats)
+
+
+def generate(
+    model: nn.Module,
+    tokenizer=None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    plan: SkipPlan | None = None,
+    draft_dtype: torch.dtype | str | None = None,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_draft: int = 6,
+    seed: int | None = None,
+    streamer: Any = None,
+    check_model: bool = True,
+    **options: Any,
+) -> SpeculativeOutput:
+    """Self-speculative generation in one call: ``model`` under ``plan`` drafts, ``model`` verifies.
+
+    ``tokenizer`` (optional) supplies the EOS / pad ids when the model's generation config lacks them, and decodes the
+    outputs into ``texts``. Other keyword ``options`` go to :meth:`SpeculativeDecoder.generate` (``fallback``,
+    ``eos_token_id``, ``pad_token_id``, ``on_round``). For many generations, keep a :class:`SpeculativeDecoder`.
+    """
+    if input_ids is None:
+        raise DataError("input_ids is required.")
+    if tokenizer is not None:
+        if options.get("eos_token_id") is None and getattr(model.generation_config, "eos_token_id", None) is None:
+            options["eos_token_id"] = tokenizer.eos_token_id
+        if options.get("pad_token_id") is None and getattr(model.generation_config, "pad_token_id", None) is None:
+            options["pad_token_id"] = tokenizer.pad_token_id
+    with SpeculativeDecoder(model, plan, draft_dtype=draft_dtype, check_model=check_model) as decoder:
+        output = decoder.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  temperature=temperature, top_k=top_k, top_p=top_p, max_draft=max_draft, seed=seed,
+                                  streamer=streamer, **options)
+    if tokenizer is not None:
+        output.texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in output.tokens]
+    return output
+
+
+@torch.inference_mode()
+def plain_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                   max_new_tokens: int = 128, eos_token_id=None, pad_token_id: int | None = None) -> list[list[int]]:
+    """Plain greedy decoding with the KV cache (the reference speculative greedy output must equal): argmax only,
+    no logits processing; outputs end at the first EOS (kept)."""
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device).long()
+    eos = torch.as_tensor(_eos_ids(model, eos_token_id), dtype=torch.long, device=device)
+    pad = pad_token_id if pad_token_id is not None else _pad_id(model, eos)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    steps = []
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        steps.append(token)
+        finished |= torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
+                    use_cache=True)
+    eos_list = eos.tolist()
+    result = []
+    for row in torch.stack(steps, dim=1).tolist():
+        kept = []
+        for token in row:
+            kept.append(token)
+            if token in eos_list:
+                break
+        result.append(kept)
+    return result
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------------
+def _eos_ids(model: nn.Module, eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [int(i) for i in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
+
+
+def _pad_id(model: nn.Module, eos: torch.Tensor) -> int:
+    configured = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if configured is not None:
+        return int(configured if not isinstance(configured, (list, tuple)) else configured[0])
+    return int(eos[0]) if eos.numel() else 0
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = (tensor.data_ptr(), tensor.numel())
+        if key not in seen:  # tied weights count once
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _cache_bytes(cache) -> int:
+    if cache is None:
+        return 0
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _stream(streamer, rows: list[list[int]]) -> None:
+    if streamer is None:
+        return
+    if hasattr(streamer, "put"):
+        if len(rows) != 1:
+            raise DataError("a put()/end() streamer (e.g. TextStreamer) supports batch size 1 only; pass a callable.")
+        if rows[0]:
+            streamer.put(torch.tensor(rows[0]))
+    else:
+        streamer(rows)
+
+
+def _stream_end(streamer) -> None:
+    if streamer is not None and hasattr(streamer, "end"):
+        streamer.end()
+
+
+__all__ = ["AdaptiveDraftLength", "RoundInfo", "Sampling", "SpeculativeDecoder", "SpeculativeOutput",
+           "SpeculativeStats", "SpeedMonitor", "generate", "plain_generate"]

@@ -1,0 +1,463 @@
+"""Self-speculative decoding on tiny models: greedy output equals plain greedy decoding, sampled output follows the
+full model's distribution, draft length adapts, fallback keeps it from being slower, stats add up."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import skiplm
+from skiplm import SkipPlan
+from skiplm.agreement import greedy_continuations
+from skiplm.errors import DataError, PlanError
+from skiplm.speculative import (
+    AdaptiveDraftLength,
+    Sampling,
+    SpeculativeDecoder,
+    SpeedMonitor,
+    generate,
+    plain_generate,
+)
+
+from conftest import NUM_LAYERS, VOCAB, cached_tiny_model, run_cli
+
+# Draft plans over the 5 layers of the tiny models, from "the draft is the full model" to "the draft is nearly nothing".
+DRAFTS = {
+    "empty": {},  # every draft accepted
+    "blocks": dict(blocks=[1, 3]),
+    "sublayers": dict(attention=[1, 2], mlp=[3]),
+    "nearly_all": dict(blocks=[0, 1, 2, 3]),  # nearly always wrong
+}
+FAMILIES = ["llama", "qwen2", "gemma2", "phi3"]  # gemma2: sliding windows of 8 tokens, shorter than the sequences
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def plan_for(model, **layers) -> SkipPlan:
+    return SkipPlan.from_layers(NUM_LAYERS, **layers).for_model(model)
+
+
+def left_padded(lengths, seed=0):
+    """A left-padded batch of random prompts (ids avoid pad / bos / eos) and its attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, width - length:] = torch.randint(3, VOCAB, (length,), generator=g)
+        mask[row, width - length:] = 1
+    return ids, mask
+
+
+def rows_of(ids, mask):
+    return [ids[row][mask[row].bool()].tolist() for row in range(ids.shape[0])]
+
+
+def oracle(model, ids, mask, new_tokens, eos=()):
+    """Plain greedy decoding by the agreement module (independent code), each row alone (no padding)."""
+    return greedy_continuations(model, rows_of(ids, mask), new_tokens=new_tokens, eos_ids=list(eos), pad_token_id=0,
+                                batch_size=1)
+
+
+# -- greedy: exact ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_speculative_equals_plain_greedy(family):
+    model = cached_tiny_model(family)
+    ids, mask = left_padded([5, 13, 9], seed=hash(family) % 1000)
+    expected = oracle(model, ids, mask, 30)
+    assert plain_generate(model, ids, mask, max_new_tokens=30, eos_token_id=[]) == expected
+    for name, layers in DRAFTS.items():
+        plan = plan_for(model, **layers)
+        for max_draft in (1, 4) if name != "empty" else (8,):
+            out = generate(model, None, ids, mask, plan=plan, max_new_tokens=30, max_draft=max_draft, fallback=False,
+                           eos_token_id=[])
+            assert out.tokens == expected, (name, max_draft)
+            if name == "empty":
+                assert out.stats.acceptance_rate == 1.0
+        # batch 1, each row alone, with the default fallback monitor on
+        for row, prompt in enumerate(rows_of(ids, mask)[:2]):
+            out = generate(model, None, torch.tensor([prompt]), plan=plan, max_new_tokens=30, eos_token_id=[])
+            assert out.tokens == [expected[row]], (name, row)
+    assert getattr(model, "_skiplm_handle", None) is None
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma3_text", "olmo2"])
+def test_greedy_exact_on_the_remaining_families(family):
+    model = cached_tiny_model(family)
+    ids, mask = left_padded([11, 4], seed=3)
+    expected = oracle(model, ids, mask, 24)
+    for layers in (DRAFTS["blocks"], DRAFTS["sublayers"]):
+        out = generate(model, None, ids, mask, plan=plan_for(model, **layers), max_new_tokens=24, max_draft=4,
+                       fallback=False, eos_token_id=[])
+        assert out.tokens == expected
+
+
+def test_prefill_at_full_depth_and_prefill_only_skips():
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([7, 12], seed=5)
+    expected = oracle(model, ids, mask, 20)
+    full_prefill = SkipPlan.from_layers(NUM_LAYERS, blocks=[1, 3], prefill="full").for_model(model)
+    out = generate(model, None, ids, mask, plan=full_prefill, max_new_tokens=20, fallback=False, eos_token_id=[])
+    assert out.tokens == expected
+
+
+def test_rows_stop_at_their_own_eos():
+    model = cached_tiny_model("qwen2")
+    ids, mask = left_padded([6, 10, 8], seed=11)
+    free = oracle(model, ids, mask, 24)
+    stop = next(i for i in range(3, 24) if free[1][i] not in free[1][:i])
+    eos = free[1][stop]  # row 1 stops at its token `stop`; the others wherever (or never) they meet it
+    expected = oracle(model, ids, mask, 24, eos=[eos])
+    assert expected[1][-1] == eos and len(expected[1]) == stop + 1
+    for layers in DRAFTS.values():
+        streamed = [[] for _ in range(3)]
+
+        def stream(rows):
+            for row, tokens in zip(streamed, rows):
+                row.extend(tokens)
+
+        out = generate(model, None, ids, mask, plan=plan_for(model, **layers), max_new_tokens=24, max_draft=5,
+                       fallback=False, eos_token_id=eos, streamer=stream)
+        assert out.tokens == expected
+        assert streamed == expected
+
+
+def test_batch_advances_by_the_fewest_accepted_and_reports_the_waste():
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([9, 9, 9, 9], seed=2)
+    plan = plan_for(model, **DRAFTS["sublayers"])
+    out = generate(model, None, ids, mask, plan=plan, max_new_tokens=32, max_draft=6, fallback=False,
+                   eos_token_id=[])
+    assert out.tokens == oracle(model, ids, mask, 32)
+    s = out.stats
+    assert s.discarded == s.accepted - s.committed_from_draft >= 0
+    alone = [generate(model, None, ids[r:r + 1], plan=plan, max_new_tokens=32, max_draft=6, fallback=False,
+                      eos_token_id=[]).stats for r in range(4)]
+    assert all(a.discarded == 0 for a in alone)
+    # a batch commits no more drafts per row and round than its rows do alone
+    assert s.tokens_per_round <= max(a.tokens_per_round for a in alone) + 1e-9
+
+
+# -- the draft variants -----------------------------------------------------------------------------------------------
+def test_bf16_draft_is_exact_and_reports_its_memory():
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([8, 14], seed=4)
+    expected = oracle(model, ids, mask, 24)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    for plan in (None, plan_for(model, blocks=[2])):
+        out = generate(model, None, ids, mask, plan=plan, draft_dtype=torch.bfloat16, max_new_tokens=24,
+                       fallback=False, eos_token_id=[])
+        assert out.tokens == expected
+        assert weights // 2 <= out.stats.draft_weight_bytes <= weights // 2 + 64  # + fp32 rotary buffers
+        if plan is None:
+            assert out.stats.acceptance_rate > 0.5
+    # the verifier is the full model even when a plan is applied to it after the low-precision copy was made
+    with SpeculativeDecoder(model, draft_dtype="bfloat16") as decoder, skiplm.apply(model, plan_for(model, blocks=[1])):
+        assert decoder.generate(ids, mask, max_new_tokens=24, fallback=False, eos_token_id=[]).tokens == expected
+    same = generate(model, None, ids, mask, plan=plan_for(model, blocks=[2]), max_new_tokens=8, eos_token_id=[])
+    assert same.stats.draft_weight_bytes == 0
+    assert getattr(model, "_skiplm_handle", None) is None and next(model.parameters()).dtype == torch.float32
+
+
+def test_decoder_reuses_a_plan_the_caller_applied_and_leaves_it():
+    model = cached_tiny_model("phi3")
+    ids, mask = left_padded([10], seed=6)
+    plan = plan_for(model, blocks=[1])
+    with skiplm.apply(model, plan) as handle:
+        with SpeculativeDecoder(model) as decoder:
+            assert decoder.plan is plan
+            out = decoder.generate(ids, mask, max_new_tokens=16, fallback=False, eos_token_id=[])
+        assert model._skiplm_handle is handle  # still applied
+        with handle.disabled():
+            assert out.tokens == oracle(model, ids, mask, 16)
+
+
+def test_set_plan_between_generations():
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([10], seed=7)
+    expected = oracle(model, ids, mask, 16)
+    with SpeculativeDecoder(model, plan_for(model, blocks=[1])) as decoder:
+        first = decoder.generate(ids, mask, max_new_tokens=16, fallback=False, eos_token_id=[])
+        decoder.set_plan(plan_for(model))
+        second = decoder.generate(ids, mask, max_new_tokens=16, fallback=False, eos_token_id=[])
+    assert first.tokens == second.tokens == expected
+    assert second.stats.acceptance_rate == 1.0
+    assert getattr(model, "_skiplm_handle", None) is None
+
+
+# -- sampling: the full model's distribution --------------------------------------------------------------------------
+def _distribution(model, prefix, sampling):
+    logits = model(torch.tensor([prefix])).logits[0, -1]
+    return sampling.probabilities(logits)
+
+
+def _exact_joint(model, prompt, steps, sampling, handle=None, draft_from=None):
+    """P(t1..t_steps | prompt) under the full model, as {tuple: prob}. With ``draft_from`` = i, tokens from position i
+    on are drawn from the draft (the plan applied) instead: what a wrong implementation that samples from the draft
+    would produce."""
+    joint = {(): 1.0}
+    for step in range(steps):
+        nxt = {}
+        for prefix, mass in joint.items():
+            if draft_from is not None and step >= draft_from:
+                probs = _distribution(model, prompt + list(prefix), sampling)
+            else:
+                with handle.disabled() if handle is not None else _null():
+                    probs = _distribution(model, prompt + list(prefix), sampling)
+            for token in torch.nonzero(probs > 0).flatten().tolist():
+                nxt[prefix + (token,)] = mass * float(probs[token])
+        joint = nxt
+    return joint
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _tv(counts, total, joint):
+    keys = set(counts) | set(joint)
+    return 0.5 * sum(abs(counts.get(k, 0) / total - joint.get(k, 0.0)) for k in keys)
+
+
+def _chi2_ok(counts, total, joint, alpha_z=3.5):
+    """Pearson chi-square over outcomes (those expected < 5 pooled), against a Wilson–Hilferty critical value."""
+    cells, pooled_obs, pooled_exp = [], 0, 0.0
+    for key, prob in joint.items():
+        expected = prob * total
+        if expected < 5:
+            pooled_obs += counts.get(key, 0)
+            pooled_exp += expected
+        else:
+            cells.append((counts.get(key, 0), expected))
+    pooled_obs += sum(c for k, c in counts.items() if k not in joint)
+    if pooled_exp > 0 or pooled_obs:
+        cells.append((pooled_obs, max(pooled_exp, 1e-9)))
+    stat = sum((o - e) ** 2 / e for o, e in cells)
+    df = len(cells) - 1
+    critical = df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3
+    return stat, critical
+
+
+def test_sampled_first_tokens_follow_the_full_model_batched():
+    """4,000 independent rows in one batch: token 1 comes from the verifier's prefill, token 2 from rejection
+    sampling against a draft (rows accept different drafts, so the batch advances one token per round)."""
+    model = cached_tiny_model("llama")
+    prompt = [5, 17, 33, 9, 60, 2 + 40]
+    sampling = Sampling(True, temperature=0.8, top_k=4, top_p=0.95)
+    plan = plan_for(model, mlp=[2])
+    rows = 4000
+    out = generate(model, None, torch.tensor([prompt] * rows), plan=plan, max_new_tokens=3, do_sample=True,
+                   temperature=0.8, top_k=4, top_p=0.95, max_draft=1, seed=123, fallback=False, eos_token_id=[])
+    assert out.stats.rounds >= 1 and out.stats.drafted >= rows
+    counts = {}
+    for tokens in out.tokens:
+        counts[tuple(tokens[:2])] = counts.get(tuple(tokens[:2]), 0) + 1
+    exact = _exact_joint(model, prompt, 2, sampling)
+    with skiplm.apply(model, plan) as handle:
+        wrong = _exact_joint(model, prompt, 2, sampling, handle=handle, draft_from=1)
+    assert abs(sum(exact.values()) - 1) < 1e-5
+    tv = _tv(counts, rows, exact)
+    stat, critical = _chi2_ok(counts, rows, exact)
+    assert stat < critical, (stat, critical, tv)
+    assert tv < 0.05
+    wrong_tv = 0.5 * sum(abs(exact.get(k, 0) - wrong.get(k, 0)) for k in set(exact) | set(wrong))
+    assert wrong_tv > 0.15, wrong_tv  # sampling token 2 from the draft would fail the bound above by far
+    assert 0.05 < out.stats.acceptance_rate < 0.95  # both branches of the rejection sampler were exercised
+
+
+def test_sampled_chains_follow_the_full_model_one_row_at_a_time():
+    """Batch 1, drafts of 2 tokens with no confidence stop: tokens 2 and 3 come from one round's accept / reject
+    chain (accepted, rejected at the first or the second draft, or a bonus token)."""
+    model = cached_tiny_model("qwen2")
+    prompt = [7, 70, 21, 99, 3]
+    sampling = Sampling(True, temperature=1.0, top_k=2)
+    plan = plan_for(model, blocks=[2])
+    decoder = SpeculativeDecoder(model, plan, draft_length=AdaptiveDraftLength(threshold=0.0, adapt=False))
+    counts, samples = {}, 300
+    accepted = drafted = 0
+    try:
+        for seed in range(samples):
+            out = decoder.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=True, top_k=2, max_draft=2,
+                                   seed=seed, fallback=False, eos_token_id=[])
+            key = tuple(out.tokens[0][:3])
+            counts[key] = counts.get(key, 0) + 1
+            accepted, drafted = accepted + out.stats.accepted, drafted + out.stats.drafted
+        exact = _exact_joint(model, prompt, 3, sampling, handle=decoder.draft_handle)
+        wrong = _exact_joint(model, prompt, 3, sampling, handle=decoder.draft_handle, draft_from=1)
+    finally:
+        decoder.close()
+    tv = _tv(counts, samples, exact)
+    stat, critical = _chi2_ok(counts, samples, exact)
+    assert stat < critical, (stat, critical, tv)
+    wrong_tv = 0.5 * sum(abs(exact.get(k, 0) - wrong.get(k, 0)) for k in set(exact) | set(wrong))
+    assert tv < 0.12 < wrong_tv - 0.05, (tv, wrong_tv)
+    assert 0.1 < accepted / drafted < 0.9
+
+
+def test_sampling_is_reproducible_with_a_seed_and_warpers_are_applied():
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([6, 9], seed=8)
+    kwargs = dict(plan=plan_for(model, blocks=[2]), max_new_tokens=12, do_sample=True, top_k=5, temperature=0.7,
+                  fallback=False, eos_token_id=[])
+    a = generate(model, None, ids, mask, seed=1, **kwargs)
+    b = generate(model, None, ids, mask, seed=1, **kwargs)
+    assert a.tokens == b.tokens
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.count_nonzero(Sampling(True, top_k=2).probabilities(logits)) == 2
+    top_p = Sampling(True, top_p=0.7).probabilities(logits)  # softmax: .64 .24 .09 .03 -> keeps the first two
+    assert torch.count_nonzero(top_p) == 2 and torch.isclose(top_p.sum(), torch.tensor(1.0))
+
+
+# -- draft length and fallback ----------------------------------------------------------------------------------------
+def test_adaptive_threshold_follows_acceptance():
+    policy = AdaptiveDraftLength(threshold=0.5, target_acceptance=0.8, step=0.1)
+    for _ in range(3):
+        policy.update(drafted=4, accepted=0)
+    assert policy.threshold == pytest.approx(0.8)
+    assert policy.stop(torch.tensor([0.7, 0.95])) and not policy.stop(torch.tensor([0.85]))
+    for _ in range(20):
+        policy.update(drafted=4, accepted=4)
+    assert policy.threshold == pytest.approx(0.0)
+
+
+def test_draft_length_adapts_in_generation():
+    model = cached_tiny_model("llama")
+    ids, _ = left_padded([12], seed=9)
+    lengths = {}
+    for name in ("empty", "nearly_all"):
+        out = generate(model, None, ids, plan=plan_for(model, **DRAFTS[name]), max_new_tokens=60, max_draft=6,
+                       fallback=False, eos_token_id=[])
+        lengths[name] = out.stats.drafted / out.stats.rounds
+        if name == "empty":
+            assert out.stats.final_threshold == 0.0 and max(out.stats.accepted_histogram) > 0
+            assert len(out.stats.accepted_histogram) == 7  # full-length drafts of 6 were made and all accepted
+    assert lengths["nearly_all"] < lengths["empty"]
+    fixed = SpeculativeDecoder(model, plan_for(model, **DRAFTS["nearly_all"]),
+                               draft_length=AdaptiveDraftLength(threshold=0.0, adapt=False))
+    rounds = []
+    with fixed:
+        fixed.generate(ids, max_new_tokens=31, max_draft=5, fallback=False, eos_token_id=[], on_round=rounds.append)
+    assert rounds[0].drafted == 5  # no confidence stop: max_draft, except where fewer tokens are left
+    assert sum(r.drafted < 5 for r in rounds) <= 4
+
+
+def test_speed_monitor_falls_back_when_speculation_does_not_pay_and_retries():
+    monitor = SpeedMonitor(probe_steps=2, min_rounds=2, backoff=4, max_backoff=8)
+    assert not monitor.speculate()
+    monitor.observe_plain(1.0)
+    monitor.observe_plain(1.0)
+    assert monitor.speculate()
+    monitor.observe_round(seconds=2.0, tokens=4)
+    monitor.observe_round(seconds=2.0, tokens=4)  # 0.5 s/token < 1: keep going
+    assert monitor.speculate() and not monitor.events
+    monitor.observe_round(seconds=3.0, tokens=1)
+    monitor.observe_round(seconds=3.0, tokens=1)  # smoothed rate now above plain decoding's
+    assert not monitor.speculate() and len(monitor.events) == 1 and monitor.plain_left == 4
+    for _ in range(4):
+        monitor.observe_plain(1.0)
+    assert monitor.speculate()  # retry
+    monitor.observe_round(seconds=3.0, tokens=1)
+    monitor.observe_round(seconds=3.0, tokens=1)
+    assert not monitor.speculate() and monitor.plain_left == 8  # back-off doubled
+
+
+def test_fallback_kicks_in_for_a_useless_draft_and_output_stays_exact():
+    model = cached_tiny_model("gemma2")
+    ids, mask = left_padded([10, 6], seed=10)
+    out = generate(model, None, ids, mask, plan=plan_for(model, **DRAFTS["nearly_all"]), max_new_tokens=60,
+                   max_draft=4, eos_token_id=[])
+    assert out.tokens == oracle(model, ids, mask, 60)
+    s = out.stats
+    assert s.fallbacks >= 1 and s.fallback_steps > 0 and s.fallback_events
+    assert s.fallback_events[0]["speculative_s_per_token"] > s.fallback_events[0]["plain_s_per_token"]
+    assert s.plain_steps >= s.fallback_steps + 2  # the probe steps too
+
+
+# -- stats, hooks, streaming, errors ----------------------------------------------------------------------------------
+def test_stats_add_up():
+    model = cached_tiny_model("olmo2")
+    ids, mask = left_padded([8, 11, 5], seed=12)
+    rounds = []
+    out = generate(model, None, ids, mask, plan=plan_for(model, **DRAFTS["sublayers"]), max_new_tokens=40,
+                   max_draft=4, eos_token_id=[], on_round=rounds.append)
+    s = out.stats
+    assert s.new_tokens == 40 == len(out.tokens[0])
+    assert 1 + s.plain_steps + sum(r.committed for r in rounds) == s.new_tokens
+    assert len(rounds) == s.rounds == sum(s.accepted_histogram)
+    assert s.drafted == 3 * sum(r.drafted for r in rounds)
+    assert s.accepted == sum(sum(r.accepted) for r in rounds)
+    assert s.committed_from_draft == 3 * sum(r.committed - 1 for r in rounds)
+    assert s.acceptance_rate == s.accepted / s.drafted
+    assert s.mean_accepted_per_round == s.accepted / s.row_rounds
+    assert all(r.committed - 1 == min(r.accepted) and r.drafted <= 4 for r in rounds)
+    assert s.draft_seconds >= 0 and s.verify_seconds > 0 and s.total_seconds >= s.prefill_seconds
+    assert "drafts accepted" in s.describe() and s.to_json()["acceptance_rate"] == s.acceptance_rate
+    assert s.draft_cache_bytes > 0 or s.rounds == 0
+
+
+def test_text_streamer_protocol_and_tokenizer_texts(tiny_folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+
+    class Collect:
+        def __init__(self):
+            self.tokens, self.ended = [], False
+
+        def put(self, value):
+            self.tokens.extend(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    streamer = Collect()
+    ids = tokenizer("Hello there", return_tensors="pt").input_ids
+    plan = SkipPlan.from_layers(4, blocks=[1]).for_model(model)
+    out = generate(model, tokenizer, ids, plan=plan, max_new_tokens=10, streamer=streamer)
+    assert streamer.ended and streamer.tokens == out.tokens[0]
+    assert out.texts == [tokenizer.decode(out.tokens[0], skip_special_tokens=True)]
+    eos = model.generation_config.eos_token_id
+    assert out.tokens == plain_generate(model, ids, max_new_tokens=10, eos_token_id=eos if eos is not None else
+                                        tokenizer.eos_token_id)
+
+
+def test_bad_input_gets_clear_errors():
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([4, 6], seed=13)
+    with pytest.raises(PlanError, match="needs a draft"):
+        SpeculativeDecoder(model)
+    with pytest.raises(DataError, match="left padding"):
+        generate(model, None, ids, mask.flip(1), plan=plan_for(model))
+    with pytest.raises(DataError, match="max_draft"):
+        generate(model, None, ids, mask, plan=plan_for(model), max_draft=0)
+    with pytest.raises(DataError, match="temperature"):
+        generate(model, None, ids, mask, plan=plan_for(model), do_sample=True, temperature=0)
+    with skiplm.apply(model, plan_for(model)), pytest.raises(PlanError, match="already applied"):
+        SpeculativeDecoder(model, draft_dtype="bfloat16")
+    assert getattr(model, "_skiplm_handle", None) is None
+
+
+def test_cli_generate_speculative(tiny_folder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
+    plan_file = SkipPlan.from_layers(4, blocks=[1]).for_model(model).save(tmp_path / "draft.json")
+    result = run_cli("generate", tiny_folder, "--speculative", "--plan", plan_file, "--prompt", "Hello",
+                     "--max-new-tokens", 12, "--max-draft", 3)
+    assert result.exception is None, result.output
+    result = run_cli("generate", tiny_folder, "--speculative", "--draft-dtype", "bfloat16", "--prompt", "Hello",
+                     "--max-new-tokens", 6, "--temperature", 0.8, "--top-k", 5)
+    assert result.exception is None, result.output
+    result = run_cli("generate", tiny_folder, "--speculative", "--prompt", "Hello")
+    assert isinstance(result.exception, PlanError) and "draft" in str(result.exception)
