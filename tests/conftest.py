@@ -105,6 +105,13 @@ def tiny_gpt2(seed: int = 0) -> transformers.PreTrainedModel:
 _CACHE: dict[tuple[str, int, int], transformers.PreTrainedModel] = {}
 
 
+def plan_for(model, **layers):
+    """A plan skipping ``layers`` (blocks=, attention=, mlp=) stamped for ``model``."""
+    from skiplm import SkipPlan
+
+    return SkipPlan.from_layers(NUM_LAYERS, **layers).for_model(model)
+
+
 def cached_tiny_model(family: str, *, seed: int = 0, num_layers: int = NUM_LAYERS) -> transformers.PreTrainedModel:
     """Shared instance of :func:`tiny_model` (tests must not leave a plan applied or change its weights)."""
     key = (family, seed, num_layers)

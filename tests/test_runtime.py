@@ -8,7 +8,7 @@ import torch
 import skiplm
 from skiplm import SkipPlan
 
-from conftest import ATTENTION_PROBE, MLP_PROBE, NUM_LAYERS, SLIDING_FAMILIES, SLIDING_WINDOW, VOCAB, cached_tiny_model
+from conftest import ATTENTION_PROBE, MLP_PROBE, NUM_LAYERS, SLIDING_FAMILIES, SLIDING_WINDOW, VOCAB, cached_tiny_model, plan_for
 
 ATOL = 1e-4
 SEQ = 20  # > SLIDING_WINDOW
@@ -29,10 +29,6 @@ PLANS = {
 def _no_grad():
     with torch.no_grad():
         yield
-
-
-def plan_for(model, **layers) -> SkipPlan:
-    return SkipPlan.from_layers(NUM_LAYERS, **layers).for_model(model)
 
 
 def token_ids(batch: int = 2, length: int = SEQ, seed: int = 1234) -> torch.Tensor:

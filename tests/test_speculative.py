@@ -21,7 +21,7 @@ from skiplm.speculative import (
     plain_generate,
 )
 
-from conftest import NUM_LAYERS, VOCAB, cached_tiny_model, run_cli
+from conftest import NUM_LAYERS, VOCAB, cached_tiny_model, plan_for, run_cli
 
 # Draft plans over the 5 layers of the tiny models, from "the draft is the full model" to "the draft is nearly nothing".
 DRAFTS = {
@@ -37,10 +37,6 @@ FAMILIES = ["llama", "qwen2", "gemma2", "phi3"]  # gemma2: sliding windows of 8 
 def _no_grad():
     with torch.no_grad():
         yield
-
-
-def plan_for(model, **layers) -> SkipPlan:
-    return SkipPlan.from_layers(NUM_LAYERS, **layers).for_model(model)
 
 
 def left_padded(lengths, seed=0):
