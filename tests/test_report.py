@@ -38,9 +38,16 @@ def results(tiny_folder, tmp_path_factory):
                  ["compare", "--methods", "uniform", "--targets", "1.005", "--sequences", 2, "--length", 16,
                   "--tokens", 48, "--context", 32, "--stride", 16, "--repeats", 1, "--new-tokens", 2]):
         folder = root / args[0]
-        result = run_cli(args[0], tiny_folder, *args[1:], "-o", folder)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("sys.argv", command_argv(args[0]))
+            result = run_cli(args[0], tiny_folder, *args[1:], "-o", folder)
         assert result.exception is None, result.output
     return root
+
+
+def command_argv(command: str) -> list[str]:
+    """What a result file of ``command`` records as the command line that made it (set as sys.argv)."""
+    return ["skiplm", command, "tiny", "--made-by", f"{command} <test>"]
 
 
 def sweep_command() -> str:
@@ -81,7 +88,8 @@ def test_report_is_one_self_contained_page(results, tmp_path):
 
     # the command that made the sweep, escaped; the machine it ran on
     assert sweep_command() in page
-    assert "not recorded" in page  # eval/bench/compare/agree files carry no command
+    for command in ("eval", "bench", "agree", "compare"):  # every result file records its command
+        assert html.escape(shlex.join(command_argv(command)), quote=True) in page
     sweep = json.loads((results / "sweep" / "sweep.json").read_text())
     assert sweep["command"] == shlex.join(SWEEP_ARGV)
     assert html.escape(sweep["machine"]["cpu"]) in page

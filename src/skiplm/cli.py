@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -221,7 +222,6 @@ def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tok
            dtype, device, *, methods, targets, corpus, tokens, context, stride, prompts, limit, agree_tokens, chat,
            calibration_corpus, sequences, length, seed, fresh):
     import datetime
-    import shlex
 
     from .agreement import load_prompts
     from .bench import BenchSettings
@@ -241,7 +241,7 @@ def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tok
     load_prompts(prompts, limit)
     _set_threads(threads)
     hf_model, tokenizer = _load(model, dtype, device)
-    command = shlex.join(["skiplm", *sys.argv[1:]])
+    command = _command_line()
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
@@ -583,6 +583,7 @@ def compare(model, methods, targets, calibration_corpus, eval_corpus, sequences,
                                  bench=settings, progress=status.update)
     result.update({
         "kind": "planner-comparison",
+        "command": _command_line(),
         "model": model,
         "machine": machine_info(device),
         "settings": {"methods": method_list, "targets": target_list, "calibration": corpus_label(calibration_corpus),
@@ -638,7 +639,8 @@ def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, 
             hf_model, tokenizer, prompt_list, plans, new_tokens=new_tokens, batch_size=batch_size, chat=chat,
             source=corpus_label(prompts), check_model=False,
             progress=lambda name, rows: progress.update(task, advance=rows, description=f"generating ({name})"))
-    result = {"kind": result.pop("kind"), "model": model, "machine": machine_info(device), **result}
+    result = {"kind": result.pop("kind"), "command": _command_line(), "model": model, "machine": machine_info(device),
+              **result}
     paths = write_agreement(result, Path(out), model)
     headers, rows = summary_rows(result)
     table = Table(title=f"agreement with the full model's greedy output ({len(prompt_list)} prompts, "
@@ -683,6 +685,11 @@ def lm_eval_command(args):
 
 
 # -- shared by the commands ------------------------------------------------------------------------------------------
+def _command_line() -> str:
+    """The command that is running, as a user would type it (stored in results; `skiplm report` shows it)."""
+    return shlex.join(["skiplm", *sys.argv[1:]])
+
+
 def evaluate_and_report(model, tokenizer, plans, corpora, tokens, context, stride, out: Path, model_name, device):
     from .data import corpus_label, load_corpus
     from .evaluate import compare_perplexity, tokenize_corpus
@@ -698,6 +705,7 @@ def evaluate_and_report(model, tokenizer, plans, corpora, tokens, context, strid
                                                    progress=lambda n: progress.advance(task, n))
     result = {
         "kind": "perplexity",
+        "command": _command_line(),
         "model": model_name,
         "machine": machine_info(device),
         "settings": {"tokens": tokens, "context": context, "stride": stride, "corpora": list(texts)},
@@ -728,6 +736,7 @@ def bench_and_report(model, tokenizer, plans, settings, compare_pruned, out: Pat
                           progress=lambda what: progress.update(task, advance=1, description=f"bench {what}"))
     result = {
         "kind": "speed",
+        "command": _command_line(),
         "model": model_name,
         "machine": machine_info(device),
         "settings": dataclasses.asdict(settings),
