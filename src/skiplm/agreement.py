@@ -316,10 +316,17 @@ def _greedy_batch(model: nn.Module, batch: Sequence[Sequence[int]], new_tokens: 
     for row, prompt in enumerate(batch):  # left padding: every row's last prompt token is at position -1
         ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
         mask[row, width - len(prompt):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    return greedy_decode(model, ids.to(device), mask.to(device), new_tokens, eos_ids, pad_token_id)
+
+
+@torch.inference_mode()
+def greedy_decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, eos_ids: Sequence[int],
+                  pad_token_id: int) -> list[list[int]]:
+    """Plain greedy decoding of left-padded ``ids`` [batch, width] with ``mask`` (1 = token), on the model's device:
+    argmax of the logits, nothing else, with the KV cache; each row ends at its first end-of-sequence token (kept)."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, width]: a row's first real token is at position 0
-    eos = torch.as_tensor(list(eos_ids), device=device)
-    finished = torch.zeros(len(batch), dtype=torch.bool, device=device)
+    eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=ids.device)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     # logits_to_keep=1: only the last position's logits are needed ([batch, 1, vocab], not [batch, width, vocab])
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     steps = []

@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .agreement import greedy_decode
 from .errors import DataError, PlanError
 from .plan import SkipPlan
 from .runtime import SkipHandle, apply
@@ -622,33 +623,9 @@ def plain_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     device = next(model.parameters()).device
     ids = input_ids.to(device)
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device).long()
-    eos = torch.as_tensor(_eos_ids(model, eos_token_id), dtype=torch.long, device=device)
-    pad = pad_token_id if pad_token_id is not None else _pad_id(model, eos)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    steps = []
-    for step in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1)
-        token = torch.where(finished, torch.full_like(token, pad), token)
-        steps.append(token)
-        finished |= torch.isin(token, eos)
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
-                    use_cache=True)
-    eos_list = eos.tolist()
-    result = []
-    for row in torch.stack(steps, dim=1).tolist():
-        kept = []
-        for token in row:
-            kept.append(token)
-            if token in eos_list:
-                break
-        result.append(kept)
-    return result
+    eos = _eos_ids(model, eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else _pad_id(model, torch.as_tensor(eos, dtype=torch.long))
+    return greedy_decode(model, ids, mask, max_new_tokens, eos, pad)
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------------
