@@ -29,6 +29,7 @@ from torch import nn
 from .costs import CostModel
 from .plan import SkipPlan
 from .prune import prune_blocks
+from .policies import apply_policy, is_policy
 from .runtime import apply
 
 
@@ -51,9 +52,10 @@ class Config:
 
     name: str
     model: nn.Module
-    plan: SkipPlan | None = None
+    plan: SkipPlan | None = None  # or an input-adaptive policy (skiplm.policies)
     ideal_decode: float = 1.0
     ideal_prefill: float = 1.0
+    dry_run: bool = False  # a policy that decides but skips nothing: its cost over `full` is the decision overhead
 
 
 @torch.inference_mode()
@@ -92,12 +94,25 @@ def prompt_batch(corpus_ids: torch.Tensor, batch: int, length: int, device) -> t
     return corpus_ids[:needed].view(batch, length).to(device)
 
 
+MLP_PROBE = "static probe: skippable MLPs skipped"
+
+
 def make_configs(model: nn.Module, plans: Mapping[str, SkipPlan], *, compare_pruned: bool) -> list[Config]:
     """The full model, each plan, and (for block-only plans, if asked) a physically pruned copy of the model."""
     costs = CostModel.from_parameter_counts(model)
     configs = [Config("full", model)]
+    probe_added = False
     for name, plan in plans.items():
         plan.check_model(model)
+        if is_policy(plan):
+            # the ideal speedup of a policy depends on the input: it is filled in from what it skipped while timed
+            configs += [Config(name, model, plan), Config(f"{name} (decisions only)", model, plan, dry_run=True)]
+            if not probe_added:
+                probe = SkipPlan.from_layers(plan.num_layers, mlp=plan.skippable)
+                configs.append(Config(MLP_PROBE, model, probe, costs.ideal_speedup(probe.decode),
+                                      costs.ideal_speedup(probe.prefill)))
+                probe_added = True
+            continue
         configs.append(Config(name, model, plan, costs.ideal_speedup(plan.decode), costs.ideal_speedup(plan.prefill)))
         block_only = plan.prefill == plan.decode and set(plan.decode.attention) == set(plan.decode.mlp)
         if compare_pruned and block_only and not plan.decode.is_empty():
@@ -119,6 +134,7 @@ def run_bench(
         inputs[f"prefill_b{batch}"] = prompt_batch(corpus_ids, batch, settings.prompt_tokens, device)
         inputs[f"decode_b{batch}"] = prompt_batch(corpus_ids, batch, settings.decode_prompt_tokens, device)
     samples = {c.name: {m: [] for m in settings.measures()} for c in configs}
+    policy_stats = {c.name: {m: [] for m in settings.measures()} for c in configs if is_policy(c.plan)}
     for round_index in range(settings.warmup + settings.repeats):
         # Interleave at the finest grain (each measure, every config back to back) and alternate the order between
         # rounds, so slow drift of the machine and position in the round fall on every config alike.
@@ -126,7 +142,10 @@ def run_bench(
         for measure in settings.measures():
             ids = inputs[measure]
             for config in order:
-                handle = apply(config.model, config.plan, check_model=False) if config.plan else None
+                if config.dry_run:
+                    handle = apply_policy(config.model, config.plan, check_model=False, dry_run=True)
+                else:
+                    handle = apply(config.model, config.plan, check_model=False) if config.plan else None
                 try:
                     if measure.startswith("prefill"):
                         seconds = time_prefill(config.model, ids)
@@ -137,9 +156,58 @@ def run_bench(
                         handle.remove()
                 if round_index >= settings.warmup:
                     samples[config.name][measure].append(seconds)
+                    if config.name in policy_stats:
+                        phase = "prefill" if measure.startswith("prefill") else "decode"
+                        policy_stats[config.name][measure].append(handle.stats.to_json()[phase])
                 if progress:
                     progress(f"{config.name}: {measure}")
-    return summarize(configs, samples, settings)
+    results = summarize(configs, samples, settings)
+    if policy_stats:
+        account_policies(results, configs, policy_stats, settings)
+    return results
+
+
+def account_policies(results: dict, configs: list[Config], policy_stats: dict, settings: BenchSettings) -> None:
+    """For each policy and measure: what it skipped (MLPs per token), its ideal speedup, and — from the static probe
+    that skips every skippable MLP (the time of one MLP sublayer) and the decisions-only run — the share of the
+    skipped MLPs' time that was actually saved and the per-token cost of deciding."""
+    costs = CostModel.from_parameter_counts(configs[0].model)
+    full = results["full"]
+    for config in sorted(configs, key=lambda c: not c.dry_run):  # decisions-only runs first: the others cite them
+        if config.name not in policy_stats:
+            continue
+        for measure, stats in policy_stats[config.name].items():
+            entry = results[config.name][measure]
+            tokens = _tokens_per_call(measure, settings)
+            skipped = statistics.mean(s["skipped_mlps_per_token"] for s in stats)
+            entry["policy"] = {"skipped_mlps_per_token": skipped,
+                               "mlp_skip_ratio": statistics.mean(s["mlp_skip_ratio"] for s in stats),
+                               "attention_skip_ratio": statistics.mean(s["attention_skip_ratio"] for s in stats)}
+            if config.dry_run:  # it skipped nothing; "skipped" is what it would have skipped
+                overhead = (entry["median_s"] - full[measure]["median_s"]) / tokens
+                entry["policy"]["decision_overhead_s_per_token"] = overhead
+                continue
+            entry["ideal_speedup"] = costs.ideal_speedup_of_skipped_mlps(skipped)
+            probe = results.get(MLP_PROBE, {}).get(measure)
+            if probe is None:
+                continue
+            mlp_s = (full[measure]["median_s"] - probe["median_s"]) / tokens / len(config.plan.skippable)
+            saved = (full[measure]["median_s"] - entry["median_s"]) / tokens
+            entry["policy"].update({
+                "mlp_s": mlp_s,
+                "saved_s_per_token": saved,
+                "skipped_mlp_s_per_token": skipped * mlp_s,
+                "saved_share_of_skipped": saved / (skipped * mlp_s) if skipped * mlp_s > 0 else None,
+            })
+            dry = results.get(f"{config.name} (decisions only)", {}).get(measure, {}).get("policy", {})
+            if "decision_overhead_s_per_token" in dry:
+                entry["policy"]["decision_overhead_s_per_token"] = dry["decision_overhead_s_per_token"]
+
+
+def _tokens_per_call(measure: str, settings: BenchSettings) -> int:
+    """Tokens one timed call processes: batch x prompt length (prefill) or batch x decode steps."""
+    batch = int(measure.split("_b")[1])
+    return batch * (settings.prompt_tokens if measure.startswith("prefill") else settings.new_tokens)
 
 
 def summarize(configs: list[Config], samples: dict, settings: BenchSettings) -> dict:

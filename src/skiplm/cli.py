@@ -43,11 +43,12 @@ def _model_options(function):
 
 
 def _load_plan(path: str | None, model, force: bool):
-    from .plan import SkipPlan
+    """A plan file or a policy file (`skiplm policy`), checked against ``model`` unless ``force``."""
+    from .policies import load_skipper
 
     if path is None:
         return None
-    plan = SkipPlan.load(path)
+    plan = load_skipper(path)
     if not force:
         plan.check_model(model)
     return plan
@@ -134,10 +135,73 @@ def plan(model, method, speedup, skip, latency_ms, max_kl, unit, iterative, corp
     console.print(f"wrote {out}")
 
 
+@cli.command("policy")
+@MODEL_ARGUMENT
+@click.option("--method", required=True, type=click.Choice(["ffn-skip", "lac"]),
+              help="ffn-skip (FFN-SkipLLM: MLP saturation) or lac (L2 Adaptive Computation: residual norm change)")
+@click.option("--skip-ratio", type=float, help="target share of all token-MLPs skipped on the calibration text")
+@click.option("--speedup", type=float,
+              help="target decode speedup at batch 1; the skip ratio comes from a latency model measured now")
+@click.option("--parts", type=click.Choice(["layer", "mlp"]), default="layer", show_default=True,
+              help="lac: what a halted token skips (layer: attention contribution and MLP)")
+@click.option("--window", type=click.IntRange(min=1), default=2, show_default=True,
+              help="ffn-skip: consecutive saturated layers before a token halts")
+@click.option("--protect-first", type=click.IntRange(min=1), default=4, show_default=True,
+              help="first layers that always run")
+@click.option("--protect-last", type=click.IntRange(min=0), default=2, show_default=True,
+              help="last layers that always run")
+@click.option("--warmup", type=click.IntRange(min=0), default=4, show_default=True,
+              help="the first N positions of a sequence always run every layer")
+@click.option("--prefill", type=click.Choice(["same", "full"]), default="same", show_default=True,
+              help="prefill uses the same threshold, or runs every layer")
+@click.option("--corpus", default="gsm8k", show_default=True, help="calibration text: gsm8k, pydoc, or a text file")
+@click.option("--sequences", default=4, show_default=True, type=click.IntRange(min=1), help="calibration sequences")
+@click.option("--length", default=256, show_default=True, type=click.IntRange(min=2), help="tokens per sequence")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="policy file to write (JSON)")
+@_model_options
+def policy_command(model, method, skip_ratio, speedup, parts, window, protect_first, protect_last, warmup, prefill,
+                   corpus, sequences, length, out, dtype, device):
+    """Calibrate an input-adaptive skipping policy for MODEL and save it.
+
+    The threshold is set so that the policy skips --skip-ratio of all token-MLPs on the calibration text (or the
+    ratio a measured latency model says reaches --speedup). Use the file with `generate --policy`, `eval --policy`,
+    `bench --policy`, `agree --policy`.
+    """
+    from .errors import PlanError
+    from .latency import LatencyModel
+    from .planners import load_calibration
+    from .policies import calibrate, skip_ratio_for_speedup
+
+    if (skip_ratio is None) == (speedup is None):
+        raise PlanError("give exactly one of --skip-ratio (e.g. 0.25) or --speedup (e.g. 1.2).")
+    settings = {"protect_first": protect_first, "protect_last": protect_last, "warmup": warmup}
+    settings.update({"window": window} if method == "ffn-skip" else {"parts": parts})
+    hf_model, tokenizer = _load(model, dtype, device)
+    calibration = load_calibration(tokenizer, corpus, sequences, length)
+    start = time.perf_counter()
+    latency = None
+    if speedup is not None:
+        with console.status("measuring the latency of the MLP sublayers on this device"):
+            latency = LatencyModel.measure(hf_model)
+        skip_ratio = skip_ratio_for_speedup(latency, latency.num_layers, speedup)
+    with _progress() as progress:
+        task = progress.add_task(f"calibrating {method}", total=None)
+        policy = calibrate(hf_model, method, calibration, skip_ratio, prefill=prefill,
+                           progress=lambda done, total: progress.update(task, completed=done, total=total), **settings)
+    policy.provenance.update({"corpus": calibration.source, "sequences": sequences, "length": length,
+                              "model_name": model, "seconds": time.perf_counter() - start})
+    if latency is not None:
+        policy.provenance.update({"target_speedup": speedup, "latency": latency.to_json()})
+    policy.save(out)
+    console.print(f"{policy.describe()} ({time.perf_counter() - start:.1f} s)")
+    console.print(f"wrote {out}")
+
+
 @cli.command("eval")
 @MODEL_ARGUMENT
-@click.option("--plan", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="plan file (repeat for several); the full model is always evaluated too")
+@click.option("--plan", "--policy", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="plan file (skiplm plan) or policy file (skiplm policy); repeat for several; the full model is "
+                   "always evaluated too")
 @click.option("--corpus", "corpora", multiple=True, default=("gsm8k",), show_default=True,
               help="gsm8k, pydoc, or a text file (repeatable)")
 @click.option("--tokens", default=16384, show_default=True, help="tokens scored per corpus")
@@ -315,7 +379,7 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 
 @cli.command()
 @MODEL_ARGUMENT
-@click.option("--plan", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--plan", "--policy", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="plan file (repeat for several); the full model is always measured too")
 @click.option("--batch-sizes", default="1,8", show_default=True)
 @click.option("--prompt-tokens", default=256, show_default=True, help="prefill length")
@@ -372,10 +436,13 @@ def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_toke
 @click.option("--max-draft", type=click.IntRange(min=1), default=6, show_default=True,
               help="--speculative: most tokens drafted per round (fewer when the draft is unsure)")
 @click.option("--draft-dtype", help="--speculative: draft with a copy of the weights in this dtype, e.g. bfloat16")
+@click.option("--policy", "policy_path", help="input-adaptive policy file made by `skiplm policy` (ffn-skip, lac)")
+@click.option("--activation-map", type=click.Path(dir_okay=False),
+              help="--policy: write which layers ran for which tokens to this PNG (and a JSON next to it)")
 @click.option("--force", is_flag=True, help="apply the plan even if made for other weights")
 @_model_options
 def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p, top_k, seed, speculative, max_draft,
-             draft_dtype, force, dtype, device):
+             draft_dtype, policy_path, activation_map, force, dtype, device):
     """Generate text with MODEL (under a plan if given, or speculatively with --speculative), streaming to stdout."""
     import torch
     from transformers import TextStreamer
@@ -385,8 +452,17 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
 
     if not prompt.strip():
         raise DataError("the prompt is empty: pass some text with --prompt.")
+    policy = None
+    if policy_path is not None:
+        policy = _policy_file(policy_path, plan_path, speculative)
+    elif activation_map:
+        raise PlanError("--activation-map records what a --policy decided; give a --policy.")
     hf_model, tokenizer = _load(model, dtype, device)
     skip_plan = _load_plan(plan_path, hf_model, force)
+    if policy is not None:
+        if not force:
+            policy.check_model(hf_model)
+        skip_plan = policy
     if chat and tokenizer.chat_template:
         inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                return_tensors="pt", return_dict=True)
@@ -417,7 +493,13 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
     if temperature > 0 and top_k:
         sampling["top_k"] = top_k
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    handle = apply(hf_model, skip_plan, check_model=False) if skip_plan else None
+    handle = None
+    if policy is not None:
+        from .policies import apply_policy
+
+        handle = apply_policy(hf_model, policy, check_model=False, record=bool(activation_map))
+    elif skip_plan is not None:
+        handle = apply(hf_model, skip_plan, check_model=False)
     try:
         start = time.perf_counter()
         output = hf_model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
@@ -427,8 +509,45 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
         if handle:
             handle.remove()
     new = output.shape[1] - inputs["input_ids"].shape[1]
-    console.print(f"[dim]{new} tokens in {elapsed:.2f} s ({new / elapsed:.1f} tokens/s, including prefill)"
-                  f"{'; plan: ' + skip_plan.describe() if skip_plan else ''}[/dim]")
+    what = f"; {'policy' if policy else 'plan'}: {skip_plan.describe()}" if skip_plan else ""
+    console.print(f"[dim]{new} tokens in {elapsed:.2f} s ({new / elapsed:.1f} tokens/s, including prefill){what}[/dim]")
+    if policy is not None:
+        stats = handle.stats.to_json()
+        console.print("[dim]" + "; ".join(f"{phase}: {s['mlp_skip_ratio']:.0%} of MLPs skipped"
+                                          + (f", {s['attention_skip_ratio']:.0%} of attention contributions dropped"
+                                             if policy.skips_attention else "")
+                                          for phase, s in stats.items()) + "[/dim]")
+        if activation_map:
+            _write_activation_map(handle, activation_map, model)
+
+
+def _policy_file(path: str, plan_path: str | None, speculative: bool):
+    from .errors import PlanError
+    from .policies import POLICIES, is_policy, load_skipper
+
+    if plan_path is not None or speculative:
+        raise PlanError("--policy runs the model under an input-adaptive policy; it does not combine with --plan or "
+                        "--speculative.")
+    if not Path(path).is_file():
+        hint = (f" `{path}` is a policy method: calibrate one for this model first, e.g. `skiplm policy --method "
+                f"{path} --skip-ratio 0.25 -o {path}.json`." if path in POLICIES else "")
+        raise PlanError(f"policy file {path} does not exist.{hint}")
+    policy = load_skipper(path)
+    if not is_policy(policy):
+        raise PlanError(f"{path} is a skip plan, not a policy: pass it with --plan.")
+    return policy
+
+
+def _write_activation_map(handle, path: str, model_name: str) -> None:
+    from .policies import activation_summary, plot_activation_maps
+    from .reporting import write_json
+
+    png = plot_activation_maps(handle.maps, handle.policy.num_layers, path, f"{model_name}: {handle.policy.method}")
+    summary = {"kind": "activation-map", "command": _command_line(), "model": model_name,
+               "policy": handle.policy.to_json(), "stats": handle.stats.to_json(),
+               "activations": activation_summary(handle.maps, handle.policy.num_layers)}
+    write_json(png.with_suffix(".json"), summary)
+    console.print(f"wrote {png} and {png.with_suffix('.json')}")
 
 
 @cli.command("analyze")
@@ -486,8 +605,14 @@ def export(model, plan_path, out, zero_sublayers, force, dtype, device):
     """Save MODEL with a plan baked in, as a checkpoint vanilla transformers loads (skipped blocks deleted)."""
     from .export import export_pruned
 
+    from .errors import PlanError
+    from .policies import is_policy
+
     hf_model, tokenizer = _load(model, dtype, device)
     skip_plan = _load_plan(plan_path, hf_model, force)
+    if is_policy(skip_plan):
+        raise PlanError(f"{plan_path} is an input-adaptive policy: which layers run depends on each token, so there is "
+                        "no fixed set of layers to delete. Export a static plan (skiplm plan).")
     folder = export_pruned(hf_model, skip_plan, out, tokenizer=tokenizer, zero_sublayers=zero_sublayers,
                            check_model=False)
     console.print(f"wrote {folder}: {skip_plan.describe()}; load it with "
@@ -607,7 +732,7 @@ def compare(model, methods, targets, calibration_corpus, eval_corpus, sequences,
 
 @cli.command()
 @MODEL_ARGUMENT
-@click.option("--plan", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--plan", "--policy", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="plan file (repeat for several); the full model always generates the reference")
 @click.option("--prompts", default="gsm8k", show_default=True,
               help="gsm8k (the shipped test questions), or a file: one prompt per line, or JSON Lines with a "
@@ -726,7 +851,8 @@ def bench_and_report(model, tokenizer, plans, settings, compare_pruned, out: Pat
     from .bench import make_configs, run_bench, total_work
     from .data import load_corpus
     from .evaluate import tokenize_corpus
-    from .reporting import machine_info, markdown_table, plot_speedups, settings_line, speed_rows, write_json
+    from .reporting import (machine_info, markdown_table, plot_speedups, policy_rows, settings_line, speed_rows,
+                            write_json)
 
     corpus_ids = tokenize_corpus(tokenizer, load_corpus("gsm8k"), 8 * max(settings.prompt_tokens, settings.decode_prompt_tokens))
     configs = make_configs(model, plans, compare_pruned=compare_pruned)
@@ -745,10 +871,17 @@ def bench_and_report(model, tokenizer, plans, settings, compare_pruned, out: Pat
     }
     write_json(out / "bench.json", result)
     headers, rows = speed_rows(speed, result["settings"])
+    policy_headers, policy_table = policy_rows(speed, result["settings"])
+    policy_text = ""
+    if policy_table:
+        policy_text = ("\n## Input-adaptive policies\n\nMLP time: (full - static probe) / skippable layers, per token. "
+                       "Saved: (full - policy) per token. Decision overhead: (decisions only - full) per token.\n\n"
+                       + markdown_table(policy_headers, policy_table))
     (out / "bench.md").write_text(
         f"# Speed, {model_name}\n\n{result['machine']['cpu']}, {result['machine']['torch_threads']} threads, "
         f"torch {result['machine']['torch']}; medians of {settings.repeats} interleaved rounds after "
-        f"{settings.warmup} warm-up. {settings_line(result['settings'])}.\n\n" + markdown_table(headers, rows) + "\n![speedups](bench.png)\n")
+        f"{settings.warmup} warm-up. {settings_line(result['settings'])}.\n\n" + markdown_table(headers, rows)
+        + policy_text + "\n![speedups](bench.png)\n")
     if len(configs) > 1:
         plot_speedups(speed, result["settings"], out / "bench.png", f"{model_name}: measured vs ideal speedup")
     return result

@@ -135,8 +135,7 @@ def evaluate_points(
         if point.plan is not None:
             if progress:
                 progress(f"evaluating {point.method} @ {point.target}")
-            teacher_forced = dataclasses.replace(point.plan, prefill=point.plan.decode)
-            with apply(model, teacher_forced, check_model=False):
+            with apply(model, point.plan.teacher_forced(), check_model=False):
                 row["perplexity"] = perplexity(model, eval_ids, context=context, stride=stride).perplexity
             speed = run_bench([Config("full", model), Config("plan", model, point.plan)], corpus_ids, bench)
             row["decode_speedup"] = speed["plan"]["decode_b1"]["speedup"]

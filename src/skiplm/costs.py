@@ -45,3 +45,7 @@ class CostModel:
 
     def ideal_speedup(self, skips: SkipSet) -> float:
         return self.total / self.kept(skips)
+
+    def ideal_speedup_of_skipped_mlps(self, per_token: float) -> float:
+        """Ideal speedup of skipping ``per_token`` MLP sublayers per token on average (an input-adaptive policy)."""
+        return self.total / (self.total - per_token * sum(self.mlp) / len(self.mlp))

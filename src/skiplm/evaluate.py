@@ -104,10 +104,10 @@ def compare_perplexity(
     """Perplexity under each plan (``None`` = the full model), same tokens, same windows."""
     results = {}
     for name, plan in plans.items():
-        if plan is None or plan.decode.is_empty():
+        teacher_forced = None if plan is None else plan.teacher_forced()
+        if teacher_forced is None or teacher_forced.is_empty():
             results[name] = perplexity(model, ids, context=context, stride=stride, progress=progress)
             continue
-        teacher_forced = dataclasses.replace(plan, prefill=plan.decode)
         with apply(model, teacher_forced):
             results[name] = perplexity(model, ids, context=context, stride=stride, progress=progress)
     return results

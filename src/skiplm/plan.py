@@ -254,6 +254,10 @@ class SkipPlan:
     def is_empty(self) -> bool:
         return self.prefill.is_empty() and self.decode.is_empty()
 
+    def teacher_forced(self) -> SkipPlan:
+        """The plan for scoring text in one forward (perplexity): every token is treated as decode treats it."""
+        return dataclasses.replace(self, prefill=self.decode)
+
     def describe(self) -> str:
         decode = self.decode.describe(self.num_layers)
         if self.prefill == self.decode:
@@ -262,26 +266,7 @@ class SkipPlan:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`PlanMismatchError` unless this plan was made for ``model`` (a different dtype is fine)."""
-        identity = model_identity(model)
-        if identity.num_layers != self.num_layers:
-            raise PlanMismatchError(
-                f"this plan covers {self.num_layers} layers but the model has {identity.num_layers}: it was made for "
-                f"another model{_named(self.model)}. Make a plan for this model with `skiplm plan`."
-            )
-        if self.model is None:
-            return
-        if identity.model_type != self.model.model_type or identity.fingerprint != self.model.fingerprint:
-            raise PlanMismatchError(
-                f"this plan was made for a different model{_named(self.model)} ({self.model.model_type}, parameter "
-                f"fingerprint {self.model.fingerprint}); this model is {identity.model_type}, fingerprint "
-                f"{identity.fingerprint}. Make a plan for this model with `skiplm plan`."
-            )
-        if not _close(identity.weight_samples, self.model.weight_samples):
-            raise PlanMismatchError(
-                f"this plan was made for a model with the same shapes but different weights{_named(self.model)} (a "
-                "fine-tune or another checkpoint). Layer importance depends on the weights: make a plan for this "
-                "model with `skiplm plan`, or pass check_model=False / --force if you are sure."
-            )
+        check_made_for(model, self.num_layers, self.model, what="plan", remedy="Make a plan for this model with `skiplm plan`")
 
     # -- files ---------------------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -356,6 +341,31 @@ class SkipPlan:
             return cls.from_json(data)
         except PlanError as exc:
             raise PlanError(f"{path}: {exc}") from None
+
+
+def check_made_for(model: nn.Module, num_layers: int, expected: ModelIdentity | None, *, what: str, remedy: str) -> None:
+    """Raise :class:`PlanMismatchError` unless a ``what`` (plan, policy) covering ``num_layers`` layers and made for
+    the model ``expected`` fits ``model``; ``remedy`` says how to make one that does."""
+    identity = model_identity(model)
+    if identity.num_layers != num_layers:
+        raise PlanMismatchError(
+            f"this {what} covers {num_layers} layers but the model has {identity.num_layers}: it was made for "
+            f"another model{_named(expected)}. {remedy}."
+        )
+    if expected is None:
+        return
+    if identity.model_type != expected.model_type or identity.fingerprint != expected.fingerprint:
+        raise PlanMismatchError(
+            f"this {what} was made for a different model{_named(expected)} ({expected.model_type}, parameter "
+            f"fingerprint {expected.fingerprint}); this model is {identity.model_type}, fingerprint "
+            f"{identity.fingerprint}. {remedy}."
+        )
+    if not _close(identity.weight_samples, expected.weight_samples):
+        raise PlanMismatchError(
+            f"this {what} was made for a model with the same shapes but different weights{_named(expected)} (a "
+            f"fine-tune or another checkpoint). Which layers matter depends on the weights: {remedy[0].lower()}{remedy[1:]}, "
+            "or pass check_model=False / --force if you are sure."
+        )
 
 
 def provenance(method: str, **fields: Any) -> dict[str, Any]:

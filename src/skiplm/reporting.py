@@ -85,6 +85,29 @@ def speed_rows(speed: dict, settings: dict) -> tuple[list[str], list[list[str]]]
     return headers, rows
 
 
+def policy_rows(speed: dict, settings: dict) -> tuple[list[str], list[list[str]]]:
+    """Per input-adaptive policy and measure: what it skipped, what that saved, what deciding cost."""
+    headers = ["policy", "measure", "MLPs skipped / token", "MLP time (probe)", "saved / token",
+               "saved / skipped MLP time", "decision overhead / token"]
+    rows = []
+    for name, measures in speed.items():
+        for measure, r in measures.items():
+            policy = r.get("policy")
+            if policy is None or name.endswith("(decisions only)"):
+                continue
+            share = policy.get("saved_share_of_skipped")
+            rows.append([
+                name, measure_label(measure, settings), f"{policy['skipped_mlps_per_token']:.2f}",
+                _us(policy.get("mlp_s")), _us(policy.get("saved_s_per_token")),
+                "-" if share is None else f"{share:.2f}", _us(policy.get("decision_overhead_s_per_token")),
+            ])
+    return headers, rows
+
+
+def _us(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e6:.0f} us"
+
+
 def plot_speedups(speed: dict, settings: dict, path: Path, title: str) -> Path:
     """Grouped bars: measured speedup of every non-full configuration per measure, ideal speedup as a tick."""
     import matplotlib

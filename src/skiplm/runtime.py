@@ -171,14 +171,21 @@ class SkipHandle:
         return forward
 
 
-def apply(model: nn.Module, plan: SkipPlan, *, check_model: bool = True) -> SkipHandle:
+def apply(model: nn.Module, plan, *, check_model: bool = True):
     """Apply ``plan`` to ``model`` until the returned handle is removed (or its ``with`` block ends).
 
     While applied, ``model(...)`` and ``model.generate(...)`` run with the plan: greedy or sampling, batched with
     padding, KV cache on. ``check_model=False`` skips the check that the plan was made for this model's weights.
+    ``plan`` may also be an input-adaptive policy (:mod:`skiplm.policies`); it returns a
+    :class:`~skiplm.policies.PolicyHandle` then.
     """
+    from .policies import apply_policy, is_policy
+
+    if is_policy(plan):
+        return apply_policy(model, plan, check_model=check_model)
     if not isinstance(plan, SkipPlan):
-        raise PlanError(f"apply() needs a SkipPlan, got {type(plan).__name__}; load one with SkipPlan.load(path).")
+        raise PlanError(f"apply() needs a SkipPlan or a policy, got {type(plan).__name__}; load one with "
+                        "skiplm.policies.load_skipper(path).")
     if getattr(model, _HANDLE_ATTRIBUTE, None) is not None:
         raise PlanError(
             "this model already has a skip plan applied; remove it first (handle.remove() or leave its `with` block)."

@@ -1,0 +1,304 @@
+"""Input-adaptive policies (ffn-skip, lac): exactness when nothing is skipped, per-token execution against static
+plans, the KV cache against full recomputation, calibration, files and maps."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import skiplm
+from skiplm.errors import PlanError, PlanMismatchError
+from skiplm.policies import (
+    FFNSkip,
+    HaltingPolicy,
+    LAC,
+    activation_summary,
+    apply_policy,
+    calibrate,
+    load_skipper,
+    make_policy,
+    measure_skip_ratio,
+    plot_activation_maps,
+    skip_ratio_for_speedup,
+)
+
+from conftest import FAMILIES, NUM_LAYERS, VOCAB, cached_tiny_model, plan_for, run_cli
+
+LAYERS = 8  # deeper than the default tiny model, so there is room between the protected layers
+
+
+def deep_model(family: str):
+    return cached_tiny_model(family, num_layers=LAYERS)
+
+
+def batch_ids(rows: int = 2, length: int = 14, seed: int = 3) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def skipping(method: str, **settings) -> HaltingPolicy:
+    """A policy that skips a fair share of sublayers on the tiny models (thresholds found by hand)."""
+    threshold = {"ffn-skip": 0.3, "lac": 0.3}[method]
+    defaults = dict(protect_first=2, protect_last=1, warmup=2)
+    return make_policy(method, LAYERS, threshold, **{**defaults, **settings})
+
+
+def never_skipping(method: str) -> HaltingPolicy:
+    return make_policy(method, LAYERS, 1.5 if method == "ffn-skip" else 0.0, protect_first=2, protect_last=1)
+
+
+@dataclasses.dataclass
+class FixedMasks(HaltingPolicy):
+    """A test policy that runs given per-token masks: ``masks[part][layer]`` is a [batch, tokens] bool tensor."""
+
+    masks: dict = dataclasses.field(default_factory=dict)
+    attention: bool = False
+
+    @property
+    def skips_attention(self):  # type: ignore[override]
+        return self.attention
+
+    def run_mask(self, layer, part):
+        return self.masks.get(part, {}).get(layer)
+
+    def observe(self, *args):
+        pass
+
+
+# -- the oracle: nothing skipped is the full model ------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["ffn-skip", "lac"])
+def test_policy_that_never_skips_is_the_full_model(family, method):
+    model, ids = deep_model(family), batch_ids()
+    reference = model(ids).logits
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False)
+    with apply_policy(model, never_skipping(method), check_model=False) as handle:
+        assert torch.equal(model(ids).logits, reference)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected)
+    assert handle.stats.mlp_skip_ratio("prefill") == 0.0
+    assert handle.stats.mlp_skip_ratio("decode") == 0.0
+
+
+@pytest.mark.parametrize("method", ["ffn-skip", "lac"])
+def test_dry_run_decides_but_computes_the_full_model(method):
+    model, ids = deep_model("llama"), batch_ids()
+    reference = model(ids).logits
+    with apply_policy(model, skipping(method), check_model=False, dry_run=True) as handle:
+        assert torch.equal(model(ids).logits, reference)
+    assert handle.stats.mlp_skip_ratio("prefill") > 0.1  # it would have skipped these
+
+
+def test_skipping_policies_change_the_output():
+    model, ids = deep_model("llama"), batch_ids()
+    reference = model(ids).logits
+    for method in ("ffn-skip", "lac"):
+        with apply_policy(model, skipping(method), check_model=False) as handle:
+            logits = model(ids).logits
+        assert handle.stats.mlp_skip_ratio("prefill") > 0.1
+        assert not torch.allclose(logits, reference, atol=1e-3)
+
+
+# -- per-token execution against static plans ---------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("part", ["mlp", "attention"])
+def test_per_token_skips_match_static_plans_row_by_row(family, part):
+    """Row 0 skips ``part`` of layers 2 and 4 for every token, row 1 runs everything: row 0 must equal the static
+    plan on that row alone, row 1 the full model (the gather / scatter path with a mixed mask)."""
+    model, ids = deep_model(family), batch_ids()
+    mask = torch.tensor([[False] * ids.shape[1], [True] * ids.shape[1]])
+    policy = FixedMasks(LAYERS, {"prefill": 0.0}, protect_first=1, protect_last=1,
+                        masks={part: {2: mask, 4: mask}}, attention=part == "attention")
+    with apply_policy(model, policy, check_model=False) as handle:
+        logits = model(ids).logits
+    plan = skiplm.SkipPlan.from_layers(LAYERS, **{part: [2, 4]})
+    with skiplm.apply(model, plan, check_model=False):
+        planned_row = model(ids[:1]).logits
+    full_row = model(ids[1:]).logits
+    torch.testing.assert_close(logits[:1], planned_row, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1:], full_row, atol=1e-5, rtol=1e-5)
+    stats = handle.stats
+    skipped = 2 * ids.shape[1]  # two layers, one row
+    if part == "mlp":
+        assert stats.mlp_total["prefill"] - stats.mlp_run["prefill"] == skipped
+    else:
+        assert stats.attention_total["prefill"] - stats.attention_run["prefill"] == skipped
+
+
+# -- the KV cache: cached decoding == recomputation with the same decisions ---------------------------------------------
+def replay(policy: HaltingPolicy, maps) -> FixedMasks:
+    """The decisions recorded in ``maps`` (one prefill, then decode steps) as masks over the whole sequence."""
+    masks = {}
+    for part in ("mlp", "attention"):
+        grids = torch.cat([m.grid(part, LAYERS) for m in maps], dim=2)  # [layers, batch, all tokens]
+        masks[part] = {layer: grids[layer] for layer in policy.skippable}
+    return FixedMasks(LAYERS, {"prefill": 0.0}, protect_first=policy.protect_first,
+                      protect_last=policy.protect_last, masks=masks, attention=policy.skips_attention)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,parts", [("ffn-skip", None), ("lac", "layer"), ("lac", "mlp")])
+def test_cached_decoding_equals_recomputation(family, method, parts):
+    """Decode with the KV cache under a policy that skips per token (for lac "layer", attention contributions too),
+    record every decision, then recompute the whole sequence without a cache applying the same decisions: the
+    logits of every generated position agree. A token that skipped attention wrote its keys and values."""
+    model, ids = deep_model(family), batch_ids(rows=1, length=10)
+    settings = {"parts": parts} if parts else {}
+    policy = skipping(method, **settings)
+    with apply_policy(model, policy, check_model=False, record=True) as handle:
+        out = model(ids, use_cache=True)
+        cache, logits, sequence = out.cache, [out.logits[:, -1]], ids
+        for _ in range(8):
+            token = logits[-1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, token], dim=1)
+            out = model(token, cache=cache, use_cache=True)
+            cache = out.cache
+            logits.append(out.logits[:, -1])
+    decode = handle.stats.to_json()["decode"]
+    assert decode["mlp_skip_ratio"] > 0, "the test needs decode steps that skip"
+    if parts == "layer":
+        assert decode["attention_skip_ratio"] > 0
+    with apply_policy(model, replay(policy, handle.maps), check_model=False):
+        recomputed = model(sequence).logits[0, ids.shape[1] - 1:]
+    torch.testing.assert_close(torch.cat(logits), recomputed, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_generation_with_a_policy_runs_and_counts_every_row():
+    model, ids = deep_model("qwen2"), batch_ids(rows=3)
+    with apply_policy(model, skipping("ffn-skip"), check_model=False) as handle:
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (3, ids.shape[1] + 5)
+    assert handle.stats.tokens["decode"] == 3 * 4
+
+
+# -- the decision rules, on hand-made residual streams -------------------------------------------------------------------
+def test_ffn_skip_halts_after_window_saturated_layers_and_not_before():
+    policy = FFNSkip(10, {"prefill": 0.9, "decode": 0.9}, protect_first=2, protect_last=2, warmup=0, window=2)
+    policy.begin("prefill", 1, 2, 0, torch.device("cpu"))
+    x = torch.ones(1, 2, 4)
+    moved = torch.tensor([[[1.0, 1, 1, 1], [1, -1, 1, -1]]])  # token 0: cos 1 (saturated); token 1: cos 0
+    for layer in range(2):
+        policy.observe(layer, x, x, moved)
+    assert policy.run_mask(1, "mlp") is None  # layer 1 is protected
+    assert policy.run_mask(2, "mlp").tolist() == [[False, True]]  # token 0 saturated twice: skips; token 1 runs
+    assert policy.run_mask(2, "attention") is None  # ffn-skip never skips attention
+    assert policy.run_mask(8, "mlp") is None  # the last two layers are protected
+
+
+def test_ffn_skip_warmup_tokens_never_halt():
+    policy = FFNSkip(10, {"prefill": 0.5, "decode": 0.5}, protect_first=2, protect_last=2, warmup=3, window=1)
+    policy.begin("prefill", 1, 5, 0, torch.device("cpu"))
+    x = torch.ones(1, 5, 4)
+    policy.observe(0, x, x, x)
+    policy.observe(1, x, x, x)
+    assert policy.run_mask(2, "mlp").tolist() == [[True, True, True, False, False]]
+
+
+def test_lac_halts_when_the_norm_change_falls_under_alpha_of_the_range():
+    policy = LAC(10, {"prefill": 0.5, "decode": 0.5}, protect_first=3, protect_last=1, warmup=0)
+    policy.begin("prefill", 1, 2, 0, torch.device("cpu"))
+    norms = [[1.0, 1.0], [11.0, 11.0], [12.0, 12.0], [13.0, 20.0]]  # changes: 10, 1, then 1 (token 0) / 8 (token 1)
+    states = [torch.tensor(n).view(1, 2, 1) * torch.tensor([1.0, 0, 0, 0]) for n in norms]
+    for layer in range(3):
+        policy.observe(layer, states[layer], None, states[layer + 1])
+    # earlier range: 10 - 1 = 9; alpha 0.5 -> 4.5. Token 0 changed by 1 (< 4.5): halts. Token 1 by 8: runs.
+    assert policy.run_mask(3, "mlp").tolist() == [[False, True]]
+    assert policy.run_mask(3, "attention").tolist() == [[False, True]]
+    assert LAC(10, {"decode": 0.5}, parts="mlp").skips_attention is False
+
+
+def test_one_token_decisions_equal_batched_decisions():
+    """Batch-1 decode keeps its state in Python numbers; it must decide as the tensor path does."""
+    model, ids = deep_model("llama"), batch_ids(rows=1, length=12)
+    for method in ("ffn-skip", "lac"):
+        policy = skipping(method, warmup=0)
+        with apply_policy(model, policy, check_model=False, record=True) as handle:
+            cache = model(ids[:, :6], use_cache=True).cache
+            for position in range(6, 12):
+                cache = model(ids[:, position:position + 1], cache=cache, use_cache=True).cache
+        stepwise = torch.cat([m.grid("mlp", LAYERS) for m in handle.maps], dim=2)
+        with apply_policy(model, policy, check_model=False, record=True) as batched:
+            model(ids)
+        assert torch.equal(stepwise, batched.maps[0].grid("mlp", LAYERS)), method
+
+
+# -- calibration, files, errors ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["ffn-skip", "lac"])
+def test_calibration_reaches_the_requested_skip_ratio(method):
+    model = deep_model("llama")
+    batches = [batch_ids(rows=1, length=48, seed=s) for s in range(2)]
+    policy = calibrate(model, method, batches, 0.3, protect_first=2, protect_last=1)
+    measured = measure_skip_ratio(model, policy, batches)
+    assert measured == pytest.approx(policy.provenance["calibrated_skip_ratio"])
+    assert abs(measured - 0.3) < 0.05
+    assert policy.model is not None  # stamped for the model it was calibrated on
+
+
+def test_calibration_refuses_an_unreachable_ratio():
+    with pytest.raises(PlanError, match="out of reach"):
+        calibrate(deep_model("llama"), "ffn-skip", [batch_ids()], 0.9, protect_first=2, protect_last=1)
+
+
+def test_skip_ratio_for_speedup_follows_the_latency_model():
+    from skiplm.latency import LatencyModel
+
+    latency = LatencyModel(fixed_s=0.010, attention_s=0.0005, mlp_s=0.001, num_layers=20, batch_size=1, context=64)
+    ratio = skip_ratio_for_speedup(latency, 20, 1.25)
+    # skipping ratio * 20 MLPs saves ratio * 20 ms of a 40 ms step
+    assert latency.full_s / (latency.full_s - ratio * 20 * latency.mlp_s) == pytest.approx(1.25)
+
+
+def test_policy_file_round_trip_and_dispatch(tmp_path):
+    model = deep_model("llama")
+    policy = skipping("lac", parts="mlp").for_model(model)
+    path = policy.save(tmp_path / "lac.json")
+    loaded = load_skipper(path)
+    assert isinstance(loaded, LAC) and loaded.settings() == policy.settings() and loaded.model == policy.model
+    plan_path = plan_for(cached_tiny_model("llama"), blocks=[1]).save(tmp_path / "plan.json")
+    assert isinstance(load_skipper(plan_path), skiplm.SkipPlan)
+
+
+def test_policy_for_another_model_is_refused():
+    policy = skipping("ffn-skip").for_model(deep_model("llama"))
+    with pytest.raises(PlanMismatchError, match="skiplm policy"):
+        skiplm.apply(deep_model("qwen2"), policy)
+    with pytest.raises(PlanMismatchError, match="layers"):
+        skiplm.apply(cached_tiny_model("llama"), policy)  # 5 layers, policy for 8
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"thresholds": {"decode": "high"}}, "number"),
+    ({"thresholds": {"later": 0.5}}, "per phase"),
+    ({"thresholds": {"decode": 0.5}, "protect_first": 4, "protect_last": 4}, "protect every"),
+    ({"thresholds": {"decode": 0.5}, "speed": 3}, "unknown"),
+])
+def test_malformed_policy_files_are_explained(tmp_path, bad, match):
+    data = {"format": "skiplm.policy", "schema_version": 1, "method": "ffn-skip", "num_layers": LAYERS,
+            "settings": bad, "model": None}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=match):
+        load_skipper(path)
+
+
+def test_a_plan_and_a_policy_cannot_both_be_applied():
+    model = deep_model("llama")
+    with skiplm.apply(model, skiplm.SkipPlan.from_layers(LAYERS, blocks=[3]), check_model=False):
+        with pytest.raises(PlanError, match="already"):
+            apply_policy(model, skipping("lac"), check_model=False)
+
+
+def test_activation_maps_summary_and_plot(tmp_path):
+    model, ids = deep_model("llama"), batch_ids(rows=1)
+    with apply_policy(model, skipping("lac"), check_model=False, record=True) as handle:
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    summary = activation_summary(handle.maps, LAYERS)
+    assert set(summary) == {"prefill", "decode"}
+    prefill = summary["prefill"]
+    assert prefill["tokens"] == ids.shape[1]
+    assert prefill["mlp_active_by_layer"][0] == 1.0  # protected
+    skipped = sum(1 - share for share in prefill["mlp_active_by_layer"]) * prefill["tokens"]
+    assert skipped == pytest.approx(handle.stats.mlp_total["prefill"] - handle.stats.mlp_run["prefill"])
+    path = plot_activation_maps(handle.maps, LAYERS, tmp_path / "map.png", "lac")
+    assert path.stat().st_size > 1000
