@@ -210,3 +210,30 @@ def test_an_unreachable_target_is_a_finished_point_with_an_error(tiny_folder, tm
     assert unreachable["target"] == 5.0 and "out of reach" in unreachable["error"]
     assert speed.calls == 2  # the full model and uniform @ 1.005; nothing to time for 5x
     assert "not planned" in (tmp_path / "sweep.md").read_text()
+
+
+def test_policies_are_swept_like_plans(tiny_folder, tmp_path, monkeypatch):
+    """ffn-skip and lac points: calibrated per target to the skip ratio a latency model gives (fixed here: timing
+    the tiny model would be noise), saved as policy files, measured like plans, with what they skipped recorded."""
+    from skiplm.latency import LatencyModel
+    from skiplm.policies import HaltingPolicy, load_skipper
+
+    fixed = LatencyModel(fixed_s=0.004, attention_s=0.0005, mlp_s=0.001, num_layers=4, batch_size=1, context=64)
+    monkeypatch.setattr(LatencyModel, "measure", classmethod(lambda cls, model, **kw: fixed))
+    result = sweep(tiny_folder, tmp_path, methods="ffn-skip,lac", targets="1.1,3")
+    assert result.exception is None, result.output
+    points = json.loads((tmp_path / "sweep.json").read_text())["points"]
+    by_key = {(p["method"], p["target"]): p for p in points}
+    assert "out of reach" in by_key[("lac", 3.0)]["error"]  # more MLPs than the unprotected layers have
+    for method in ("ffn-skip", "lac"):
+        point = by_key[(method, 1.1)]
+        assert point["error"] is None
+        policy = load_skipper(tmp_path / point["plan_file"])
+        assert isinstance(policy, HaltingPolicy) and policy.method == method
+        # the ratio for 1.1x by the fixed latency model: (1 - 1/1.1) * 10 ms step / (4 layers * 1 ms per MLP)
+        assert policy.provenance["target_skip_ratio"] == pytest.approx((1 - 1 / 1.1) * 10 / 4)
+        decode = point["speed"]["plan"]["decode_b1"]
+        assert decode["policy"]["skipped_mlps_per_token"] >= 0 and decode["ideal_speedup"] >= 1.0
+        assert point["ideal_speedup"]["decode"] == decode["ideal_speedup"]
+        assert 0.0 <= point["agreement"]["prefix_agreement"] <= 1.0
+    assert "ffn-skip (prefill threshold" in (tmp_path / "sweep.md").read_text()

@@ -170,38 +170,43 @@ def run_bench(
 def account_policies(results: dict, configs: list[Config], policy_stats: dict, settings: BenchSettings) -> None:
     """For each policy and measure: what it skipped (MLPs per token), its ideal speedup, and — from the static probe
     that skips every skippable MLP (the time of one MLP sublayer) and the decisions-only run — the share of the
-    skipped MLPs' time that was actually saved and the per-token cost of deciding."""
+    skipped MLPs' time that was actually saved and the per-token cost of deciding.
+
+    Times come from the *paired* speedups (each config against the full model in the same round), not from
+    differences of medians, so the machine's drift between rounds cancels."""
     costs = CostModel.from_parameter_counts(configs[0].model)
     full = results["full"]
-    for config in sorted(configs, key=lambda c: not c.dry_run):  # decisions-only runs first: the others cite them
+    for config in configs:
         if config.name not in policy_stats:
             continue
         for measure, stats in policy_stats[config.name].items():
             entry = results[config.name][measure]
             tokens = _tokens_per_call(measure, settings)
+            full_s = full[measure]["median_s"] / tokens  # per token
+
+            def saved_by(speedup: float) -> float:  # seconds per token a config saves, from its paired speedup
+                return full_s * (1 - 1 / speedup)
+
             skipped = statistics.mean(s["skipped_mlps_per_token"] for s in stats)
             entry["policy"] = {"skipped_mlps_per_token": skipped,
                                "mlp_skip_ratio": statistics.mean(s["mlp_skip_ratio"] for s in stats),
                                "attention_skip_ratio": statistics.mean(s["attention_skip_ratio"] for s in stats)}
             if config.dry_run:  # it skipped nothing; "skipped" is what it would have skipped
-                overhead = (entry["median_s"] - full[measure]["median_s"]) / tokens
-                entry["policy"]["decision_overhead_s_per_token"] = overhead
+                entry["policy"]["decision_overhead_s_per_token"] = -saved_by(entry["speedup"])
                 continue
             entry["ideal_speedup"] = costs.ideal_speedup_of_skipped_mlps(skipped)
+            entry["policy"]["saved_s_per_token"] = saved = saved_by(entry["speedup"])
+            dry = results.get(f"{config.name} (decisions only)", {}).get(measure)
+            if dry is not None:
+                entry["policy"]["decision_overhead_s_per_token"] = -saved_by(dry["speedup"])
             probe = results.get(MLP_PROBE, {}).get(measure)
-            if probe is None:
-                continue
-            mlp_s = (full[measure]["median_s"] - probe["median_s"]) / tokens / len(config.plan.skippable)
-            saved = (full[measure]["median_s"] - entry["median_s"]) / tokens
-            entry["policy"].update({
-                "mlp_s": mlp_s,
-                "saved_s_per_token": saved,
-                "skipped_mlp_s_per_token": skipped * mlp_s,
-                "saved_share_of_skipped": saved / (skipped * mlp_s) if skipped * mlp_s > 0 else None,
-            })
-            dry = results.get(f"{config.name} (decisions only)", {}).get(measure, {}).get("policy", {})
-            if "decision_overhead_s_per_token" in dry:
-                entry["policy"]["decision_overhead_s_per_token"] = dry["decision_overhead_s_per_token"]
+            if probe is not None:
+                mlp_s = saved_by(probe["speedup"]) / len(config.plan.skippable)
+                entry["policy"].update({
+                    "mlp_s": mlp_s,
+                    "skipped_mlp_s_per_token": skipped * mlp_s,
+                    "saved_share_of_skipped": saved / (skipped * mlp_s) if skipped * mlp_s > 0 else None,
+                })
 
 
 def _tokens_per_call(measure: str, settings: BenchSettings) -> int:

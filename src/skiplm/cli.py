@@ -146,10 +146,10 @@ def plan(model, method, speedup, skip, latency_ms, max_kl, unit, iterative, corp
               help="lac: what a halted token skips (layer: attention contribution and MLP)")
 @click.option("--window", type=click.IntRange(min=1), default=2, show_default=True,
               help="ffn-skip: consecutive saturated layers before a token halts")
-@click.option("--protect-first", type=click.IntRange(min=1), default=4, show_default=True,
-              help="first layers that always run")
-@click.option("--protect-last", type=click.IntRange(min=0), default=2, show_default=True,
-              help="last layers that always run")
+@click.option("--protect-first", type=click.IntRange(min=1),
+              help="first layers that always run  [default: layers / 8, rounded up]")
+@click.option("--protect-last", type=click.IntRange(min=0),
+              help="last layers that always run  [default: layers / 16, rounded up]")
 @click.option("--warmup", type=click.IntRange(min=0), default=4, show_default=True,
               help="the first N positions of a sequence always run every layer")
 @click.option("--prefill", type=click.Choice(["same", "full"]), default="same", show_default=True,
@@ -195,6 +195,76 @@ def policy_command(model, method, skip_ratio, speedup, parts, window, protect_fi
     policy.save(out)
     console.print(f"{policy.describe()} ({time.perf_counter() - start:.1f} s)")
     console.print(f"wrote {out}")
+
+
+@cli.command("cola")
+@MODEL_ARGUMENT
+@click.option("--limit", type=click.IntRange(min=1), default=4, show_default=True, help="GSM8K problems searched")
+@click.option("--iterations", type=click.IntRange(min=1), default=300, show_default=True,
+              help="MCTS iterations per problem (one forward pass per new chain)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chat/--raw", default=True, show_default=True, help="wrap each problem in the model's chat template")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="results/cola", show_default=True,
+              help="output folder")
+@_model_options
+def cola_command(model, limit, iterations, seed, chat, out, dtype, device):
+    """CoLa: per-problem search over chains of layers (skip or loop each layer) — an analysis, not a runtime.
+
+    Each GSM8K problem is given with its worked solution; the model must state the final number. A Monte Carlo
+    Tree Search over skip / once / twice per layer finds the shortest chain that still gives the answer and, where
+    the full model gets it wrong, a chain that gets it right. Costs one forward pass per distinct chain visited.
+    """
+    from .cola import gsm8k_final_answer_samples, search
+    from .reporting import markdown_table, write_json
+
+    hf_model, tokenizer = _load(model, dtype, device)
+    samples = gsm8k_final_answer_samples(tokenizer, limit, chat=chat)
+    rows, records = [], []
+    started = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("CoLa search", total=len(samples) * iterations)
+        for index, sample in enumerate(samples):
+            result = search(hf_model, sample.prompt_ids, sample.answer_ids, iterations=iterations, seed=seed,
+                            progress=lambda done, total: progress.update(task, completed=index * iterations + done))
+            records.append({"question": sample.question, "answer": sample.answer,
+                            "prompt_tokens": len(sample.prompt_ids), **result.to_json()})
+            shortest = result.shortest_kept
+            rows.append([str(index), sample.answer, "yes" if result.full.kept else "no",
+                         "-" if shortest is None else f"{len(shortest.chain)} layers",
+                         "-" if shortest is None else _chain_text(shortest.chain, result.num_layers),
+                         "yes" if result.fixed else "-", str(result.evaluations), f"{result.seconds:.1f} s"])
+    right = [r for r in records if r["full"]["kept"]]
+    wrong = [r for r in records if not r["full"]["kept"]]
+    summary = {
+        "problems": len(records),
+        "full_model_right": len(right),
+        "right_with_a_shorter_chain": sum(r["shortest_kept"] is not None and r["shortest_kept"]["layers"] < r["num_layers"]
+                                          for r in right),
+        "wrong_fixed_by_a_chain": sum(r["fixed"] for r in wrong),
+        "mean_layers_of_shortest_chain": (sum(r["shortest_kept"]["layers"] for r in records if r["shortest_kept"])
+                                          / max(1, sum(r["shortest_kept"] is not None for r in records))),
+        "evaluations": sum(r["evaluations"] for r in records),
+        "seconds": time.perf_counter() - started,
+    }
+    result = {"kind": "cola", "command": _command_line(), "model": model, "settings": {
+        "limit": limit, "iterations": iterations, "seed": seed, "chat": chat}, "summary": summary, "problems": records}
+    out_path = Path(out)
+    write_json(out_path / "cola.json", result)
+    headers = ["#", "answer", "full model right", "shortest chain keeping the answer", "chain (layer x times)",
+               "fixed a wrong answer", "chains evaluated", "time"]
+    (out_path / "cola.md").write_text(
+        f"# CoLa chain search, {model}\n\n{iterations} MCTS iterations per problem; one forward pass per distinct "
+        f"chain. Full model right on {len(right)} of {len(records)}; a shorter chain kept the answer on "
+        f"{summary['right_with_a_shorter_chain']} of those; a chain fixed {summary['wrong_fixed_by_a_chain']} of "
+        f"{len(wrong)} wrong answers. {summary['evaluations']} chains in {summary['seconds']:.0f} s.\n\n"
+        + markdown_table(headers, rows))
+    console.print(markdown_table(headers, rows))
+    console.print(f"wrote {out_path / 'cola.json'}, {out_path / 'cola.md'}")
+
+
+def _chain_text(chain, num_layers: int) -> str:
+    """A chain as per-layer run counts, e.g. '1 1 0 2 1' (layer 2 skipped, layer 3 looped)."""
+    return " ".join(str(chain.count(layer)) for layer in range(num_layers))
 
 
 @cli.command("eval")
@@ -247,7 +317,8 @@ _SWEEP_OPTIONS = [
     click.option("--targets", default="1.1,1.2,1.3", show_default=True, help="--sweep: comma-separated target speedups"),
     click.option("--methods", default=",".join(["uniform", "block-influence", "angular", "similarity-block",
                  "similarity-attention", "similarity-mlp", "similarity-joint", "greedy-loss", "search"]),
-                 show_default=True, help="--sweep: comma-separated methods (see skiplm.compare.METHODS)"),
+                 show_default=True, help="--sweep: comma-separated methods (see skiplm.compare.METHODS); the policies "
+                 "ffn-skip, lac, lac-mlp are calibrated per target"),
     click.option("--sweep", is_flag=True,
                  help="the scoreboard: plan every method at every target and measure quality and speed against the "
                       "full model, resumable (results in -o, default results/sweep)"),
@@ -668,7 +739,7 @@ def demo(speedup, tokens, repeats, out, dtype, device):
 @MODEL_ARGUMENT
 @click.option("--methods", default=",".join(["uniform", "block-influence", "angular", "similarity-block",
               "similarity-attention", "similarity-mlp", "similarity-joint", "greedy-loss", "search"]), show_default=True,
-              help="comma-separated methods (see skiplm.compare.METHODS)")
+              help="comma-separated methods (see skiplm.compare.METHODS; policies: ffn-skip, lac, lac-mlp)")
 @click.option("--targets", default="1.1,1.2,1.3,1.5", show_default=True, help="comma-separated target speedups")
 @click.option("--calibration-corpus", default="gsm8k", show_default=True, help="text the planners are fitted on")
 @click.option("--eval-corpus", default="pydoc", show_default=True, help="held-out text for perplexity")

@@ -24,6 +24,7 @@ from .plan import SkipPlan
 from .planners import get_planner
 from .planners.greedy_loss import cut_plan
 from .planners.search import plan_from_path, prefix_for_speedup, search_path
+from .policies import is_policy
 from .runtime import apply
 
 # name -> (planner, options)
@@ -37,6 +38,12 @@ METHODS: dict[str, tuple[str, dict]] = {
     "similarity-joint": ("similarity", {"unit": "joint"}),
     "greedy-loss": ("greedy-loss", {}),
     "search": ("search", {}),
+}
+# Input-adaptive policies (skiplm.policies), calibrated per target: name -> (policy method, settings)
+POLICY_METHODS: dict[str, tuple[str, dict]] = {
+    "ffn-skip": ("ffn-skip", {}),
+    "lac": ("lac", {"parts": "layer"}),
+    "lac-mlp": ("lac", {"parts": "mlp"}),
 }
 
 
@@ -62,10 +69,14 @@ def make_plans(
     largest target, and is cut for the others (``seconds_to_plan`` is that one run's)."""
     points = []
     for method in methods:
-        if method not in METHODS:
-            raise PlanError(f"unknown method {method!r}; available: {', '.join(METHODS)}.")
+        if method not in METHODS and method not in POLICY_METHODS:
+            raise PlanError(f"unknown method {method!r}; available: {', '.join([*METHODS, *POLICY_METHODS])}.")
         if progress:
             progress(f"planning: {method}")
+        if method in POLICY_METHODS:
+            latency = latency or LatencyModel.measure(model)
+            points += _policy_points(model, method, targets, calibration, latency)
+            continue
         if method == "search":
             latency = latency or LatencyModel.measure(model)
             start = time.perf_counter()
@@ -93,6 +104,25 @@ def make_plans(
                 points.append(Point(method, target, plan, time.perf_counter() - start))
             except PlanError as exc:
                 points.append(Point(method, target, None, time.perf_counter() - start, str(exc)))
+    return points
+
+
+def _policy_points(model, method, targets, calibration, latency: LatencyModel) -> list[Point]:
+    """A policy per target: the share of token-MLPs the latency model says reaches the target decode speedup,
+    calibrated on the calibration text (the policy then decides per token; its measured speed is what counts)."""
+    from .policies import calibrate, skip_ratio_for_speedup
+
+    policy_method, settings = POLICY_METHODS[method]
+    points = []
+    for target in targets:
+        start = time.perf_counter()
+        try:
+            ratio = skip_ratio_for_speedup(latency, latency.num_layers, target)
+            policy = calibrate(model, policy_method, calibration, ratio, **settings)
+            policy.provenance.update({"target_speedup": target, "name": method})
+            points.append(Point(method, target, policy, time.perf_counter() - start))
+        except PlanError as exc:
+            points.append(Point(method, target, None, time.perf_counter() - start, str(exc)))
     return points
 
 
@@ -140,7 +170,8 @@ def evaluate_points(
             speed = run_bench([Config("full", model), Config("plan", model, point.plan)], corpus_ids, bench)
             row["decode_speedup"] = speed["plan"]["decode_b1"]["speedup"]
             row["decode_speedup_ci95"] = speed["plan"]["decode_b1"]["speedup_ci95"]
-            row["ideal_speedup"] = costs.ideal_speedup(point.plan.decode)
+            row["ideal_speedup"] = (speed["plan"]["decode_b1"]["ideal_speedup"] if is_policy(point.plan)
+                                    else costs.ideal_speedup(point.plan.decode))
             row["plan"] = point.plan.describe()
             row["plan_json"] = point.plan.to_json()
         rows.append(row)

@@ -64,8 +64,8 @@ class HaltingPolicy:
 
     num_layers: int
     thresholds: dict[str, float | None]
-    protect_first: int = 4
-    protect_last: int = 2
+    protect_first: int | None = None  # None: ceil(num_layers / 8) (4 of 30)
+    protect_last: int | None = None  # None: ceil(num_layers / 16) (2 of 30)
     warmup: int = 4
     model: ModelIdentity | None = None
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -81,6 +81,10 @@ class HaltingPolicy:
         if unknown:
             raise PlanError(f"{self.method}: thresholds are per phase (prefill, decode); unknown {sorted(unknown)}.")
         self.thresholds = {phase: self.thresholds.get(phase) for phase in PHASES}
+        if self.protect_first is None:
+            self.protect_first = -(-self.num_layers // 8)
+        if self.protect_last is None:
+            self.protect_last = -(-self.num_layers // 16)
         for phase, value in self.thresholds.items():
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise PlanError(f"{self.method}: the {phase} threshold must be a number or None, got {value!r}.")

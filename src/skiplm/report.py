@@ -256,6 +256,7 @@ def render(results: Sequence[Result], title: str = "skiplm report") -> str:
     for i, result in enumerate(results):
         data = result.data
         body, plans = BODIES[result.kind](data)
+        plans = [(name, plan) for name, plan in plans if plan.get("format") != "skiplm.policy"]  # grids: static plans
         images = "".join(embedded_png(result.path.parent / name, f"{result.title}: {name}")
                          for name in PLOTS.get(result.kind, ()) if (result.path.parent / name).is_file())
         grids = ""

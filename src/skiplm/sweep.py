@@ -41,7 +41,7 @@ from torch import nn
 from .agreement import (FULL, Prompt, answer_agreement, answers_agree, encode_prompts, eos_token_ids, extract_answer,
                         greedy_continuations, load_prompts, summarize, token_agreement)
 from .bench import BenchSettings, Config, run_bench, total_work
-from .compare import METHODS, make_plans
+from .compare import METHODS, POLICY_METHODS, make_plans
 from .costs import CostModel
 from .data import corpus_label, load_corpus
 from .errors import PlanError, SweepError
@@ -49,6 +49,7 @@ from .evaluate import compare_perplexity, tokenize_corpus, windows
 from .plan import SkipPlan, model_identity
 from .planners import get_planner
 from .planners.common import load_calibration
+from .policies import FORMAT_NAME as POLICY_FORMAT, is_policy, load_skipper
 
 POINTS_FILE = "points.jsonl"
 PLANS_FOLDER = "plans"
@@ -84,9 +85,10 @@ class SweepSettings:
         """Refuse bad settings before anything expensive runs."""
         if not self.methods:
             raise SweepError("no methods to sweep: pass --methods, e.g. uniform,greedy-loss,search.")
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in METHODS and m not in POLICY_METHODS]
         if unknown:
-            raise SweepError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(METHODS)}.")
+            raise SweepError(f"unknown method(s) {', '.join(unknown)}; available: "
+                             f"{', '.join([*METHODS, *POLICY_METHODS])}.")
         if len(set(self.methods)) != len(self.methods):
             raise SweepError(f"a method is listed twice in {', '.join(self.methods)}.")
         if not self.targets:
@@ -132,6 +134,8 @@ def plan_file_name(method: str, target: float) -> str:
 
 
 def is_data_driven(method: str) -> bool:
+    if method in POLICY_METHODS:
+        return True  # calibrated on the calibration text
     return getattr(get_planner(METHODS[method][0]), "calibration_defaults", None) is not None
 
 
@@ -289,7 +293,9 @@ def measure_speed(model: nn.Module, plan: SkipPlan | None, corpus_ids: torch.Ten
     ``plan``."""
     costs = CostModel.from_parameter_counts(model)
     candidate = Config("plan", model)
-    if plan is not None:
+    if is_policy(plan):  # its ideal speedup comes from what it skipped while timed
+        candidate = Config("plan", model, plan)
+    elif plan is not None:
         candidate = Config("plan", model, plan, costs.ideal_speedup(plan.decode), costs.ideal_speedup(plan.prefill))
     return run_bench([Config("full", model), candidate], corpus_ids, settings, progress)
 
@@ -501,7 +507,16 @@ class Sweep:
         settings = self.point_settings(method)
         record: dict[str, Any] = {"method": method, "target": float(target), "settings_hash": settings_hash(settings),
                                   "settings": settings, "error": None}
-        if plan is not None:
+        if is_policy(plan):  # what it skips depends on the input: its ideal speedup is measured with its speed
+            speed = fields.get("speed", {}).get("plan", {})
+            record.update({
+                "plan_file": f"{PLANS_FOLDER}/{plan_file_name(method, target)}",
+                "description": plan.describe(),
+                "plan": plan.to_json(),
+                "ideal_speedup": {phase: speed.get(f"{phase}_b{min(self.settings.bench.batch_sizes)}", {}).get(
+                    "ideal_speedup") for phase in ("decode", "prefill")},
+            })
+        elif plan is not None:
             costs = CostModel.from_parameter_counts(self.model)
             record.update({
                 "plan_file": f"{PLANS_FOLDER}/{plan_file_name(method, target)}",
@@ -556,8 +571,9 @@ def run_sweep(model: nn.Module, tokenizer, settings: SweepSettings, out: str | P
 
 
 def _read_plan(path: Path) -> SkipPlan:
+    """A plan or policy file this sweep saved."""
     try:
-        return SkipPlan.load(path)
+        return load_skipper(path)
     except PlanError as exc:
         raise SweepError(f"{exc} It was saved by an earlier run of this sweep: delete it to re-plan, or pass --fresh."
                          ) from None
@@ -597,7 +613,8 @@ def sweep_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             continue
         plan = point.get("plan")
         row.append("nothing" if plan is None else _skipped_cell(plan))
-        row.append(f"{point['ideal_speedup']['decode']:.3f}x")
+        ideal = point["ideal_speedup"]["decode"]
+        row.append("—" if ideal is None else f"{ideal:.3f}x")
         row.append(f"{point['perplexity']['perplexity']:.3f}")
         row.append(f"{point.get('perplexity_ratio', float('nan')):.2f}x")
         a = point["agreement"]
@@ -632,6 +649,8 @@ def compact_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def _skipped_cell(plan: dict[str, Any]) -> str:
+    if plan.get("format") == POLICY_FORMAT:
+        return plan["description"]
     decode = plan["decode"]
     parts = []
     for key, label in (("blocks", "blocks"), ("attention", "attn"), ("mlp", "mlp")):
