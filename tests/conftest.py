@@ -112,6 +112,45 @@ def plan_for(model, **layers):
     return SkipPlan.from_layers(NUM_LAYERS, **layers).for_model(model)
 
 
+def _fixed_masks_class():
+    import dataclasses
+
+    from skiplm.policies import HaltingPolicy
+
+    @dataclasses.dataclass
+    class FixedMasks(HaltingPolicy):
+        """A test policy that runs given per-token masks: ``masks[part][layer]`` is a [batch, tokens] bool tensor."""
+
+        masks: dict = dataclasses.field(default_factory=dict)
+        attention: bool = False
+
+        @property
+        def skips_attention(self):  # type: ignore[override]
+            return self.attention
+
+        def run_mask(self, layer, part):
+            return self.masks.get(part, {}).get(layer)
+
+        def observe(self, *args):
+            pass
+
+    return FixedMasks
+
+
+FixedMasks = _fixed_masks_class()
+
+
+def replay(policy, maps, num_layers: int):
+    """The decisions a policy recorded in ``maps`` (a prefill, then decode steps) as masks over the whole sequence,
+    for one forward without a cache."""
+    masks = {}
+    for part in ("mlp", "attention"):
+        grids = torch.cat([m.grid(part, num_layers) for m in maps], dim=2)  # [layers, batch, all tokens]
+        masks[part] = {layer: grids[layer] for layer in policy.skippable}
+    return FixedMasks(num_layers, {"prefill": 0.0}, protect_first=policy.protect_first,
+                      protect_last=policy.protect_last, masks=masks, attention=policy.skips_attention)
+
+
 def cached_tiny_model(family: str, *, seed: int = 0, num_layers: int = NUM_LAYERS) -> transformers.PreTrainedModel:
     """Shared instance of :func:`tiny_model` (tests must not leave a plan applied or change its weights)."""
     key = (family, seed, num_layers)

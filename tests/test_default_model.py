@@ -123,3 +123,49 @@ def test_exported_default_model_reloads_with_vanilla_transformers(smol, tmp_path
         with skiplm.apply(model, plan):
             planned = model(ids).logits
         assert (reloaded(ids).logits - planned).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["ffn-skip", "lac"])
+def test_policy_that_never_skips_is_exactly_vanilla(smol, method):
+    from skiplm.policies import make_policy
+
+    model, tokenizer = smol
+    inputs = chat_inputs(tokenizer, ["What is 7 times 8?", "Name a color."])
+    never = make_policy(method, 30, 1.5 if method == "ffn-skip" else 0.0)
+    with torch.inference_mode():
+        vanilla = model(**inputs).logits
+        expected = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        with skiplm.apply(model, never, check_model=False) as handle:
+            assert torch.equal(model(**inputs).logits, vanilla)
+            assert torch.equal(model.generate(**inputs, max_new_tokens=12, do_sample=False), expected)
+    assert handle.stats.mlp_skip_ratio("decode") == 0.0
+
+
+@pytest.mark.parametrize("method,threshold", [("ffn-skip", 0.97), ("lac", 0.03)])
+def test_policy_cached_decoding_equals_recomputation(smol, method, threshold):
+    """Per-token skipping with the KV cache (lac: attention contributions dropped too, keys and values written) equals
+    one uncached forward over the whole sequence that makes the same decisions."""
+    from conftest import replay
+    from skiplm.policies import apply_policy, make_policy
+
+    model, tokenizer = smol
+    ids = chat_inputs(tokenizer, ["Natalia sold clips to 48 of her friends in April. How many in May?"]).input_ids
+    policy = make_policy(method, 30, threshold)
+    logits = []
+    with torch.inference_mode():
+        with apply_policy(model, policy, check_model=False, record=True) as handle:
+            out = model(ids, use_cache=True)
+            sequence, cache = ids, out.cache
+            logits.append(out.logits[:, -1])
+            for _ in range(10):
+                token = logits[-1].argmax(-1, keepdim=True)
+                sequence = torch.cat([sequence, token], dim=1)
+                out = model(token, cache=cache, use_cache=True)
+                cache = out.cache
+                logits.append(out.logits[:, -1])
+        assert handle.stats.mlp_skip_ratio("decode") > 0.05
+        with apply_policy(model, replay(policy, handle.maps, 30), check_model=False):
+            recomputed = model(sequence).logits[0, ids.shape[1] - 1:]
+    cached = torch.cat(logits)
+    torch.testing.assert_close(cached, recomputed, atol=5e-4, rtol=1e-4)
+    assert torch.equal(cached.argmax(-1), recomputed.argmax(-1))

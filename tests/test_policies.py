@@ -3,7 +3,6 @@ plans, the KV cache against full recomputation, calibration, files and maps."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -25,7 +24,7 @@ from skiplm.policies import (
     skip_ratio_for_speedup,
 )
 
-from conftest import FAMILIES, NUM_LAYERS, VOCAB, cached_tiny_model, plan_for, run_cli
+from conftest import FAMILIES, VOCAB, FixedMasks, cached_tiny_model, plan_for, replay
 
 LAYERS = 8  # deeper than the default tiny model, so there is room between the protected layers
 
@@ -47,24 +46,6 @@ def skipping(method: str, **settings) -> HaltingPolicy:
 
 def never_skipping(method: str) -> HaltingPolicy:
     return make_policy(method, LAYERS, 1.5 if method == "ffn-skip" else 0.0, protect_first=2, protect_last=1)
-
-
-@dataclasses.dataclass
-class FixedMasks(HaltingPolicy):
-    """A test policy that runs given per-token masks: ``masks[part][layer]`` is a [batch, tokens] bool tensor."""
-
-    masks: dict = dataclasses.field(default_factory=dict)
-    attention: bool = False
-
-    @property
-    def skips_attention(self):  # type: ignore[override]
-        return self.attention
-
-    def run_mask(self, layer, part):
-        return self.masks.get(part, {}).get(layer)
-
-    def observe(self, *args):
-        pass
 
 
 # -- the oracle: nothing skipped is the full model ------------------------------------------------------------------
@@ -127,16 +108,6 @@ def test_per_token_skips_match_static_plans_row_by_row(family, part):
 
 
 # -- the KV cache: cached decoding == recomputation with the same decisions ---------------------------------------------
-def replay(policy: HaltingPolicy, maps) -> FixedMasks:
-    """The decisions recorded in ``maps`` (one prefill, then decode steps) as masks over the whole sequence."""
-    masks = {}
-    for part in ("mlp", "attention"):
-        grids = torch.cat([m.grid(part, LAYERS) for m in maps], dim=2)  # [layers, batch, all tokens]
-        masks[part] = {layer: grids[layer] for layer in policy.skippable}
-    return FixedMasks(LAYERS, {"prefill": 0.0}, protect_first=policy.protect_first,
-                      protect_last=policy.protect_last, masks=masks, attention=policy.skips_attention)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method,parts", [("ffn-skip", None), ("lac", "layer"), ("lac", "mlp")])
 def test_cached_decoding_equals_recomputation(family, method, parts):
@@ -159,7 +130,7 @@ def test_cached_decoding_equals_recomputation(family, method, parts):
     assert decode["mlp_skip_ratio"] > 0, "the test needs decode steps that skip"
     if parts == "layer":
         assert decode["attention_skip_ratio"] > 0
-    with apply_policy(model, replay(policy, handle.maps), check_model=False):
+    with apply_policy(model, replay(policy, handle.maps, LAYERS), check_model=False):
         recomputed = model(sequence).logits[0, ids.shape[1] - 1:]
     torch.testing.assert_close(torch.cat(logits), recomputed, atol=1e-4, rtol=1e-4)
 
@@ -206,6 +177,22 @@ def test_lac_halts_when_the_norm_change_falls_under_alpha_of_the_range():
     assert policy.run_mask(3, "mlp").tolist() == [[False, True]]
     assert policy.run_mask(3, "attention").tolist() == [[False, True]]
     assert LAC(10, {"decode": 0.5}, parts="mlp").skips_attention is False
+
+
+def test_halting_is_for_good_on_both_paths():
+    """A token that settled stays halted even if a later layer's signal says otherwise — for one token (Python
+    numbers, the batch-1 decode path) exactly as for many (tensors)."""
+    x = torch.ones(1, 1, 4)
+    turned = torch.tensor([[[1.0, -1, 1, -1]]])  # cos(x, turned) = 0
+    for batch, tokens in ((1, 1), (1, 2)):
+        policy = FFNSkip(10, {"prefill": 0.9, "decode": 0.9}, protect_first=3, protect_last=1, warmup=0, window=1)
+        policy.begin("decode", batch, tokens, 10, torch.device("cpu"))
+        shape = (batch, tokens, 4)
+        policy.observe(0, x.expand(shape), x.expand(shape), x.expand(shape))  # saturated: settles at layer 0
+        policy.observe(1, x.expand(shape), x.expand(shape), turned.expand(shape))  # not saturated at layer 1
+        policy.observe(2, x.expand(shape), x.expand(shape), turned.expand(shape))
+        mask = policy.run_mask(3, "mlp")
+        assert mask is False or (torch.is_tensor(mask) and not mask.any()), (batch, tokens, mask)
 
 
 def test_one_token_decisions_equal_batched_decisions():
@@ -302,3 +289,47 @@ def test_activation_maps_summary_and_plot(tmp_path):
     assert skipped == pytest.approx(handle.stats.mlp_total["prefill"] - handle.stats.mlp_run["prefill"])
     path = plot_activation_maps(handle.maps, LAYERS, tmp_path / "map.png", "lac")
     assert path.stat().st_size > 1000
+
+
+# -- the command line, on the tiny model folder with the real tokenizer ------------------------------------------------
+def test_cli_policy_then_generate_eval_bench(tiny_folder, tmp_path):
+    from conftest import run_cli
+
+    policy_file = tmp_path / "lac.json"
+    result = run_cli("policy", tiny_folder, "--method", "lac", "--skip-ratio", "0.2", "--protect-first", 1,
+                     "--protect-last", 1, "--sequences", 2, "--length", 32, "-o", policy_file)
+    assert result.exception is None, result.output
+    policy = load_skipper(policy_file)
+    assert isinstance(policy, LAC) and policy.provenance["target_skip_ratio"] == 0.2
+    assert policy.provenance["corpus"] == "gsm8k" and policy.model.num_layers == 4
+
+    result = run_cli("generate", tiny_folder, "--policy", policy_file, "--prompt", "Hello", "--max-new-tokens", 5,
+                     "--activation-map", tmp_path / "map.png")
+    assert result.exception is None, result.output
+    summary = json.loads((tmp_path / "map.json").read_text())
+    assert summary["kind"] == "activation-map" and set(summary["activations"]) == {"prefill", "decode"}
+    assert (tmp_path / "map.png").stat().st_size > 1000
+
+    result = run_cli("eval", tiny_folder, "--policy", policy_file, "--corpus", "pydoc", "--tokens", 64, "--context",
+                     32, "--stride", 16, "-o", tmp_path / "eval")
+    assert result.exception is None, result.output
+    scores = json.loads((tmp_path / "eval" / "eval.json").read_text())["perplexity"]["pydoc"]
+    assert scores["lac"]["tokens_scored"] == 64
+
+    result = run_cli("bench", tiny_folder, "--policy", policy_file, "--batch-sizes", "1,2", "--prompt-tokens", 8,
+                     "--decode-prompt-tokens", 16, "--decode-prompts", "gsm8k-chat", "--new-tokens", 2, "--repeats",
+                     1, "--warmup", 0, "-o", tmp_path / "bench")
+    assert result.exception is None, result.output
+    data = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert set(data["speed"]) == {"full", "lac", "lac (decisions only)", "static probe: skippable MLPs skipped"}
+    accounting = data["speed"]["lac"]["decode_b1"]["policy"]
+    assert {"skipped_mlps_per_token", "mlp_s", "saved_s_per_token", "decision_overhead_s_per_token"} <= set(accounting)
+    markdown = (tmp_path / "bench" / "bench.md").read_text()
+    assert "Input-adaptive policies" in markdown and "chat template" in markdown
+
+    for args, message in ((("--policy", "lac"), "calibrate one"), (("--policy", policy_file, "--plan", policy_file),
+                                                                     "does not combine")):
+        result = run_cli("generate", tiny_folder, "--prompt", "Hi", *args)
+        assert isinstance(result.exception, PlanError) and message in str(result.exception)
+    result = run_cli("export", tiny_folder, "--plan", policy_file, "-o", tmp_path / "out")
+    assert isinstance(result.exception, PlanError) and "no fixed set of layers" in str(result.exception)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .costs import CostModel
+from .errors import DataError
 from .plan import SkipPlan
 from .prune import prune_blocks
 from .policies import apply_policy, is_policy
@@ -41,6 +42,9 @@ class BenchSettings:
     new_tokens: int = 64
     repeats: int = 5
     warmup: int = 1
+    # decode prompts: "corpus" (consecutive chunks of the corpus text) or "gsm8k-chat" (the last
+    # decode_prompt_tokens tokens of GSM8K questions in the chat template: the model answers, as in real use)
+    decode_prompts: str = "corpus"
 
     def measures(self) -> list[str]:
         return [f"{kind}_b{b}" for b in self.batch_sizes for kind in ("prefill", "decode")]
@@ -121,18 +125,35 @@ def make_configs(model: nn.Module, plans: Mapping[str, SkipPlan], *, compare_pru
     return configs
 
 
+def chat_prompt_batch(chat_prompts: list[list[int]], batch: int, length: int, device) -> torch.Tensor:
+    """The last ``length`` tokens of the first ``batch`` chat prompts that are at least that long."""
+    long_enough = [ids[-length:] for ids in chat_prompts if len(ids) >= length][:batch]
+    if len(long_enough) < batch:
+        raise DataError(f"fewer than {batch} chat prompts have {length} tokens; lower --decode-prompt-tokens.")
+    return torch.tensor(long_enough, device=device)
+
+
 def run_bench(
     configs: list[Config],
     corpus_ids: torch.Tensor,
     settings: BenchSettings = BenchSettings(),
     progress: Callable[[str], None] | None = None,
+    chat_prompts: list[list[int]] | None = None,
 ) -> dict:
-    """Time every configuration on every measure; returns samples (seconds), medians and ratios to ``full``."""
+    """Time every configuration on every measure; returns samples (seconds), medians and ratios to ``full``.
+    ``chat_prompts`` (token ids) are the decode prompts when ``settings.decode_prompts`` is "gsm8k-chat"."""
     device = next(configs[0].model.parameters()).device
+    if settings.decode_prompts not in ("corpus", "gsm8k-chat"):
+        raise DataError(f"decode prompts must be 'corpus' or 'gsm8k-chat', got {settings.decode_prompts!r}.")
+    if settings.decode_prompts == "gsm8k-chat" and not chat_prompts:
+        raise DataError("decode prompts 'gsm8k-chat' need the encoded chat prompts (chat_prompts=...).")
     inputs = {}
     for batch in settings.batch_sizes:
         inputs[f"prefill_b{batch}"] = prompt_batch(corpus_ids, batch, settings.prompt_tokens, device)
-        inputs[f"decode_b{batch}"] = prompt_batch(corpus_ids, batch, settings.decode_prompt_tokens, device)
+        if settings.decode_prompts == "gsm8k-chat":
+            inputs[f"decode_b{batch}"] = chat_prompt_batch(chat_prompts, batch, settings.decode_prompt_tokens, device)
+        else:
+            inputs[f"decode_b{batch}"] = prompt_batch(corpus_ids, batch, settings.decode_prompt_tokens, device)
     samples = {c.name: {m: [] for m in settings.measures()} for c in configs}
     policy_stats = {c.name: {m: [] for m in settings.measures()} for c in configs if is_policy(c.plan)}
     for round_index in range(settings.warmup + settings.repeats):

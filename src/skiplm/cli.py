@@ -348,7 +348,8 @@ def _check_sweep_options(ctx, sweep: bool) -> None:
         return
     for name, option, why in (("plan_paths", "--plan", "a sweep makes its own plans (see --methods, --targets)"),
                               ("compare_pruned", "--compare-pruned", "a sweep times each plan against the full model"),
-                              ("force", "--force", "a sweep's plans are made for the model")):
+                              ("force", "--force", "a sweep's plans are made for the model"),
+                              ("decode_prompts", "--decode-prompts", "a sweep decodes after chunks of GSM8K text")):
         if _given(ctx, name):
             raise click.UsageError(f"{option} does not apply with --sweep: {why}.")
 
@@ -455,6 +456,9 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @click.option("--batch-sizes", default="1,8", show_default=True)
 @click.option("--prompt-tokens", default=256, show_default=True, help="prefill length")
 @click.option("--decode-prompt-tokens", default=64, show_default=True, help="prompt length before decoding")
+@click.option("--decode-prompts", type=click.Choice(["corpus", "gsm8k-chat"]), default="corpus", show_default=True,
+              help="decode prompts: chunks of GSM8K text, or the last --decode-prompt-tokens tokens of GSM8K "
+                   "questions in the chat template (the model answers, as in use; input-adaptive policies decide on it)")
 @click.option("--new-tokens", default=64, show_default=True, help="decode steps")
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--warmup", default=1, show_default=True)
@@ -466,8 +470,8 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 @_sweep_options
 @_model_options
 @click.pass_context
-def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup,
-          compare_pruned, threads, out, force, dtype, device, sweep, **sweep_options):
+def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_tokens, decode_prompts, new_tokens, repeats,
+          warmup, compare_pruned, threads, out, force, dtype, device, sweep, **sweep_options):
     """Prefill latency and decode tokens/s of the full model and each plan, interleaved, in one run.
 
     With --sweep: the scoreboard. Every method of --methods at every target of --targets is planned and measured
@@ -483,7 +487,7 @@ def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_toke
     hf_model, tokenizer = _load(model, dtype, device)
     plans = {Path(p).stem: _load_plan(p, hf_model, force) for p in plan_paths}
     settings = BenchSettings(tuple(int(b) for b in batch_sizes.split(",")), prompt_tokens, decode_prompt_tokens,
-                             new_tokens, repeats, warmup)
+                             new_tokens, repeats, warmup, decode_prompts)
     result = bench_and_report(hf_model, tokenizer, plans, settings, compare_pruned, Path(out), model, device)
     _print_speed(result)
 
@@ -927,10 +931,16 @@ def bench_and_report(model, tokenizer, plans, settings, compare_pruned, out: Pat
 
     corpus_ids = tokenize_corpus(tokenizer, load_corpus("gsm8k"), 8 * max(settings.prompt_tokens, settings.decode_prompt_tokens))
     configs = make_configs(model, plans, compare_pruned=compare_pruned)
+    chat_prompts = None
+    if settings.decode_prompts == "gsm8k-chat":
+        from .agreement import encode_prompts, gsm8k_prompts
+
+        chat_prompts = encode_prompts(tokenizer, gsm8k_prompts(200), chat=True)
     with _progress() as progress:
         task = progress.add_task("bench", total=total_work(configs, settings))
         speed = run_bench(configs, corpus_ids, settings,
-                          progress=lambda what: progress.update(task, advance=1, description=f"bench {what}"))
+                          progress=lambda what: progress.update(task, advance=1, description=f"bench {what}"),
+                          chat_prompts=chat_prompts)
     result = {
         "kind": "speed",
         "command": _command_line(),

@@ -165,14 +165,17 @@ def _quiet_about_preloaded_models() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
-def _as_plan(plan: str | Path | SkipPlan | None) -> SkipPlan | None:
+def _as_plan(plan):
+    """A plan or an input-adaptive policy (a file made by `skiplm plan` / `skiplm policy`, or the object), or None."""
+    from .policies import is_policy, load_skipper
+
     if plan is None or (isinstance(plan, str) and plan.strip().lower() in ("", "none")):
         return None
-    if isinstance(plan, SkipPlan):
+    if isinstance(plan, SkipPlan) or is_policy(plan):
         return plan
     if isinstance(plan, (str, Path)):
-        return SkipPlan.load(plan)
-    raise PlanError(f"plan must be a plan file path or a SkipPlan, got {type(plan).__name__}.")
+        return load_skipper(plan)
+    raise PlanError(f"plan must be a plan or policy file path, a SkipPlan or a policy, got {type(plan).__name__}.")
 
 
 def _resolve_device(device: str | None) -> str:

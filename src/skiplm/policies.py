@@ -47,6 +47,7 @@ from torch import nn
 from .adapters import count_layers, get_adapter, _get_path
 from .errors import PlanError
 from .plan import ModelIdentity, check_made_for, model_identity
+from .runtime import _HANDLE_ATTRIBUTE, Installed, _cache_from, decoder_stack
 
 FORMAT_NAME = "skiplm.policy"
 SCHEMA_VERSION = 1
@@ -147,8 +148,8 @@ class HaltingPolicy:
         if not state.get("active") or state["all_halted"] or layer >= self.skippable.stop - 1:
             return
         settled = self._signal(layer, layer_input, mlp_input, layer_output, state["threshold"])
-        if state["scalar"]:
-            halted = state["halted"] = bool(settled) and not state["warm"]
+        if state["scalar"]:  # halting is for good, as in the tensor path below
+            halted = state["halted"] = state["halted"] or (bool(settled) and not state["warm"])
             state["any_halted"] = state["all_halted"] = halted and layer + 1 >= self.protect_first
             return
         halted = state["halted"] = state["halted"] | (settled & ~state["warm"])
@@ -413,18 +414,19 @@ class ActivationMap:
         return grid
 
 
-class PolicyHandle:
+class PolicyHandle(Installed):
     """A policy applied to a model: the swapped MLP (and attention) forwards of the skippable layers and the hooks
     that feed the policy what it observes. Use as a context manager, or call :meth:`remove`."""
 
     def __init__(self, model: nn.Module, policy: HaltingPolicy, *, dry_run: bool = False, record: bool = False):
-        self.model, self.policy, self.dry_run, self.record = model, policy, dry_run, record
+        super().__init__(model)
+        self.policy, self.dry_run, self.record = policy, dry_run, record
         self.stats = PolicyStats()
         self.maps: list[ActivationMap] = []
         self.phase = "prefill"
         self._tokens = (1, 1)
         self._mlp_input: torch.Tensor | None = None
-        self._restore: list[Callable[[], None]] = []
+        self._masks: dict[tuple[int, str], torch.Tensor | bool | None] = {}
         try:
             self._install()
         except BaseException:
@@ -437,57 +439,35 @@ class PolicyHandle:
         self.stats = PolicyStats()
         self.maps = []
 
-    def remove(self) -> None:
-        from .runtime import _HANDLE_ATTRIBUTE
-
-        while self._restore:
-            self._restore.pop()()
-        if getattr(self.model, _HANDLE_ATTRIBUTE, None) is self:
-            delattr(self.model, _HANDLE_ATTRIBUTE)
-
-    def __enter__(self) -> PolicyHandle:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.remove()
-
     def _install(self) -> None:
         # Everything here runs for every token, so it is cheap: forwards are swapped (a Python call) rather than hooked
         # (a module hook costs ~12 us a call on CPU), and only the layers that need it are touched: observers up to
         # the last layer whose signal can still decide something, run masks on the skippable layers.
         adapter = get_adapter(self.model)
         layers = adapter.decoder_layers(self.model)
-        stack_path = adapter.layers.rsplit(".", 1)[0] if "." in adapter.layers else ""
-        stack = _get_path(self.model, stack_path) if stack_path else self.model
         skippable = self.policy.skippable
-        self._hook(stack.register_forward_pre_hook(self._begin, with_kwargs=True))  # once per forward
+        self._hook(decoder_stack(self.model).register_forward_pre_hook(self._begin, with_kwargs=True))  # per forward
         for index, layer in enumerate(layers):
-            mlp, _ = adapter.branch_modules(layer, "mlp")
+            mlp, mlp_norms = adapter.branch_modules(layer, "mlp")
             mlp_input = _get_path(layer, adapter.mlp_input)
             observed = index < skippable.stop - 1
+            remember = observed and self.policy.observes_mlp_input
+            skip = index in skippable
             if observed:
                 self._swap(layer, self._observed_layer_forward(layer.forward, index))
-                if self.policy.observes_mlp_input and mlp_input is not mlp:
-                    self._swap(mlp_input, self._remembering_forward(mlp_input.forward))
-            if index in skippable:
-                self._swap(mlp, self._mlp_forward(mlp.forward, index, remember=mlp_input is mlp))
+            if skip:
+                # the branch's norms too: a token that skips the MLP skips them (as a static skip does)
+                for norm in mlp_norms:
+                    self._swap(norm, self._mlp_norm_forward(norm.forward, index, remember=remember and norm is mlp_input))
+                self._swap(mlp, self._mlp_forward(mlp.forward, index, remember=remember and mlp is mlp_input))
                 if self.policy.skips_attention:
                     attention, _ = adapter.branch_modules(layer, "attention")
                     self._swap(attention, self._attention_forward(attention.forward, index))
-            elif observed and mlp_input is mlp and self.policy.observes_mlp_input:
-                self._swap(mlp, self._remembering_forward(mlp.forward))
-
-    def _hook(self, handle) -> None:
-        self._restore.append(handle.remove)
-
-    def _swap(self, module: nn.Module, forward: Callable) -> None:
-        module.forward = forward
-        self._restore.append(lambda: module.__dict__.pop("forward", None))
+            if remember and not (skip and any(mlp_input is m for m in (mlp, *mlp_norms))):
+                self._swap(mlp_input, self._remembering_forward(mlp_input.forward))
 
     # -- what runs during a forward
     def _begin(self, module, args, kwargs) -> None:
-        from .runtime import _cache_from
-
         ids = kwargs.get("input_ids", args[0] if args else None)
         source = ids if isinstance(ids, torch.Tensor) else kwargs["inputs_embeds"]
         batch, tokens = source.shape[:2]
@@ -495,6 +475,7 @@ class PolicyHandle:
         start = cache.get_seq_length() if cache is not None else 0
         self.phase = phase = "decode" if start > 0 else "prefill"
         self._tokens = (batch, tokens)
+        self._masks = {}
         stats, skippable = self.stats, len(self.policy.skippable)
         always = (self.policy.num_layers - skippable) * batch * tokens
         attention_always = always + (0 if self.policy.skips_attention else skippable * batch * tokens)
@@ -515,11 +496,27 @@ class PolicyHandle:
             return output
         return forward
 
+    def _mlp_norm_forward(self, original: Callable, index: int, *, remember: bool) -> Callable:
+        def forward(hidden_states, *args, **kwargs):
+            if remember:
+                self._mlp_input = hidden_states
+            if self._mask(index, "mlp") is False:  # no token runs this MLP: its norm is an identity, like the MLP's zero
+                return hidden_states
+            return original(hidden_states, *args, **kwargs)
+        return forward
+
     def _remembering_forward(self, original: Callable) -> Callable:
         def forward(hidden_states, *args, **kwargs):
             self._mlp_input = hidden_states
             return original(hidden_states, *args, **kwargs)
         return forward
+
+    def _mask(self, index: int, part: str) -> torch.Tensor | bool | None:
+        """The run mask of one skippable sublayer in this forward, decided once (norms and core ask alike)."""
+        key = (index, part)
+        if key not in self._masks:
+            self._masks[key] = self._decide(index, part)
+        return self._masks[key]
 
     def _decide(self, index: int, part: str) -> torch.Tensor | None:
         """The run mask of one skippable sublayer, counted; None: every token runs (also in a dry run)."""
@@ -541,7 +538,7 @@ class PolicyHandle:
         def forward(hidden_states, *args, **kwargs):
             if remember:  # this family's MLP reads the residual stream itself
                 self._mlp_input = hidden_states
-            mask = self._decide(index, "mlp")
+            mask = self._mask(index, "mlp")
             if mask is None:
                 return original(hidden_states, *args, **kwargs)
             if mask is False:  # no token runs it (batch-1 decode: the token halted)
@@ -556,7 +553,7 @@ class PolicyHandle:
     def _attention_forward(self, original: Callable, index: int) -> Callable:
         def forward(*args, **kwargs):
             outputs = original(*args, **kwargs)  # always runs: the cache gets every token's keys and values
-            mask = self._decide(index, "attention")
+            mask = self._mask(index, "attention")
             if mask is None:
                 return outputs
             kept = torch.zeros_like(outputs[0]) if mask is False else outputs[0] * mask.unsqueeze(-1).to(outputs[0].dtype)
@@ -568,8 +565,6 @@ def apply_policy(model: nn.Module, policy: HaltingPolicy, *, check_model: bool =
                  record: bool = False) -> PolicyHandle:
     """Apply ``policy`` until the returned handle is removed. ``dry_run``: decide but skip nothing (to measure the
     decision overhead); ``record``: keep an :class:`ActivationMap` per forward in ``handle.maps``."""
-    from .runtime import _HANDLE_ATTRIBUTE
-
     if not is_policy(policy):
         raise PlanError(f"apply_policy() needs a policy, got {type(policy).__name__}.")
     if getattr(model, _HANDLE_ATTRIBUTE, None) is not None:

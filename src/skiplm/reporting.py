@@ -63,8 +63,10 @@ def measure_label(measure: str, settings: dict) -> str:
 
 
 def settings_line(settings: dict) -> str:
+    chat = settings.get("decode_prompts") == "gsm8k-chat"
+    kind = " (the end of a GSM8K question in the chat template)" if chat else ""
     return (f"prefill: {settings['prompt_tokens']} prompt tokens per row; decode: {settings['new_tokens']} greedy steps "
-            f"after a {settings['decode_prompt_tokens']}-token prompt; b = batch size")
+            f"after a {settings['decode_prompt_tokens']}-token prompt{kind}; b = batch size")
 
 
 def speed_rows(speed: dict, settings: dict) -> tuple[list[str], list[list[str]]]:

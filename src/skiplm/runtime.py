@@ -54,13 +54,54 @@ class SkipState:
         return self.skips(layer, "attention") and self.skips(layer, "mlp")
 
 
-class SkipHandle:
+class Installed:
+    """Forwards swapped and hooks added on a model, undone by :meth:`remove` (or at the end of a ``with`` block)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._restore: list[Callable[[], None]] = []
+
+    def remove(self) -> None:
+        """Restore every swapped forward and hook. Safe to call twice."""
+        while self._restore:
+            self._restore.pop()()
+        if getattr(self.model, _HANDLE_ATTRIBUTE, None) is self:
+            delattr(self.model, _HANDLE_ATTRIBUTE)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+    def _hook(self, handle) -> None:
+        self._restore.append(handle.remove)
+
+    def _swap(self, module: nn.Module, forward: Callable) -> None:
+        previous = module.__dict__.get("forward", _NO_ATTRIBUTE)
+        module.forward = forward
+
+        def restore():
+            if previous is _NO_ATTRIBUTE:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+
+        self._restore.append(restore)
+
+
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The module that owns the decoder layers (its forward runs once per model forward)."""
+    path = get_adapter(model).layers
+    return _get_path(model, path.rsplit(".", 1)[0]) if "." in path else model
+
+
+class SkipHandle(Installed):
     """A plan applied to a model. Use as a context manager, or call :meth:`remove` when done."""
 
     def __init__(self, model: nn.Module, plan: SkipPlan):
-        self.model = model
+        super().__init__(model)
         self.state = SkipState(plan)
-        self._restore: list[Callable[[], None]] = []
         self._install()
 
     @property
@@ -76,28 +117,12 @@ class SkipHandle:
         finally:
             self.state.enabled = previous
 
-    def remove(self) -> None:
-        """Restore every swapped forward and hook. Safe to call twice."""
-        while self._restore:
-            self._restore.pop()()
-        if getattr(self.model, _HANDLE_ATTRIBUTE, None) is self:
-            delattr(self.model, _HANDLE_ATTRIBUTE)
-
-    def __enter__(self) -> SkipHandle:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.remove()
-
     # -- installation ----------------------------------------------------------------------------------------------
     def _install(self) -> None:
         adapter = get_adapter(self.model)
         layers = adapter.decoder_layers(self.model)
-        stack_path = adapter.layers.rsplit(".", 1)[0] if "." in adapter.layers else ""
-        stack = _get_path(self.model, stack_path) if stack_path else self.model
         try:
-            hook = stack.register_forward_pre_hook(self._set_phase, with_kwargs=True)
-            self._restore.append(hook.remove)
+            self._hook(decoder_stack(self.model).register_forward_pre_hook(self._set_phase, with_kwargs=True))
             plan = self.plan
             for index, layer in enumerate(layers):
                 skipped = {part: any(plan.phase(p).skips(index, part) for p in ("prefill", "decode")) for part in PARTS}
@@ -116,18 +141,6 @@ class SkipHandle:
         except BaseException:
             self.remove()
             raise
-
-    def _swap(self, module: nn.Module, forward: Callable) -> None:
-        previous = module.__dict__.get("forward", _NO_ATTRIBUTE)
-        module.forward = forward
-
-        def restore():
-            if previous is _NO_ATTRIBUTE:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
-
-        self._restore.append(restore)
 
     def _set_phase(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = _cache_from(kwargs)

@@ -358,8 +358,7 @@ class Sweep:
                            "stride": s.stride, "token_ids": _token_hash(self.eval_ids)},
             "agreement": {"prompts": corpus_label(s.prompts), "limit": s.limit, "new_tokens": s.agree_tokens,
                           "batch_size": s.agree_batch_size, "chat": s.chat, "token_ids": _token_hash(encoded)},
-            "speed": {**dataclasses.asdict(s.bench), "batch_sizes": list(s.bench.batch_sizes),
-                      "token_ids": _token_hash(self.corpus_ids)},
+            "speed": {**_bench_settings(s.bench), "token_ids": _token_hash(self.corpus_ids)},
         }
 
     def plan_settings(self, method: str) -> dict[str, Any]:
@@ -568,6 +567,13 @@ def run_sweep(model: nn.Module, tokenizer, settings: SweepSettings, out: str | P
     """Run (or resume) a sweep into ``out``; returns the result written to ``out/sweep.json``."""
     return Sweep(model, tokenizer, settings, out, model_name=model_name, dtype=dtype, device=device, command=command,
                  fresh=fresh).run(progress)
+
+
+def _bench_settings(bench: BenchSettings) -> dict[str, Any]:
+    """The timing settings a point depends on (a sweep always decodes after corpus text, so that is not named)."""
+    settings = {**dataclasses.asdict(bench), "batch_sizes": list(bench.batch_sizes)}
+    settings.pop("decode_prompts")
+    return settings
 
 
 def _read_plan(path: Path) -> SkipPlan:
