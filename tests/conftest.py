@@ -151,6 +151,20 @@ def replay(policy, maps, num_layers: int):
                       protect_last=policy.protect_last, masks=masks, attention=policy.skips_attention)
 
 
+def greedy_with_cache(model, ids, steps: int):
+    """Greedy decoding of ``ids`` [1, T] with the KV cache, step by step: (the whole sequence, the logits of every
+    next-token prediction [steps + 1, vocab])."""
+    out = model(ids, use_cache=True)
+    cache, logits, sequence = out.cache, [out.logits[:, -1]], ids
+    for _ in range(steps):
+        token = logits[-1].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, token], dim=1)
+        out = model(token, cache=cache, use_cache=True)
+        cache = out.cache
+        logits.append(out.logits[:, -1])
+    return sequence, torch.cat(logits)
+
+
 def cached_tiny_model(family: str, *, seed: int = 0, num_layers: int = NUM_LAYERS) -> transformers.PreTrainedModel:
     """Shared instance of :func:`tiny_model` (tests must not leave a plan applied or change its weights)."""
     key = (family, seed, num_layers)

@@ -145,27 +145,17 @@ def test_policy_that_never_skips_is_exactly_vanilla(smol, method):
 def test_policy_cached_decoding_equals_recomputation(smol, method, threshold):
     """Per-token skipping with the KV cache (lac: attention contributions dropped too, keys and values written) equals
     one uncached forward over the whole sequence that makes the same decisions."""
-    from conftest import replay
+    from conftest import greedy_with_cache, replay
     from skiplm.policies import apply_policy, make_policy
 
     model, tokenizer = smol
     ids = chat_inputs(tokenizer, ["Natalia sold clips to 48 of her friends in April. How many in May?"]).input_ids
     policy = make_policy(method, 30, threshold)
-    logits = []
     with torch.inference_mode():
         with apply_policy(model, policy, check_model=False, record=True) as handle:
-            out = model(ids, use_cache=True)
-            sequence, cache = ids, out.cache
-            logits.append(out.logits[:, -1])
-            for _ in range(10):
-                token = logits[-1].argmax(-1, keepdim=True)
-                sequence = torch.cat([sequence, token], dim=1)
-                out = model(token, cache=cache, use_cache=True)
-                cache = out.cache
-                logits.append(out.logits[:, -1])
+            sequence, cached = greedy_with_cache(model, ids, 10)
         assert handle.stats.mlp_skip_ratio("decode") > 0.05
         with apply_policy(model, replay(policy, handle.maps, 30), check_model=False):
             recomputed = model(sequence).logits[0, ids.shape[1] - 1:]
-    cached = torch.cat(logits)
     torch.testing.assert_close(cached, recomputed, atol=5e-4, rtol=1e-4)
     assert torch.equal(cached.argmax(-1), recomputed.argmax(-1))

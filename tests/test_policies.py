@@ -24,7 +24,7 @@ from skiplm.policies import (
     skip_ratio_for_speedup,
 )
 
-from conftest import FAMILIES, VOCAB, FixedMasks, cached_tiny_model, plan_for, replay
+from conftest import FAMILIES, VOCAB, FixedMasks, cached_tiny_model, greedy_with_cache, plan_for, replay
 
 LAYERS = 8  # deeper than the default tiny model, so there is room between the protected layers
 
@@ -118,21 +118,14 @@ def test_cached_decoding_equals_recomputation(family, method, parts):
     settings = {"parts": parts} if parts else {}
     policy = skipping(method, **settings)
     with apply_policy(model, policy, check_model=False, record=True) as handle:
-        out = model(ids, use_cache=True)
-        cache, logits, sequence = out.cache, [out.logits[:, -1]], ids
-        for _ in range(8):
-            token = logits[-1].argmax(-1, keepdim=True)
-            sequence = torch.cat([sequence, token], dim=1)
-            out = model(token, cache=cache, use_cache=True)
-            cache = out.cache
-            logits.append(out.logits[:, -1])
+        sequence, cached = greedy_with_cache(model, ids, 8)
     decode = handle.stats.to_json()["decode"]
     assert decode["mlp_skip_ratio"] > 0, "the test needs decode steps that skip"
     if parts == "layer":
         assert decode["attention_skip_ratio"] > 0
     with apply_policy(model, replay(policy, handle.maps, LAYERS), check_model=False):
         recomputed = model(sequence).logits[0, ids.shape[1] - 1:]
-    torch.testing.assert_close(torch.cat(logits), recomputed, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached, recomputed, atol=1e-4, rtol=1e-4)
 
 
 def test_batched_generation_with_a_policy_runs_and_counts_every_row():
