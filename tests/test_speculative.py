@@ -441,6 +441,10 @@ def test_bad_input_gets_clear_errors():
         generate(model, None, ids, mask, plan=plan_for(model), do_sample=True, temperature=0)
     with skiplm.apply(model, plan_for(model)), pytest.raises(PlanError, match="already applied"):
         SpeculativeDecoder(model, draft_dtype="bfloat16")
+    from skiplm.policies import make_policy
+
+    with pytest.raises(PlanError, match="input-adaptive policy cannot draft"):
+        SpeculativeDecoder(model, make_policy("ffn-skip", 5, 0.5, protect_first=1, protect_last=1))
     assert getattr(model, "_skiplm_handle", None) is None
 
 

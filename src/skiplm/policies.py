@@ -433,12 +433,6 @@ class PolicyHandle(Installed):
             self.remove()
             raise
 
-    plan = property(lambda self: self.policy)  # what code written for plans reads
-
-    def reset_stats(self) -> None:
-        self.stats = PolicyStats()
-        self.maps = []
-
     def _install(self) -> None:
         # Everything here runs for every token, so it is cheap: forwards are swapped (a Python call) rather than hooked
         # (a module hook costs ~12 us a call on CPU), and only the layers that need it are touched: observers up to

@@ -327,6 +327,11 @@ class SpeculativeDecoder:
             self.draft_weight_bytes = 0
 
     def _apply(self, model: nn.Module, plan: SkipPlan, check_model: bool) -> SkipHandle:
+        from .policies import is_policy
+
+        if is_policy(plan):
+            raise PlanError("a speculative draft is a static skip plan (skiplm plan); an input-adaptive policy cannot "
+                            "draft: the full model must verify with the draft switched off, which policies do not do.")
         handle = apply(model, plan, check_model=check_model)
         self._owned.append(handle)
         return handle

@@ -506,23 +506,20 @@ class Sweep:
         settings = self.point_settings(method)
         record: dict[str, Any] = {"method": method, "target": float(target), "settings_hash": settings_hash(settings),
                                   "settings": settings, "error": None}
-        if is_policy(plan):  # what it skips depends on the input: its ideal speedup is measured with its speed
-            speed = fields.get("speed", {}).get("plan", {})
+        if plan is not None:
+            if is_policy(plan):  # what it skips depends on the input: its ideal speedup was measured with its speed
+                speed = fields.get("speed", {}).get("plan", {})
+                smallest = min(self.settings.bench.batch_sizes)
+                ideal = {phase: speed.get(f"{phase}_b{smallest}", {}).get("ideal_speedup")
+                         for phase in ("decode", "prefill")}
+            else:
+                costs = CostModel.from_parameter_counts(self.model)
+                ideal = {"decode": costs.ideal_speedup(plan.decode), "prefill": costs.ideal_speedup(plan.prefill)}
             record.update({
                 "plan_file": f"{PLANS_FOLDER}/{plan_file_name(method, target)}",
                 "description": plan.describe(),
                 "plan": plan.to_json(),
-                "ideal_speedup": {phase: speed.get(f"{phase}_b{min(self.settings.bench.batch_sizes)}", {}).get(
-                    "ideal_speedup") for phase in ("decode", "prefill")},
-            })
-        elif plan is not None:
-            costs = CostModel.from_parameter_counts(self.model)
-            record.update({
-                "plan_file": f"{PLANS_FOLDER}/{plan_file_name(method, target)}",
-                "description": plan.describe(),
-                "plan": plan.to_json(),
-                "ideal_speedup": {"decode": costs.ideal_speedup(plan.decode),
-                                  "prefill": costs.ideal_speedup(plan.prefill)},
+                "ideal_speedup": ideal,
             })
         elif method == FULL:
             record.update({"description": "the full model (compared with itself)", "plan": None,
