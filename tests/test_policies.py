@@ -16,6 +16,7 @@ from skiplm.policies import (
     LAC,
     activation_summary,
     apply_policy,
+    best_last_check,
     calibrate,
     load_skipper,
     make_policy,
@@ -203,6 +204,53 @@ def test_one_token_decisions_equal_batched_decisions():
         assert torch.equal(stepwise, batched.maps[0].grid("mlp", LAYERS)), method
 
 
+def first_skipped_layers(grid: torch.Tensor) -> list[int | None]:
+    """Per token of a [layers, batch, tokens] run grid: the first layer whose MLP it skipped, or None."""
+    out = []
+    for column in grid.flatten(1).t():
+        skipped = (~column).nonzero()
+        out.append(int(skipped[0]) if len(skipped) else None)
+    return out
+
+
+@pytest.mark.parametrize("method", ["ffn-skip", "lac"])
+def test_last_check_keeps_the_halts_decided_up_to_it_and_no_others(method):
+    model, ids = deep_model("llama"), batch_ids(rows=3, length=24, seed=5)
+    threshold = {"ffn-skip": 0.8, "lac": 0.3}[method]  # tokens halt at every skippable layer, some never
+    settings = dict(protect_first=2, protect_last=1, warmup=0)
+    every = make_policy(method, LAYERS, threshold, **settings)
+    assert every.last_check == LAYERS - 1 - 2  # default: the last layer whose signal decides a skippable one
+    with apply_policy(model, every, check_model=False, record=True) as full:
+        model(ids)
+    halts = first_skipped_layers(full.maps[0].grid("mlp", LAYERS))
+    horizon = 3
+    assert any(h is not None and h - 1 <= horizon for h in halts) and any(h is None or h - 1 > horizon for h in halts)
+    early_policy = make_policy(method, LAYERS, threshold, last_check=horizon, **settings)
+    with apply_policy(model, early_policy, check_model=False, record=True) as early:
+        model(ids)
+    expected = [h if h is not None and h - 1 <= horizon else None for h in halts]
+    assert first_skipped_layers(early.maps[0].grid("mlp", LAYERS)) == expected
+
+
+def test_observers_sit_only_on_the_layers_whose_signal_can_decide():
+    model = deep_model("llama")
+    layers = model.model.layers
+    policy = make_policy("ffn-skip", LAYERS, 0.5, protect_first=3, protect_last=1, window=2, last_check=4)
+    with apply_policy(model, policy, check_model=False):
+        observed = [i for i, layer in enumerate(layers) if "forward" in vars(layer)]
+    assert observed == [1, 2, 3, 4]  # window 2 before the first skippable layer (3), up to last_check
+    with apply_policy(model, make_policy("lac", LAYERS, 0.5, protect_first=3, protect_last=1), check_model=False):
+        observed = [i for i, layer in enumerate(layers) if "forward" in vars(layer)]
+    assert observed == list(range(0, LAYERS - 2))  # lac's range needs every earlier layer's change
+    assert not any("forward" in vars(layer) for layer in layers)  # removed
+
+
+@pytest.mark.parametrize("last_check", [0, 7, 2.5, True])
+def test_last_check_out_of_range_is_refused(last_check):
+    with pytest.raises(PlanError, match="last_check"):
+        make_policy("ffn-skip", LAYERS, 0.5, protect_first=2, protect_last=1, last_check=last_check)
+
+
 # -- calibration, files, errors ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["ffn-skip", "lac"])
 def test_calibration_reaches_the_requested_skip_ratio(method):
@@ -213,6 +261,28 @@ def test_calibration_reaches_the_requested_skip_ratio(method):
     assert measured == pytest.approx(policy.provenance["calibrated_skip_ratio"])
     assert abs(measured - 0.3) < 0.05
     assert policy.model is not None  # stamped for the model it was calibrated on
+
+
+def test_automatic_last_check_weighs_saved_mlps_against_checks():
+    model = deep_model("llama")
+    batches = [batch_ids(rows=1, length=48, seed=s) for s in range(2)]
+    policy = make_policy("ffn-skip", LAYERS, 0.8, protect_first=2, protect_last=1)  # halts spread over the layers
+    latest = policy.last_check
+    assert best_last_check(model, policy, batches, check_cost=0.0) <= latest
+    # free checks: no horizon saves more than one that keeps every halt
+    free = best_last_check(model, policy, batches, check_cost=0.0)
+    with apply_policy(model, policy, check_model=False, record=True) as handle:
+        for batch in batches:
+            model(batch)
+    halts = [h for m in handle.maps for h in first_skipped_layers(m.grid("mlp", LAYERS)) if h is not None]
+    assert free == max(halts) - 1
+    # costly checks: the earliest horizon, and calibration still reaches the ratio with it
+    assert best_last_check(model, policy, batches, check_cost=100.0) == policy.protect_first - 1
+    costly = calibrate(model, "ffn-skip", batches, 0.3, protect_first=2, protect_last=1, check_cost=100.0)
+    assert costly.last_check == 1 and costly.provenance["last_check"] == "auto"
+    assert abs(measure_skip_ratio(model, costly, batches) - 0.3) < 0.05
+    fixed = calibrate(model, "ffn-skip", batches, 0.3, protect_first=2, protect_last=1, last_check=None)
+    assert fixed.last_check == latest and "last_check" not in fixed.provenance
 
 
 def test_calibration_refuses_an_unreachable_ratio():
@@ -324,5 +394,8 @@ def test_cli_policy_then_generate_eval_bench(tiny_folder, tmp_path):
                                                                      "does not combine")):
         result = run_cli("generate", tiny_folder, "--prompt", "Hi", *args)
         assert isinstance(result.exception, PlanError) and message in str(result.exception)
+    result = run_cli("policy", tiny_folder, "--method", "lac", "--skip-ratio", "0.2", "--last-check", "soon", "-o",
+                     tmp_path / "x.json")
+    assert isinstance(result.exception, PlanError) and "--last-check" in str(result.exception)
     result = run_cli("export", tiny_folder, "--plan", policy_file, "-o", tmp_path / "out")
     assert isinstance(result.exception, PlanError) and "no fixed set of layers" in str(result.exception)

@@ -154,13 +154,16 @@ def plan(model, method, speedup, skip, latency_ms, max_kl, unit, iterative, corp
               help="the first N positions of a sequence always run every layer")
 @click.option("--prefill", type=click.Choice(["same", "full"]), default="same", show_default=True,
               help="prefill uses the same threshold, or runs every layer")
+@click.option("--last-check", default="auto", show_default=True,
+              help="last layer whose signal may halt a token: a layer index, 'all' (every layer that can), or 'auto' "
+                   "(the horizon where later halts stop paying for the checks on the calibration text)")
 @click.option("--corpus", default="gsm8k", show_default=True, help="calibration text: gsm8k, pydoc, or a text file")
 @click.option("--sequences", default=4, show_default=True, type=click.IntRange(min=1), help="calibration sequences")
 @click.option("--length", default=256, show_default=True, type=click.IntRange(min=2), help="tokens per sequence")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="policy file to write (JSON)")
 @_model_options
 def policy_command(model, method, skip_ratio, speedup, parts, window, protect_first, protect_last, warmup, prefill,
-                   corpus, sequences, length, out, dtype, device):
+                   last_check, corpus, sequences, length, out, dtype, device):
     """Calibrate an input-adaptive skipping policy for MODEL and save it.
 
     The threshold is set so that the policy skips --skip-ratio of all token-MLPs on the calibration text (or the
@@ -174,6 +177,9 @@ def policy_command(model, method, skip_ratio, speedup, parts, window, protect_fi
 
     if (skip_ratio is None) == (speedup is None):
         raise PlanError("give exactly one of --skip-ratio (e.g. 0.25) or --speedup (e.g. 1.2).")
+    if last_check not in ("auto", "all") and not last_check.isdigit():
+        raise PlanError(f"--last-check must be a layer index, 'all' or 'auto', got {last_check!r}.")
+    last_check = int(last_check) if last_check.isdigit() else {"auto": "auto", "all": None}[last_check]
     settings = {"protect_first": protect_first, "protect_last": protect_last, "warmup": warmup}
     settings.update({"window": window} if method == "ffn-skip" else {"parts": parts})
     hf_model, tokenizer = _load(model, dtype, device)
@@ -186,7 +192,7 @@ def policy_command(model, method, skip_ratio, speedup, parts, window, protect_fi
         skip_ratio = skip_ratio_for_speedup(latency, latency.num_layers, speedup)
     with _progress() as progress:
         task = progress.add_task(f"calibrating {method}", total=None)
-        policy = calibrate(hf_model, method, calibration, skip_ratio, prefill=prefill,
+        policy = calibrate(hf_model, method, calibration, skip_ratio, prefill=prefill, last_check=last_check,
                            progress=lambda done, total: progress.update(task, completed=done, total=total), **settings)
     policy.provenance.update({"corpus": calibration.source, "sequences": sequences, "length": length,
                               "model_name": model, "seconds": time.perf_counter() - start})

@@ -68,6 +68,7 @@ class HaltingPolicy:
     protect_first: int | None = None  # None: ceil(num_layers / 8) (4 of 30)
     protect_last: int | None = None  # None: ceil(num_layers / 16) (2 of 30)
     warmup: int = 4
+    last_check: int | None = None  # None: the last layer whose signal can still halt a token (layers - protect_last - 2)
     model: ModelIdentity | None = None
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -100,12 +101,28 @@ class HaltingPolicy:
                 f"{self.method}: protect_first={self.protect_first} and protect_last={self.protect_last} protect every "
                 f"one of the {self.num_layers} layers, so nothing could be skipped; lower them."
             )
+        self._skippable = range(self.protect_first, self.num_layers - self.protect_last)
+        latest = self._skippable.stop - 2  # a signal decides the next layer, which must be skippable
+        if self.last_check is None:
+            self.last_check = latest
+        if (isinstance(self.last_check, bool) or not isinstance(self.last_check, int)
+                or not self.protect_first - 1 <= self.last_check <= latest):
+            raise PlanError(f"{self.method}: last_check must be a layer from {self.protect_first - 1} to {latest} (the "
+                            f"last layer whose signal may halt a token), got {self.last_check!r}.")
         self._state: dict[str, Any] = {}
 
     # -- what the runtime calls
     @property
     def skippable(self) -> range:
-        return range(self.protect_first, self.num_layers - self.protect_last)
+        return self._skippable
+
+    @property
+    def observed(self) -> range:
+        """The layers whose output the policy reads: from the first that can matter to ``last_check``."""
+        return range(self._first_observed(), self.last_check + 1)
+
+    def _first_observed(self) -> int:
+        return 0
 
     def begin(self, phase: str, batch: int, tokens: int, start: int, device: torch.device) -> None:
         """A forward pass starts: ``tokens`` new tokens per row at positions ``start``, ``start + 1``, ...
@@ -133,7 +150,7 @@ class HaltingPolicy:
     def run_mask(self, layer: int, part: str) -> torch.Tensor | bool | None:
         """Which tokens run ``part`` of ``layer``: None (every token), False (none), or a [batch, tokens] bool mask."""
         state = self._state
-        if not state.get("any_halted") or layer not in self.skippable:
+        if not state.get("any_halted") or layer not in self._skippable:
             return None
         if part == "attention" and not self.skips_attention:
             return None
@@ -145,7 +162,7 @@ class HaltingPolicy:
                 layer_output: torch.Tensor) -> None:
         """Layer ``layer`` ran: update which tokens have halted (their next skippable layers will be skipped)."""
         state = self._state
-        if not state.get("active") or state["all_halted"] or layer >= self.skippable.stop - 1:
+        if not state.get("active") or state["all_halted"] or layer > self.last_check:
             return
         settled = self._signal(layer, layer_input, mlp_input, layer_output, state["threshold"])
         if state["scalar"]:  # halting is for good, as in the tensor path below
@@ -171,13 +188,14 @@ class HaltingPolicy:
     # -- description and files
     def settings(self) -> dict[str, Any]:
         return {"thresholds": dict(self.thresholds), "protect_first": self.protect_first,
-                "protect_last": self.protect_last, "warmup": self.warmup}
+                "protect_last": self.protect_last, "warmup": self.warmup, "last_check": self.last_check}
 
     def describe(self) -> str:
         phases = ", ".join(f"{p} {self._format_threshold(v)}" for p, v in self.thresholds.items())
         ratio = self.provenance.get("calibrated_skip_ratio")
         calibrated = f"; {ratio:.0%} of MLPs skipped on calibration text" if isinstance(ratio, float) else ""
-        return (f"{self.method} ({phases}; layers {self.skippable.start}-{self.skippable.stop - 1} skippable, "
+        checks = "" if self.last_check == self.skippable.stop - 2 else f", halting decided up to layer {self.last_check}"
+        return (f"{self.method} ({phases}; layers {self.skippable.start}-{self.skippable.stop - 1} skippable{checks}, "
                 f"first {self.warmup} positions full{calibrated})")
 
     def _format_threshold(self, value: float | None) -> str:
@@ -228,6 +246,10 @@ class FFNSkip(HaltingPolicy):
         super().__post_init__()
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise PlanError(f"ffn-skip: window must be a positive integer, got {self.window!r}.")
+
+    def _first_observed(self) -> int:
+        # a decision that takes effect needs the `window` layers before the first skippable one, no earlier ones
+        return max(0, self.protect_first - self.window)
 
     def _begin_signal(self) -> None:
         self._state["streak"] = 0 if self._state["scalar"] else torch.zeros_like(self._state["halted"], dtype=torch.int32)
@@ -436,18 +458,18 @@ class PolicyHandle(Installed):
     def _install(self) -> None:
         # Everything here runs for every token, so it is cheap: forwards are swapped (a Python call) rather than hooked
         # (a module hook costs ~12 us a call on CPU), and only the layers that need it are touched: observers up to
-        # the last layer whose signal can still decide something, run masks on the skippable layers.
+        # `last_check`, run masks on the skippable layers.
         adapter = get_adapter(self.model)
         layers = adapter.decoder_layers(self.model)
-        skippable = self.policy.skippable
+        skippable, observed = self.policy.skippable, self.policy.observed
         self._hook(decoder_stack(self.model).register_forward_pre_hook(self._begin, with_kwargs=True))  # per forward
         for index, layer in enumerate(layers):
             mlp, mlp_norms = adapter.branch_modules(layer, "mlp")
             mlp_input = _get_path(layer, adapter.mlp_input)
-            observed = index < skippable.stop - 1
-            remember = observed and self.policy.observes_mlp_input
+            observes = index in observed
+            remember = observes and self.policy.observes_mlp_input
             skip = index in skippable
-            if observed:
+            if observes:
                 self._swap(layer, self._observed_layer_forward(layer.forward, index))
             if skip:
                 # the branch's norms too: a token that skips the MLP skips them (as a static skip does)
@@ -470,14 +492,13 @@ class PolicyHandle(Installed):
         self.phase = phase = "decode" if start > 0 else "prefill"
         self._tokens = (batch, tokens)
         self._masks = {}
-        stats, skippable = self.stats, len(self.policy.skippable)
-        always = (self.policy.num_layers - skippable) * batch * tokens
-        attention_always = always + (0 if self.policy.skips_attention else skippable * batch * tokens)
+        # every sublayer is counted as run now; _decide uncounts the token-sublayers a mask skips (cheaper per layer)
+        stats, count = self.stats, batch * tokens * self.policy.num_layers
         stats.tokens[phase] += batch * tokens
-        stats.mlp_total[phase] += always
-        stats.mlp_run[phase] += always
-        stats.attention_total[phase] += attention_always
-        stats.attention_run[phase] += attention_always
+        stats.mlp_total[phase] += count
+        stats.mlp_run[phase] += count
+        stats.attention_total[phase] += count
+        stats.attention_run[phase] += count
         self.policy.begin(phase, batch, tokens, start, source.device)
         if self.record:
             self.maps.append(ActivationMap(phase, start, batch, tokens))
@@ -515,15 +536,12 @@ class PolicyHandle(Installed):
     def _decide(self, index: int, part: str) -> torch.Tensor | None:
         """The run mask of one skippable sublayer, counted; None: every token runs (also in a dry run)."""
         mask = self.policy.run_mask(index, part)
-        batch, tokens = self._tokens
-        stats, phase = self.stats, self.phase
-        total, run = (stats.mlp_total, stats.mlp_run) if part == "mlp" else (stats.attention_total, stats.attention_run)
-        total[phase] += batch * tokens
-        if mask is None:
-            run[phase] += batch * tokens
-        elif mask is not False:
-            run[phase] += int(mask.sum())
+        if mask is not None:
+            batch, tokens = self._tokens
+            run = self.stats.mlp_run if part == "mlp" else self.stats.attention_run
+            run[self.phase] -= batch * tokens - (0 if mask is False else int(mask.sum()))
         if self.record:
+            batch, tokens = self._tokens
             getattr(self.maps[-1], part)[index] = (torch.full((batch, tokens), mask is None) if not torch.is_tensor(mask)
                                                    else mask.cpu())
         return None if self.dry_run else mask
@@ -586,10 +604,22 @@ def max_skip_ratio(num_layers: int, protect_first: int, protect_last: int) -> fl
     return (num_layers - protect_first - protect_last) / num_layers
 
 
+# One per-layer check (the signal, a cosine or norms) against one MLP sublayer, at batch-1 decode on the 2-core CPU
+# of FACTS.md: ~45 us between the model's large matrix products (its caches are cold) against ~0.8 ms.
+CHECK_COST_IN_MLPS = 0.05
+
+
 def calibrate(model: nn.Module, method: str, batches: Sequence[torch.Tensor], ratio: float, *, steps: int = 14,
-              prefill: str = "same", progress: Callable[[int, int], None] | None = None, **settings: Any) -> HaltingPolicy:
+              prefill: str = "same", last_check: int | str | None = "auto", check_cost: float = CHECK_COST_IN_MLPS,
+              progress: Callable[[int, int], None] | None = None, **settings: Any) -> HaltingPolicy:
     """A ``method`` policy whose threshold skips ``ratio`` of all token-MLPs on the calibration batches (bisection
-    on the threshold; the ratio is monotone in it). ``prefill``: "same" or "full" (prefill runs every layer)."""
+    on the threshold; the ratio is monotone in it). ``prefill``: "same" or "full" (prefill runs every layer).
+
+    ``last_check``: the last layer whose signal may halt a token (None: every layer that can). "auto" picks it from
+    the calibration text: the horizon that maximises the MLPs saved minus the cost of the checks, each check costing
+    ``check_cost`` MLPs (a token that never halts pays a check at every observed layer, and halts late in the stack
+    save little), then calibrates the threshold again with it.
+    """
     num_layers = count_layers(model)
     probe = make_policy(method, num_layers, 0.0, **settings)
     ceiling = max_skip_ratio(num_layers, probe.protect_first, probe.protect_last)
@@ -601,6 +631,33 @@ def calibrate(model: nn.Module, method: str, batches: Sequence[torch.Tensor], ra
         )
     if prefill not in ("same", "full"):
         raise PlanError(f"prefill must be 'same' or 'full', got {prefill!r}.")
+    auto = last_check == "auto"
+    if isinstance(last_check, str) and not auto:
+        raise PlanError(f"last_check must be a layer index, None or 'auto', got {last_check!r}.")
+    total = 2 * steps if auto else steps
+    report = (lambda done: progress(done, total)) if progress else (lambda done: None)
+    settings = {**settings, "last_check": None if auto else last_check}
+    threshold, measured = _bisect(model, method, batches, ratio, steps, settings, report)
+    if auto:
+        chosen = best_last_check(model, make_policy(method, num_layers, threshold, **settings), batches, check_cost)
+        if chosen != probe.skippable.stop - 2:
+            settings["last_check"] = chosen
+            threshold, measured = _bisect(model, method, batches, ratio, steps, settings,
+                                          lambda done: report(steps + done))
+        report(total)
+    policy = make_policy(method, num_layers, threshold, prefill_threshold="same" if prefill == "same" else None,
+                         **settings)
+    tokens = sum(int(b.numel()) for b in batches)
+    policy.provenance = {"method": method, "target_skip_ratio": ratio, "calibrated_skip_ratio": measured,
+                         "calibration_tokens": tokens}
+    if auto:
+        policy.provenance.update(last_check="auto", check_cost_in_mlps=check_cost)
+    return policy.for_model(model)
+
+
+def _bisect(model, method, batches, ratio, steps, settings, report) -> tuple[float, float]:
+    """(threshold, measured ratio) of the bisection step closest to ``ratio``."""
+    num_layers = count_layers(model)
     low, high = _THRESHOLD_RANGE[method]
     more_with_larger = _MORE_SKIPS_WITH_LARGER[method]
     best: tuple[float, float] | None = None
@@ -613,15 +670,38 @@ def calibrate(model: nn.Module, method: str, batches: Sequence[torch.Tensor], ra
             low = middle
         else:
             high = middle
-        if progress:
-            progress(step + 1, steps)
-    threshold, measured = best
-    policy = make_policy(method, num_layers, threshold, prefill_threshold="same" if prefill == "same" else None,
-                         **settings)
-    tokens = sum(int(b.numel()) for b in batches)
-    policy.provenance = {"method": method, "target_skip_ratio": ratio, "calibrated_skip_ratio": measured,
-                         "calibration_tokens": tokens}
-    return policy.for_model(model)
+        report(step + 1)
+    return best
+
+
+@torch.no_grad()
+def best_last_check(model: nn.Module, policy: HaltingPolicy, batches: Sequence[torch.Tensor],
+                    check_cost: float = CHECK_COST_IN_MLPS) -> int:
+    """The ``last_check`` that maximises, over the calibration tokens, MLPs saved minus ``check_cost`` x checks,
+    from where ``policy`` (checking every layer it can) halts each token. A token that halts at layer k was checked
+    at the observed layers before k and saves the MLPs from k on; with a horizon before k-1 it would not halt, and
+    would be checked at every observed layer up to the horizon."""
+    with apply_policy(model, policy, check_model=False, record=True) as handle:
+        for batch in batches:
+            model(batch)
+    halts = torch.cat([_first_skipped_layer(m.grid("mlp", policy.num_layers)) for m in handle.maps])
+    first, stop = policy.observed.start, policy.skippable.stop
+    halted = halts < policy.num_layers
+    best: tuple[float, int] | None = None
+    for horizon in range(policy.protect_first - 1, stop - 1):
+        kept = halted & (halts - 1 <= horizon)
+        saved = float((stop - halts[kept]).sum())
+        checks = float((halts[kept] - first).sum()) + float((~kept).sum()) * (horizon - first + 1)
+        net = saved - check_cost * checks
+        if best is None or net > best[0]:
+            best = (net, horizon)
+    return best[1]
+
+
+def _first_skipped_layer(grid: torch.Tensor) -> torch.Tensor:
+    """Per token of a [layers, batch, tokens] run grid: the first layer whose MLP it skipped (layers if none)."""
+    skipped = (~grid).flatten(1)
+    return torch.where(skipped.any(0), skipped.int().argmax(0), grid.shape[0])
 
 
 def skip_ratio_for_speedup(latency, num_layers: int, speedup: float) -> float:
