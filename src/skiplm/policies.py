@@ -27,8 +27,10 @@ Execution (how a decision becomes saved time):
   skiplm does not copy.)
 
 Decisions are made before the sublayer they govern runs, from what the token has already computed: the signal of
-layer l-1 decides layer l. The per-token overhead (a cosine or two norms per layer, a few tensor ops) is measured by
-``skiplm bench --policy`` (``dry_run`` computes every decision but skips nothing).
+layer l-1 decides layer l. Only the layers whose signal can matter are read, up to ``last_check`` (the last layer
+whose signal may halt a token; :func:`calibrate` picks it where later halts stop paying for their checks): at batch-1
+decode on CPU a check costs ~45 us, because every small op between the model's large matrix products runs with cold
+caches. The per-token overhead is measured by ``skiplm bench --policy`` (``dry_run`` decides but skips nothing).
 """
 
 from __future__ import annotations
