@@ -4,6 +4,7 @@ full model's distribution, draft length adapts, fallback keeps it from being slo
 from __future__ import annotations
 
 import math
+import json
 
 import pytest
 import torch
@@ -461,3 +462,34 @@ def test_cli_generate_speculative(tiny_folder, tmp_path):
     assert result.exception is None, result.output
     result = run_cli("generate", tiny_folder, "--speculative", "--prompt", "Hello")
     assert isinstance(result.exception, PlanError) and "draft" in str(result.exception)
+
+
+# -- the benchmark command ---------------------------------------------------------------------------------------------
+def test_speculative_bench_command_measures_and_every_output_is_identical(tiny_folder, tmp_path):
+    from conftest import run_cli
+
+    plan_path = skiplm.SkipPlan.from_layers(4, blocks=[1]).save(tmp_path / "skip1.json")
+    out = tmp_path / "spec"
+    result = run_cli("bench-speculative", tiny_folder, "--draft-plan", plan_path, "--draft-dtype", "bfloat16",
+                     "--force", "--limit", 4, "--batch-sizes", "1,4", "--new-tokens", 8, "--repeats", 2, "-o", out)
+    assert result.exception is None, result.output
+    data = json.loads((out / "speculative.json").read_text())
+    assert data["drafts"] == {"skip1": "skip blocks 1 of 4 layers", "bfloat16": "bfloat16 copy"}
+    assert set(data["results"]) == {"gsm8k_b1", "gsm8k_b4", "pydoc_b1", "pydoc_b4"}
+    for key, entry in data["results"].items():
+        assert entry["rows"] == 4 and entry["plain"]["tokens"] > 0
+        for name in ("skip1", "bfloat16"):
+            measured = entry[name]
+            assert measured["identical_rows"] == 4 * 2, (key, name)  # greedy speculative == plain greedy, every row
+            assert len(measured["speedup_per_round"]) == 2 and measured["speedup"] > 0
+            assert 0 <= measured["acceptance_rate"] <= 1
+    assert data["results"]["pydoc_b1"]["bfloat16"]["draft_weight_mib"] > 0
+    assert data["results"]["pydoc_b1"]["skip1"]["draft_weight_mib"] == 0
+    assert "| pydoc | 4 | bfloat16 |" in (out / "speculative.md").read_text()
+    assert (out / "speculative.png").stat().st_size > 1000
+
+    result = run_cli("bench-speculative", tiny_folder, "-o", out)
+    assert isinstance(result.exception, PlanError) and "give a draft" in str(result.exception)
+    result = run_cli("bench-speculative", tiny_folder, "--draft-dtype", "bfloat16", "--limit", 2, "--batch-sizes", "4",
+                     "-o", out)
+    assert isinstance(result.exception, DataError) and "batch 4 needs more" in str(result.exception)

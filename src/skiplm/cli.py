@@ -861,6 +861,53 @@ def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, 
     console.print(f"wrote {paths['json']}, {paths['markdown']}")
 
 
+@cli.command("bench-speculative")
+@MODEL_ARGUMENT
+@click.option("--draft-plan", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="a draft: the model under this plan (repeat for several)")
+@click.option("--draft-dtype", "dtypes", multiple=True,
+              help="a draft: a copy of the weights in this dtype, full depth (e.g. bfloat16; repeat for several)")
+@click.option("--prompts", "prompt_sets", default="gsm8k,pydoc", show_default=True,
+              help="prompt sets: gsm8k (questions in the chat template), pydoc (64-token text chunks to continue)")
+@click.option("--limit", default=8, show_default=True, type=click.IntRange(min=1), help="prompts per set")
+@click.option("--batch-sizes", default="1,4,8", show_default=True)
+@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-draft", default=6, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="rounds over every batch")
+@click.option("--force", is_flag=True, help="use draft plans made for other weights")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="results/speculative", show_default=True)
+@_model_options
+def bench_speculative(model, plan_paths, dtypes, prompt_sets, limit, batch_sizes, new_tokens, max_draft, repeats, force,
+                      out, dtype, device):
+    """Self-speculative decoding against plain greedy decoding in the same run: tokens/s, speedup, acceptance,
+    fallbacks and identical output, per prompt set, batch size and draft (JSON, markdown, plot in --out)."""
+    from .errors import PlanError
+    from .reporting import machine_info, write_json
+    from .speculative_bench import Draft, markdown, plot, prompt_set, run_speculative_bench
+
+    if not plan_paths and not dtypes:
+        raise PlanError("give a draft: --draft-plan PLAN (the layers it skips) and/or --draft-dtype DTYPE.")
+    batches = _ints(batch_sizes, "--batch-sizes")
+    hf_model, tokenizer = _load(model, dtype, device)
+    drafts = [Draft(Path(path).stem, plan=_load_plan(path, hf_model, force)) for path in plan_paths]
+    drafts += [Draft(name, dtype=name) for name in dtypes]
+    prompts = {name: prompt_set(tokenizer, name, limit) for name in prompt_sets.split(",") if name.strip()}
+    with console.status("decoding") as status:
+        result = run_speculative_bench(hf_model, prompts, drafts, batch_sizes=batches, new_tokens=new_tokens,
+                                       repeats=repeats, max_draft=max_draft, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id or 0,
+                                       progress=lambda text: status.update(f"decoding: {text}"))
+    settings = {"model": model, "command": _command_line(), "machine": machine_info(device), "limit": limit,
+                "new_tokens": new_tokens, "max_draft": max_draft, "repeats": repeats, "batch_sizes": list(batches)}
+    out = Path(out)
+    write_json(out / "speculative.json", {"kind": "speculative-bench", "settings": settings, **result})
+    text = markdown(result, settings)
+    (out / "speculative.md").write_text(text)
+    plot(result, out / "speculative.png", f"self-speculative decoding, {model}")
+    console.print(text)
+    console.print(f"wrote {out}/speculative.json, speculative.md, speculative.png")
+
+
 @cli.command("report")
 @click.argument("results", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default="report.html", show_default=True,

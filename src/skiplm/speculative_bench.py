@@ -1,0 +1,225 @@
+"""Self-speculative decoding against plain greedy decoding, in the same run: tokens/s, speedup, acceptance, fallbacks,
+and whether every output was identical — per prompt set, batch size and draft. Writes JSON + markdown + a plot.
+
+Each measurement unit is one batch of prompts: plain greedy decoding (:func:`~skiplm.speculative.plain_generate`) and
+then every draft decode it, in an order that alternates between rounds; a draft's speedup is the plain time over its
+time summed over the batches of a round, and the median over rounds is reported (with a bootstrap interval when there
+are several). A draft's fallback monitor and adaptive draft length are kept for the whole run, so they carry over
+between batches as they would in use; a skip-plan draft is applied to the model only for its own turns (several plan
+drafts share the one model), a lower-precision copy is made once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DataError
+from .plan import SkipPlan
+from .speculative import AdaptiveDraftLength, SpeculativeDecoder, SpeculativeOutput, SpeculativeStats, SpeedMonitor, plain_generate
+
+PROMPT_SETS = ("gsm8k", "pydoc")
+
+
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    name: str
+    plan: SkipPlan | None = None
+    dtype: str | None = None
+
+    def describe(self) -> str:
+        parts = [self.plan.describe() if self.plan is not None else "", f"{self.dtype} copy" if self.dtype else ""]
+        return "; ".join(p for p in parts if p) or "full model"
+
+
+def prompt_set(tokenizer, name: str, count: int, pydoc_tokens: int = 64) -> list[list[int]]:
+    """``count`` prompts as token ids: ``gsm8k`` questions in the chat template, or ``pydoc`` text chunks of
+    ``pydoc_tokens`` tokens to continue."""
+    from .agreement import encode_prompts, gsm8k_prompts
+    from .data import load_corpus
+    from .evaluate import tokenize_corpus
+
+    if name == "gsm8k":
+        return encode_prompts(tokenizer, gsm8k_prompts(count), chat=True)
+    if name == "pydoc":
+        ids = tokenize_corpus(tokenizer, load_corpus("pydoc"), count * pydoc_tokens)
+        return [ids[i * pydoc_tokens:(i + 1) * pydoc_tokens].tolist() for i in range(count)]
+    raise DataError(f"unknown prompt set {name!r}; available: {', '.join(PROMPT_SETS)}.")
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.as_tensor(list(prompt))
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def run_speculative_bench(model: nn.Module, prompts: dict[str, list[list[int]]], drafts: Sequence[Draft], *,
+                          batch_sizes: Sequence[int] = (1, 4, 8), new_tokens: int = 128, repeats: int = 1,
+                          max_draft: int = 6, eos_token_id=None, pad_token_id: int = 0,
+                          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time plain greedy decoding and every draft on each prompt set and batch size (see the module docstring)."""
+    if not drafts:
+        raise DataError("give at least one draft: a plan (the layers it skips) and/or a dtype.")
+    if repeats < 1 or new_tokens < 1 or not batch_sizes or min(batch_sizes) < 1:
+        raise DataError("repeats, new tokens and batch sizes must be positive.")
+    decoders = {d.name: _DraftRunner(model, d) for d in drafts}
+    results: dict[str, Any] = {}
+    try:
+        for set_name, encoded in prompts.items():
+            for batch in batch_sizes:
+                if len(encoded) < batch:
+                    raise DataError(f"prompt set {set_name!r} has {len(encoded)} prompts; batch {batch} needs more.")
+                groups = [encoded[i:i + batch] for i in range(0, len(encoded) - batch + 1, batch)]
+                key = f"{set_name}_b{batch}"
+                if progress:
+                    progress(f"{set_name}, batch {batch}: {len(groups)} batch(es) x {repeats} round(s)")
+                results[key] = _measure(model, decoders, groups, repeats, new_tokens, max_draft, eos_token_id,
+                                        pad_token_id)
+    finally:
+        for decoder in decoders.values():
+            decoder.close()
+    return {"results": results, "drafts": {d.name: d.describe() for d in drafts}}
+
+
+class _DraftRunner:
+    """One draft across the whole run: its adaptive draft length and fallback monitor persist between generations."""
+
+    def __init__(self, model: nn.Module, draft: Draft):
+        self.model, self.draft = model, draft
+        self.length, self.monitor = AdaptiveDraftLength(), SpeedMonitor()
+        # a lower-precision copy is made once; a plan is applied to the shared model only while it drafts
+        self.copy = (SpeculativeDecoder(model, draft.plan, draft_dtype=draft.dtype, draft_length=self.length)
+                     if draft.dtype else None)
+
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, **options: Any) -> SpeculativeOutput:
+        if self.copy is not None:
+            return self.copy.generate(ids, mask, fallback=self.monitor, **options)
+        with SpeculativeDecoder(self.model, self.draft.plan, draft_length=self.length) as decoder:
+            return decoder.generate(ids, mask, fallback=self.monitor, **options)
+
+    def close(self) -> None:
+        if self.copy is not None:
+            self.copy.close()
+
+
+def _measure(model, decoders, groups, repeats, new_tokens, max_draft, eos_token_id, pad_token_id) -> dict[str, Any]:
+    names = ["plain", *decoders]
+    seconds = {name: [0.0] * repeats for name in names}
+    tokens = dict.fromkeys(names, 0)
+    stats = {name: [] for name in decoders}
+    identical = dict.fromkeys(decoders, 0)
+    rows = 0
+    for round_index in range(repeats):
+        for group_index, group in enumerate(groups):
+            ids, mask = left_padded(group, pad_token_id)
+            order = names if (round_index + group_index) % 2 == 0 else names[::-1]  # alternate who goes first
+            outputs = {}
+            for name in order:
+                start = time.perf_counter()
+                if name == "plain":
+                    outputs[name] = plain_generate(model, ids, mask, max_new_tokens=new_tokens,
+                                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                else:
+                    result = decoders[name].generate(ids, mask, max_new_tokens=new_tokens, max_draft=max_draft,
+                                                     eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                    outputs[name] = result.tokens
+                    stats[name].append(result.stats)
+                seconds[name][round_index] += time.perf_counter() - start
+                if round_index == 0:
+                    tokens[name] += sum(len(row) for row in outputs[name])
+            for name in decoders:
+                identical[name] += sum(a == b for a, b in zip(outputs[name], outputs["plain"]))
+            rows += len(group) if round_index == 0 else 0
+    plain_rate = tokens["plain"] / statistics.median(seconds["plain"])
+    out: dict[str, Any] = {"rows": rows, "plain": {"seconds": seconds["plain"], "tokens": tokens["plain"],
+                                                   "tokens_per_second": plain_rate}}
+    for name in decoders:
+        ratios = [p / s for p, s in zip(seconds["plain"], seconds[name])]
+        out[name] = {
+            "seconds": seconds[name], "tokens": tokens[name],
+            "tokens_per_second": tokens[name] / statistics.median(seconds[name]),
+            "speedup": statistics.median(ratios), "speedup_per_round": ratios,
+            "identical_rows": identical[name], **_pooled(stats[name]),
+        }
+    return out
+
+
+def _pooled(all_stats: list[SpeculativeStats]) -> dict[str, Any]:
+    drafted = sum(s.drafted for s in all_stats)
+    accepted = sum(s.accepted for s in all_stats)
+    row_rounds = sum(s.row_rounds for s in all_stats)
+    committed = sum(s.committed_from_draft for s in all_stats)
+    return {
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "mean_accepted_per_round": accepted / row_rounds if row_rounds else 0.0,
+        "tokens_per_round": committed / row_rounds + 1 if row_rounds else 0.0,
+        "rounds": sum(s.rounds for s in all_stats),
+        "plain_steps": sum(s.plain_steps for s in all_stats),
+        "fallbacks": sum(s.fallbacks for s in all_stats),
+        "fallback_steps": sum(s.fallback_steps for s in all_stats),
+        "draft_seconds": sum(s.draft_seconds for s in all_stats),
+        "verify_seconds": sum(s.verify_seconds for s in all_stats),
+        "draft_weight_mib": max((s.draft_weight_bytes for s in all_stats), default=0) / 2**20,
+    }
+
+
+def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
+    from .reporting import markdown_table
+
+    headers = ["prompts", "batch", "draft", "plain tok/s", "draft tok/s", "speedup", "acceptance",
+               "accepted / round", "tokens / round", "fallbacks (plain steps)", "identical rows", "extra MiB"]
+    rows = []
+    for key, entry in result["results"].items():
+        set_name, batch = key.rsplit("_b", 1)
+        for name in result["drafts"]:
+            d = entry[name]
+            rows.append([set_name, batch, name, f"{entry['plain']['tokens_per_second']:.1f}",
+                         f"{d['tokens_per_second']:.1f}", f"{d['speedup']:.3f}x", f"{d['acceptance_rate']:.0%}",
+                         f"{d['mean_accepted_per_round']:.2f}", f"{d['tokens_per_round']:.2f}",
+                         f"{d['fallbacks']} ({d['fallback_steps']})", f"{d['identical_rows']}/{entry['rows'] * settings['repeats']}",
+                         f"{d['draft_weight_mib']:.0f}"])
+    drafts = "\n".join(f"- `{name}`: {text}" for name, text in result["drafts"].items())
+    return (f"# Self-speculative decoding vs plain greedy, {settings['model']}\n\n"
+            f"{settings['machine']['cpu']}, {settings['machine']['torch_threads']} threads, torch "
+            f"{settings['machine']['torch']}; {settings['new_tokens']} new tokens per row, greedy, max draft "
+            f"{settings['max_draft']}; {settings['repeats']} round(s), every batch decoded plainly and by each draft "
+            "in alternating order; speedup = plain time / draft time (median over rounds), search time 0 (the "
+            "drafts are given). Identical rows: speculative output equal to plain greedy, token for token.\n\n"
+            f"Drafts:\n{drafts}\n\n" + markdown_table(headers, rows) + "\n![speedups](speculative.png)\n")
+
+
+def plot(result: dict[str, Any], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(result["results"])
+    names = list(result["drafts"])
+    width = 0.8 / len(names)
+    fig, axis = plt.subplots(figsize=(max(6, 1.2 * len(keys) + 2), 4))
+    for i, name in enumerate(names):
+        values = [result["results"][k][name]["speedup"] for k in keys]
+        axis.bar([x + i * width for x in range(len(keys))], values, width, label=name)
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(keys))])
+    axis.set_xticklabels([k.replace("_b", "\nbatch ") for k in keys])
+    axis.set_ylabel("speedup vs plain greedy (same run)")
+    axis.set_title(title)
+    axis.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
