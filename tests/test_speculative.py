@@ -493,3 +493,27 @@ def test_speculative_bench_command_measures_and_every_output_is_identical(tiny_f
     result = run_cli("bench-speculative", tiny_folder, "--draft-dtype", "bfloat16", "--limit", 2, "--batch-sizes", "4",
                      "-o", out)
     assert isinstance(result.exception, DataError) and "batch 4 needs more" in str(result.exception)
+
+
+def test_draft_search_times_the_candidates_and_saves_the_fastest(tiny_folder, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "draft.json"
+    result = run_cli("draft-search", tiny_folder, "--max-blocks", 2, "--limit", 2, "--new-tokens", 6, "-o", out)
+    assert result.exception is None, result.output
+    search = json.loads((tmp_path / "draft.search.json").read_text())
+    assert set(search["speedups"]) == {"skip-1-blocks", "skip-2-blocks"}
+    assert search["best"] == max(search["speedups"], key=search["speedups"].get)
+    assert search["pays"] == (search["speedups"][search["best"]] > 1.0)
+    measured = search["measured"]["results"]["calibration_b1"]
+    assert all(measured[name]["identical_rows"] == 2 for name in search["speedups"])  # exact while searching too
+    assert all(measured[name]["fallbacks"] == 0 for name in search["speedups"])  # each candidate speculated throughout
+    plan = skiplm.SkipPlan.load(out)
+    assert len(plan.decode.blocks) == int(search["best"].split("-")[1])
+    assert plan.provenance["draft_search"]["speedups"] == search["speedups"]
+    result = run_cli("bench-speculative", tiny_folder, "--draft-plan", out, "--limit", 1, "--batch-sizes", "1",
+                     "--new-tokens", 4, "--prompts", "pydoc", "-o", tmp_path / "bench")
+    assert result.exception is None, result.output
+    overall = json.loads((tmp_path / "bench" / "speculative.json").read_text())["overall"]["draft"]
+    assert overall["search_seconds"] == pytest.approx(search["seconds"])  # the search counts against the draft
+    assert overall["speedup_with_search"] < overall["plain_seconds"] / overall["draft_seconds"]

@@ -908,6 +908,57 @@ def bench_speculative(model, plan_paths, dtypes, prompt_sets, limit, batch_sizes
     console.print(f"wrote {out}/speculative.json, speculative.md, speculative.png")
 
 
+@cli.command("draft-search")
+@MODEL_ARGUMENT
+@click.option("--max-blocks", default=6, show_default=True, type=click.IntRange(min=1),
+              help="candidates: skip the 1..N blocks of lowest Block Influence (ranked on gsm8k calibration text)")
+@click.option("--prompts", "prompt_source", default="gsm8k", show_default=True, type=click.Choice(["gsm8k", "pydoc"]),
+              help="calibration prompts the candidates are timed on")
+@click.option("--limit", default=2, show_default=True, type=click.IntRange(min=1), help="calibration prompts")
+@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-draft", default=6, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="draft plan file to write (JSON)")
+@_model_options
+def draft_search(model, max_blocks, prompt_source, limit, new_tokens, max_draft, out, dtype, device):
+    """Choose a self-speculative draft plan for MODEL by measurement: each candidate drafts whole generations on
+    calibration prompts at batch 1, timed against plain greedy decoding; the fastest is saved as a plan for
+    `generate --speculative --plan` and `bench-speculative --draft-plan`."""
+    from .planners import get_planner, load_calibration
+    from .reporting import write_json
+    from .speculative_bench import Draft, prompt_set, search_draft
+
+    hf_model, tokenizer = _load(model, dtype, device)
+    start = time.perf_counter()
+    with console.status("ranking blocks by Block Influence"):
+        calibration = load_calibration(tokenizer, "gsm8k", 2, 256)
+        planner = get_planner("block-influence")
+        layers = hf_model.config.num_hidden_layers
+        candidates = [Draft(f"skip-{k}-blocks", plan=planner(hf_model, skip=k, calibration=calibration, name=model))
+                      for k in range(1, min(max_blocks, layers - 1) + 1)]
+    prompts = prompt_set(tokenizer, prompt_source, limit)
+    with console.status("timing candidates") as status:
+        found = search_draft(hf_model, prompts, candidates, new_tokens=new_tokens, max_draft=max_draft,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
+                             progress=lambda text: status.update(f"timing candidates: {text}"))
+    seconds = time.perf_counter() - start
+    best = found["best"]
+    plan = dataclasses.replace(best.plan, provenance={
+        **best.plan.provenance, "draft_search": {"speedups": found["speedups"], "acceptance": found["acceptance"],
+                                                 "pays": found["pays"], "seconds": seconds, "prompts": prompt_source,
+                                                 "limit": limit, "new_tokens": new_tokens}})
+    plan.save(out)
+    write_json(Path(out).with_suffix(".search.json"),
+               {"kind": "draft-search", "command": _command_line(), "best": best.name, "pays": found["pays"],
+                "seconds": seconds, "speedups": found["speedups"], "acceptance": found["acceptance"],
+                "measured": found["measured"]})
+    for name, speedup in found["speedups"].items():
+        console.print(f"{name}: {speedup:.3f}x, {found['acceptance'][name]:.0%} of drafts accepted")
+    verdict = ("beats plain decoding" if found["pays"] else
+               "does not beat plain decoding here: speculation with it will mostly fall back to plain steps")
+    console.print(f"best draft {best.name} ({plan.describe()}) {verdict}; search took {seconds:.1f} s")
+    console.print(f"wrote {out}")
+
+
 @cli.command("report")
 @click.argument("results", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default="report.html", show_default=True,

@@ -34,6 +34,12 @@ class Draft:
     plan: SkipPlan | None = None
     dtype: str | None = None
 
+    @property
+    def search_seconds(self) -> float:
+        """Time `skiplm draft-search` spent choosing this draft (0 for a draft given by hand)."""
+        found = (self.plan.provenance or {}).get("draft_search", {}) if self.plan is not None else {}
+        return float(found.get("seconds", 0.0))
+
     def describe(self) -> str:
         parts = [self.plan.describe() if self.plan is not None else "", f"{self.dtype} copy" if self.dtype else ""]
         return "; ".join(p for p in parts if p) or "full model"
@@ -66,14 +72,15 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 
 def run_speculative_bench(model: nn.Module, prompts: dict[str, list[list[int]]], drafts: Sequence[Draft], *,
                           batch_sizes: Sequence[int] = (1, 4, 8), new_tokens: int = 128, repeats: int = 1,
-                          max_draft: int = 6, eos_token_id=None, pad_token_id: int = 0,
+                          max_draft: int = 6, eos_token_id=None, pad_token_id: int = 0, fallback: bool = True,
                           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Time plain greedy decoding and every draft on each prompt set and batch size (see the module docstring)."""
+    """Time plain greedy decoding and every draft on each prompt set and batch size (see the module docstring).
+    ``fallback=False``: the drafts speculate all the way (what a draft itself is worth, without the monitor)."""
     if not drafts:
         raise DataError("give at least one draft: a plan (the layers it skips) and/or a dtype.")
     if repeats < 1 or new_tokens < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise DataError("repeats, new tokens and batch sizes must be positive.")
-    decoders = {d.name: _DraftRunner(model, d) for d in drafts}
+    decoders = {d.name: _DraftRunner(model, d, fallback) for d in drafts}
     results: dict[str, Any] = {}
     try:
         for set_name, encoded in prompts.items():
@@ -89,15 +96,21 @@ def run_speculative_bench(model: nn.Module, prompts: dict[str, list[list[int]]],
     finally:
         for decoder in decoders.values():
             decoder.close()
-    return {"results": results, "drafts": {d.name: d.describe() for d in drafts}}
+    overall = {}
+    for d in drafts:  # the whole run, with the time spent searching for the draft counted against it
+        plain = sum(statistics.median(entry["plain"]["seconds"]) for entry in results.values())
+        spent = sum(statistics.median(entry[d.name]["seconds"]) for entry in results.values())
+        overall[d.name] = {"plain_seconds": plain, "draft_seconds": spent, "search_seconds": d.search_seconds,
+                           "speedup_with_search": plain / (spent + d.search_seconds)}
+    return {"results": results, "drafts": {d.name: d.describe() for d in drafts}, "overall": overall}
 
 
 class _DraftRunner:
     """One draft across the whole run: its adaptive draft length and fallback monitor persist between generations."""
 
-    def __init__(self, model: nn.Module, draft: Draft):
+    def __init__(self, model: nn.Module, draft: Draft, fallback: bool = True):
         self.model, self.draft = model, draft
-        self.length, self.monitor = AdaptiveDraftLength(), SpeedMonitor()
+        self.length, self.monitor = AdaptiveDraftLength(), SpeedMonitor() if fallback else False
         # a lower-precision copy is made once; a plan is applied to the shared model only while it drafts
         self.copy = (SpeculativeDecoder(model, draft.plan, draft_dtype=draft.dtype, draft_length=self.length)
                      if draft.dtype else None)
@@ -111,6 +124,27 @@ class _DraftRunner:
     def close(self) -> None:
         if self.copy is not None:
             self.copy.close()
+
+
+def search_draft(model: nn.Module, prompts: list[list[int]], candidates: Sequence[Draft], *, new_tokens: int = 32,
+                 max_draft: int = 6, eos_token_id=None, pad_token_id: int = 0,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Offline draft search: each candidate drafts for the whole generation (no fallback) on the calibration
+    ``prompts`` at batch 1, timed against plain greedy decoding in the same run; the winner is the candidate with the
+    highest measured speedup of the whole speculative loop (acceptance, draft cost and verify cost all count).
+    ``pays`` says whether it beats plain decoding at all."""
+    if not candidates:
+        raise DataError("the draft search needs at least one candidate.")
+    start = time.perf_counter()
+    result = run_speculative_bench(model, {"calibration": prompts}, candidates, batch_sizes=(1,),
+                                   new_tokens=new_tokens, max_draft=max_draft, eos_token_id=eos_token_id,
+                                   pad_token_id=pad_token_id, fallback=False, progress=progress)
+    measured = result["results"]["calibration_b1"]
+    speedups = {d.name: measured[d.name]["speedup"] for d in candidates}
+    best = max(candidates, key=lambda d: speedups[d.name])
+    return {"best": best, "pays": speedups[best.name] > 1.0, "speedups": speedups,
+            "acceptance": {d.name: measured[d.name]["acceptance_rate"] for d in candidates},
+            "seconds": time.perf_counter() - start, "measured": result}
 
 
 def _measure(model, decoders, groups, repeats, new_tokens, max_draft, eos_token_id, pad_token_id) -> dict[str, Any]:
@@ -189,13 +223,15 @@ def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
                          f"{d['mean_accepted_per_round']:.2f}", f"{d['tokens_per_round']:.2f}",
                          f"{d['fallbacks']} ({d['fallback_steps']})", f"{d['identical_rows']}/{entry['rows'] * settings['repeats']}",
                          f"{d['draft_weight_mib']:.0f}"])
-    drafts = "\n".join(f"- `{name}`: {text}" for name, text in result["drafts"].items())
+    drafts = "\n".join(f"- `{name}`: {text}; whole run {result['overall'][name]['speedup_with_search']:.3f}x "
+                       f"including {result['overall'][name]['search_seconds']:.1f} s of draft search"
+                       for name, text in result["drafts"].items())
     return (f"# Self-speculative decoding vs plain greedy, {settings['model']}\n\n"
             f"{settings['machine']['cpu']}, {settings['machine']['torch_threads']} threads, torch "
             f"{settings['machine']['torch']}; {settings['new_tokens']} new tokens per row, greedy, max draft "
             f"{settings['max_draft']}; {settings['repeats']} round(s), every batch decoded plainly and by each draft "
-            "in alternating order; speedup = plain time / draft time (median over rounds), search time 0 (the "
-            "drafts are given). Identical rows: speculative output equal to plain greedy, token for token.\n\n"
+            "in alternating order; speedup = plain time / draft time (median over rounds); the whole-run speedup "
+            "counts the time `skiplm draft-search` took to choose a draft (0 for a draft given by hand). Identical rows: speculative output equal to plain greedy, token for token.\n\n"
             f"Drafts:\n{drafts}\n\n" + markdown_table(headers, rows) + "\n![speedups](speculative.png)\n")
 
 
