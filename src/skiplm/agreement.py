@@ -310,13 +310,20 @@ def _greedy_batch(model: nn.Module, batch: Sequence[Sequence[int]], new_tokens: 
     """Plain greedy decoding of one left-padded batch: argmax of the logits, nothing else (no sampling, penalties or
     other logits processing a checkpoint's generation_config might ask for), with the KV cache."""
     device = next(model.parameters()).device
+    ids, mask = left_pad(batch, pad_token_id)
+    return greedy_decode(model, ids.to(device), mask.to(device), new_tokens, eos_ids, pad_token_id)
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as one left-padded [rows, width] batch and its attention mask (1 = token): every row's last
+    prompt token is at position -1."""
     width = max(len(p) for p in batch)
     ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, prompt in enumerate(batch):  # left padding: every row's last prompt token is at position -1
+    for row, prompt in enumerate(batch):
         ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
         mask[row, width - len(prompt):] = 1
-    return greedy_decode(model, ids.to(device), mask.to(device), new_tokens, eos_ids, pad_token_id)
+    return ids, mask
 
 
 @torch.inference_mode()

@@ -177,9 +177,10 @@ def policy_command(model, method, skip_ratio, speedup, parts, window, protect_fi
 
     if (skip_ratio is None) == (speedup is None):
         raise PlanError("give exactly one of --skip-ratio (e.g. 0.25) or --speedup (e.g. 1.2).")
-    if last_check not in ("auto", "all") and not last_check.isdigit():
+    named = {"auto": "auto", "all": None}
+    if last_check not in named and not last_check.isdigit():
         raise PlanError(f"--last-check must be a layer index, 'all' or 'auto', got {last_check!r}.")
-    last_check = int(last_check) if last_check.isdigit() else {"auto": "auto", "all": None}[last_check]
+    last_check = named[last_check] if last_check in named else int(last_check)
     settings = {"protect_first": protect_first, "protect_last": protect_last, "warmup": warmup}
     settings.update({"window": window} if method == "ffn-skip" else {"parts": parts})
     hf_model, tokenizer = _load(model, dtype, device)
@@ -923,6 +924,7 @@ def draft_search(model, max_blocks, prompt_source, limit, new_tokens, max_draft,
     """Choose a self-speculative draft plan for MODEL by measurement: each candidate drafts whole generations on
     calibration prompts at batch 1, timed against plain greedy decoding; the fastest is saved as a plan for
     `generate --speculative --plan` and `bench-speculative --draft-plan`."""
+    from .plan import SkipPlan
     from .planners import get_planner, load_calibration
     from .reporting import write_json
     from .speculative_bench import Draft, prompt_set, search_draft
@@ -931,10 +933,15 @@ def draft_search(model, max_blocks, prompt_source, limit, new_tokens, max_draft,
     start = time.perf_counter()
     with console.status("ranking blocks by Block Influence"):
         calibration = load_calibration(tokenizer, "gsm8k", 2, 256)
-        planner = get_planner("block-influence")
         layers = hf_model.config.num_hidden_layers
-        candidates = [Draft(f"skip-{k}-blocks", plan=planner(hf_model, skip=k, calibration=calibration, name=model))
-                      for k in range(1, min(max_blocks, layers - 1) + 1)]
+        # one ranking: the plan for the most blocks lists them in order, and its prefixes are the smaller candidates
+        largest = get_planner("block-influence")(hf_model, skip=min(max_blocks, layers - 1), calibration=calibration,
+                                                 name=model)
+        order = largest.provenance["order"]
+        candidates = [Draft(f"skip-{k}-blocks", plan=SkipPlan.from_layers(
+                          layers, blocks=order[:k], model=largest.model,
+                          provenance={**largest.provenance, "target": {"skip": k}, "order": order[:k]}))
+                      for k in range(1, len(order) + 1)]
     prompts = prompt_set(tokenizer, prompt_source, limit)
     with console.status("timing candidates") as status:
         found = search_draft(hf_model, prompts, candidates, new_tokens=new_tokens, max_draft=max_draft,

@@ -639,12 +639,12 @@ def calibrate(model: nn.Module, method: str, batches: Sequence[torch.Tensor], ra
     total = 2 * steps if auto else steps
     report = (lambda done: progress(done, total)) if progress else (lambda done: None)
     settings = {**settings, "last_check": None if auto else last_check}
-    threshold, measured = _bisect(model, method, batches, ratio, steps, settings, report)
+    threshold, measured = _bisect(model, num_layers, method, batches, ratio, steps, settings, report)
     if auto:
         chosen = best_last_check(model, make_policy(method, num_layers, threshold, **settings), batches, check_cost)
-        if chosen != probe.skippable.stop - 2:
+        if chosen != probe.last_check:  # the probe has the default: every layer that can decide
             settings["last_check"] = chosen
-            threshold, measured = _bisect(model, method, batches, ratio, steps, settings,
+            threshold, measured = _bisect(model, num_layers, method, batches, ratio, steps, settings,
                                           lambda done: report(steps + done))
         report(total)
     policy = make_policy(method, num_layers, threshold, prefill_threshold="same" if prefill == "same" else None,
@@ -657,9 +657,8 @@ def calibrate(model: nn.Module, method: str, batches: Sequence[torch.Tensor], ra
     return policy.for_model(model)
 
 
-def _bisect(model, method, batches, ratio, steps, settings, report) -> tuple[float, float]:
+def _bisect(model, num_layers, method, batches, ratio, steps, settings, report) -> tuple[float, float]:
     """(threshold, measured ratio) of the bisection step closest to ``ratio``."""
-    num_layers = count_layers(model)
     low, high = _THRESHOLD_RANGE[method]
     more_with_larger = _MORE_SKIPS_WITH_LARGER[method]
     best: tuple[float, float] | None = None

@@ -3,8 +3,8 @@ and whether every output was identical — per prompt set, batch size and draft.
 
 Each measurement unit is one batch of prompts: plain greedy decoding (:func:`~skiplm.speculative.plain_generate`) and
 then every draft decode it, in an order that alternates between rounds; a draft's speedup is the plain time over its
-time summed over the batches of a round, and the median over rounds is reported (with a bootstrap interval when there
-are several). A draft's fallback monitor and adaptive draft length are kept for the whole run, so they carry over
+time summed over the batches of a round; the median over rounds is reported, and every round's ratio is kept in the
+JSON. A draft's fallback monitor and adaptive draft length are kept for the whole run, so they carry over
 between batches as they would in use; a skip-plan draft is applied to the model only for its own turns (several plan
 drafts share the one model), a lower-precision copy is made once.
 """
@@ -21,9 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .agreement import left_pad
 from .errors import DataError
 from .plan import SkipPlan
-from .speculative import AdaptiveDraftLength, SpeculativeDecoder, SpeculativeOutput, SpeculativeStats, SpeedMonitor, plain_generate
+from .speculative import (AdaptiveDraftLength, SpeculativeDecoder, SpeculativeOutput, SpeculativeStats, SpeedMonitor,
+                          plain_generate)
 
 PROMPT_SETS = ("gsm8k", "pydoc")
 
@@ -60,16 +62,6 @@ def prompt_set(tokenizer, name: str, count: int, pydoc_tokens: int = 64) -> list
     raise DataError(f"unknown prompt set {name!r}; available: {', '.join(PROMPT_SETS)}.")
 
 
-def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.as_tensor(list(prompt))
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
-
-
 def run_speculative_bench(model: nn.Module, prompts: dict[str, list[list[int]]], drafts: Sequence[Draft], *,
                           batch_sizes: Sequence[int] = (1, 4, 8), new_tokens: int = 128, repeats: int = 1,
                           max_draft: int = 6, eos_token_id=None, pad_token_id: int = 0, fallback: bool = True,
@@ -97,8 +89,8 @@ def run_speculative_bench(model: nn.Module, prompts: dict[str, list[list[int]]],
         for decoder in decoders.values():
             decoder.close()
     overall = {}
+    plain = sum(statistics.median(entry["plain"]["seconds"]) for entry in results.values())
     for d in drafts:  # the whole run, with the time spent searching for the draft counted against it
-        plain = sum(statistics.median(entry["plain"]["seconds"]) for entry in results.values())
         spent = sum(statistics.median(entry[d.name]["seconds"]) for entry in results.values())
         overall[d.name] = {"plain_seconds": plain, "draft_seconds": spent, "search_seconds": d.search_seconds,
                            "speedup_with_search": plain / (spent + d.search_seconds)}
@@ -156,7 +148,7 @@ def _measure(model, decoders, groups, repeats, new_tokens, max_draft, eos_token_
     rows = 0
     for round_index in range(repeats):
         for group_index, group in enumerate(groups):
-            ids, mask = left_padded(group, pad_token_id)
+            ids, mask = left_pad(group, pad_token_id)
             order = names if (round_index + group_index) % 2 == 0 else names[::-1]  # alternate who goes first
             outputs = {}
             for name in order:
@@ -221,8 +213,8 @@ def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
             rows.append([set_name, batch, name, f"{entry['plain']['tokens_per_second']:.1f}",
                          f"{d['tokens_per_second']:.1f}", f"{d['speedup']:.3f}x", f"{d['acceptance_rate']:.0%}",
                          f"{d['mean_accepted_per_round']:.2f}", f"{d['tokens_per_round']:.2f}",
-                         f"{d['fallbacks']} ({d['fallback_steps']})", f"{d['identical_rows']}/{entry['rows'] * settings['repeats']}",
-                         f"{d['draft_weight_mib']:.0f}"])
+                         f"{d['fallbacks']} ({d['fallback_steps']})",
+                         f"{d['identical_rows']}/{entry['rows'] * settings['repeats']}", f"{d['draft_weight_mib']:.0f}"])
     drafts = "\n".join(f"- `{name}`: {text}; whole run {result['overall'][name]['speedup_with_search']:.3f}x "
                        f"including {result['overall'][name]['search_seconds']:.1f} s of draft search"
                        for name, text in result["drafts"].items())
@@ -231,7 +223,8 @@ def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
             f"{settings['machine']['torch']}; {settings['new_tokens']} new tokens per row, greedy, max draft "
             f"{settings['max_draft']}; {settings['repeats']} round(s), every batch decoded plainly and by each draft "
             "in alternating order; speedup = plain time / draft time (median over rounds); the whole-run speedup "
-            "counts the time `skiplm draft-search` took to choose a draft (0 for a draft given by hand). Identical rows: speculative output equal to plain greedy, token for token.\n\n"
+            "counts the time `skiplm draft-search` took to choose a draft (0 for a draft given by hand). Identical "
+            "rows: speculative output equal to plain greedy, token for token.\n\n"
             f"Drafts:\n{drafts}\n\n" + markdown_table(headers, rows) + "\n![speedups](speculative.png)\n")
 
 
