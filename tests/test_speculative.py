@@ -493,6 +493,8 @@ def test_speculative_bench_command_measures_and_every_output_is_identical(tiny_f
     result = run_cli("bench-speculative", tiny_folder, "--draft-dtype", "bfloat16", "--limit", 2, "--batch-sizes", "4",
                      "-o", out)
     assert isinstance(result.exception, DataError) and "batch 4 needs more" in str(result.exception)
+    result = run_cli("bench-speculative", tiny_folder, "--draft-dtype", "bfloat16", "--prompts", "poems", "-o", out)
+    assert isinstance(result.exception, DataError) and "unknown prompt set 'poems'" in str(result.exception)
 
 
 def test_draft_search_times_the_candidates_and_saves_the_fastest(tiny_folder, tmp_path):
