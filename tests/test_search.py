@@ -5,7 +5,7 @@ import torch
 
 import skiplm
 from skiplm.latency import LatencyModel
-from skiplm.planners.search import SearchStep, _skips_of, plan_search
+from skiplm.planners.search import KLScorer, SearchStep, _skips_of, plan_search, refine
 from skiplm.plan import SkipSet
 
 from conftest import NUM_LAYERS, tiny_model
@@ -80,13 +80,45 @@ def test_search_finds_the_free_sublayers_first():
 @pytest.mark.parametrize("target", [1.2, 1.5])
 def test_search_reaches_a_speedup_target_and_stops(target):
     model = with_dead_sublayers()
-    plan = plan_search(model, calibration=calibration(), speedup=target, latency_model=LATENCY)
-    assert LATENCY.speedup(plan.decode) >= target
+    plan = plan_search(model, calibration=calibration(), speedup=target, latency_model=LATENCY, refine_budget=0)
+    assert LATENCY.speedup(plan.decode) >= target and plan.provenance["refinement"] is None
     path = [SearchStep(**step) for step in plan.provenance["path"]]
     assert _skips_of(path) == plan.decode
     assert LATENCY.speedup(_skips_of(path[:-1])) < target
     with skiplm.apply(model, plan):  # the plan is valid for this model
         model(torch.arange(3, 10)[None])
+
+
+def test_refinement_drops_a_unit_the_target_does_not_need():
+    model = with_dead_sublayers()
+    scorer = KLScorer(model, calibration())
+    costly = SkipSet.of(attention=[3], mlp=[1, 2])  # layer 2's MLP is live; two sublayers meet the target
+    skips, record = refine(scorer, costly, lambda s: len(s.attention) + len(s.mlp) >= 2, scores={})
+    assert skips == SkipSet.of(attention=[3], mlp=[1]) and record["removed"] == [[2, "mlp"]]
+    assert record["kl_after"] == pytest.approx(0.0, abs=1e-6) and record["kl_before"] > 1e-4
+    assert record["evaluations"] == scorer.evaluations == 1 + 3 + 2  # KL before, then each set less one unit, twice
+
+
+def test_refinement_swaps_a_costly_unit_for_a_free_one_and_keeps_the_target():
+    model = with_dead_sublayers()
+    scorer = KLScorer(model, calibration())
+    meets = lambda s: len(s.attention) + len(s.mlp) >= 1  # noqa: E731
+    scores = {(layer, part): 1.0 for layer in range(NUM_LAYERS) for part in ("attention", "mlp")}
+    scores[(1, "mlp")] = 0.0  # the search's scores rank the dead MLP first
+    skips, record = refine(scorer, SkipSet.of(mlp=[2]), meets, scores)
+    assert skips == SkipSet.of(mlp=[1]) and record["swaps"] == [[[2, "mlp"], [1, "mlp"]]]
+    assert record["kl_after"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("target", [1.2, 1.5])
+def test_refined_search_plan_meets_its_target_with_no_more_kl_than_the_cut_path(target):
+    model = tiny_model("llama")
+    plan = plan_search(model, calibration=calibration(), speedup=target, latency_model=LATENCY, refine_budget=24)
+    record = plan.provenance["refinement"]
+    assert LATENCY.speedup(plan.decode) >= target
+    assert record["kl_before"] == pytest.approx(plan.provenance["path"][-1]["kl"])
+    assert record["kl_after"] <= record["kl_before"] and record["evaluations"] <= 24 + 2 * NUM_LAYERS
+    assert KLScorer(model, calibration())(plan.decode) == pytest.approx(record["kl_after"], rel=1e-4, abs=1e-6)
 
 
 def test_search_respects_latency_and_quality_budgets():

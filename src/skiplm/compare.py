@@ -23,7 +23,7 @@ from .latency import LatencyModel
 from .plan import SkipPlan
 from .planners import get_planner
 from .planners.greedy_loss import cut_plan
-from .planners.search import plan_from_path, prefix_for_speedup, search_path
+from .planners.search import KLScorer, plan_from_search, prefix_for_speedup, search_path
 from .policies import is_policy
 from .runtime import apply
 
@@ -63,10 +63,12 @@ def make_plans(
     calibration: list[torch.Tensor],
     *,
     latency: LatencyModel | None = None,
+    refine_budget: int = 48,
     progress: Callable[[str], None] | None = None,
 ) -> list[Point]:
     """One plan per (method, target). ``search`` and ``greedy-loss`` choose nested sets, so each runs once, to the
-    largest target, and is cut for the others (``seconds_to_plan`` is that one run's)."""
+    largest target, and is cut for the others (``seconds_to_plan`` is that one run's; for ``search``, plus the
+    refinement of that target's cut, within ``refine_budget`` forward passes)."""
     points = []
     for method in methods:
         if method not in METHODS and method not in POLICY_METHODS:
@@ -80,15 +82,20 @@ def make_plans(
         if method == "search":
             latency = latency or LatencyModel.measure(model)
             start = time.perf_counter()
-            path = search_path(model, calibration, latency, stop=lambda skips, kl: latency.speedup(skips) >= max(targets))
-            seconds = time.perf_counter() - start  # of the one run that serves every target
+            scorer, scores = KLScorer(model, calibration), {}
+            path = search_path(scorer, latency, stop=lambda skips, kl: latency.speedup(skips) >= max(targets),
+                               scores=scores)
+            path_seconds = time.perf_counter() - start  # of the one run that serves every target
             for target in targets:
                 prefix = prefix_for_speedup(path, target)
                 if prefix is None:
-                    points.append(Point(method, target, None, seconds, "unreachable"))
-                else:
-                    plan = plan_from_path(model, prefix, latency, {"speedup": target}, calibration, name="search")
-                    points.append(Point(method, target, plan, seconds))
+                    points.append(Point(method, target, None, path_seconds, "unreachable"))
+                    continue
+                start = time.perf_counter()
+                plan = plan_from_search(scorer, prefix, latency, {"speedup": target}, scores=scores,
+                                        meets=lambda skips, t=target: latency.speedup(skips) >= t,
+                                        refine_budget=refine_budget, name="search")
+                points.append(Point(method, target, plan, path_seconds + time.perf_counter() - start))
             continue
         planner_name, options = METHODS[method]
         planner = get_planner(planner_name)

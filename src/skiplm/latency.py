@@ -53,7 +53,7 @@ class LatencyModel:
 
     @classmethod
     def measure(
-        cls, model: nn.Module, *, batch_size: int = 1, context: int = 64, steps: int = 16, repeats: int = 5
+        cls, model: nn.Module, *, batch_size: int = 1, context: int = 64, steps: int = 32, repeats: int = 7
     ) -> LatencyModel:
         num_layers = count_layers(model)
         middle = range(1, num_layers - 1)

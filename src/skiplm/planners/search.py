@@ -10,6 +10,8 @@ least loss of quality.
    re-scored (all of them on the first step), which keeps the search to minutes.
 3. It stops at the target: a measured speedup (by the latency model), a step latency, or a quality budget (the
    largest mean KL allowed).
+4. A local refinement (:func:`refine`) then repairs what a greedy path cut at a target gets wrong: a unit the target
+   no longer needs is dropped, and a chosen unit is swapped for another where that lowers KL and keeps the target.
 
 Unlike ranking by a proxy once (cosine similarity, Block Influence), every choice is judged by its effect on the
 model's output distribution given everything skipped before it, and by its real cost.
@@ -40,23 +42,43 @@ class SearchStep:
     speedup: float  # by the latency model
 
 
+Unit = tuple[int, str]  # (layer, "attention" | "mlp" | "block")
+
+
+class KLScorer:
+    """Mean KL(full model || planned model) per token on calibration text; the full model's logits are computed once.
+    ``evaluations`` counts the forward passes over the calibration text."""
+
+    def __init__(self, model: nn.Module, calibration: list[torch.Tensor]):
+        self.model = model
+        self.calibration = calibration
+        self.reference = trace_residuals(model, calibration, keep_logits=True).logits
+        self.num_layers = count_layers(model)
+        self.evaluations = 0
+
+    def __call__(self, skips: SkipSet) -> float:
+        self.evaluations += 1
+        return skip_effect(self.model, self.calibration, skips, self.reference)["kl"]
+
+
 def search_path(
-    model: nn.Module,
-    calibration: list[torch.Tensor],
+    scorer: KLScorer,
     latency: LatencyModel,
     *,
     stop: Callable[[SkipSet, float], bool],
     candidates: int = 12,
     blocks: bool = True,
+    scores: dict[Unit, float] | None = None,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> list[SearchStep]:
     """Greedy choices until ``stop(skips, kl)`` is true (or nothing is left that leaves a layer running).
-    ``blocks``: also consider skipping a whole block in one step."""
-    reference = trace_residuals(model, calibration, keep_logits=True).logits
-    num_layers = count_layers(model)
-    skips, kl, path, evaluations = SkipSet(), 0.0, [], 0
+    ``blocks``: also consider skipping a whole block in one step. ``scores``: filled with each unit's latest score
+    (KL added per second saved, on top of what was chosen when it was scored)."""
+    num_layers = scorer.num_layers
+    skips, kl, path = SkipSet(), 0.0, []
     parts = (*PARTS, "block") if blocks else PARTS
-    priority: dict[tuple[int, str], float] = {(layer, part): 0.0 for layer in range(num_layers) for part in parts}
+    priority = scores if scores is not None else {}
+    priority.update({(layer, part): 0.0 for layer in range(num_layers) for part in parts})
     while not stop(skips, kl):
         remaining = sorted((c for c in priority if _open(skips, *c)), key=lambda c: priority[c])
         to_score = remaining if not path else remaining[:candidates]
@@ -66,23 +88,78 @@ def search_path(
             saving = latency.step_s(skips) - latency.step_s(trial)
             if len(trial.blocks) == num_layers:
                 continue
-            trial_kl = skip_effect(model, calibration, trial, reference)["kl"]
+            trial_kl = scorer(trial)
             # KL added per second saved; among equal scores the larger saving first
             scored[(layer, part)] = ((trial_kl - kl) / saving if saving > 0 else float("inf"), -saving)
             priority[(layer, part)] = scored[(layer, part)][0]
-            evaluations += 1
             if progress:
-                progress(evaluations, None)  # forward passes so far; the total depends on where the target is met
+                progress(scorer.evaluations, None)  # forward passes so far; the total depends on where the target is met
         if not scored:
             break
         (layer, part) = min(scored, key=scored.get)
         skips = _with(skips, layer, part)
-        kl = skip_effect(model, calibration, skips, reference)["kl"]
+        kl = scorer(skips)
         path.append(SearchStep(layer, part, kl, latency.speedup(skips)))
     return path
 
 
-@calibrated(sequences=2, length=512)  # long sequences: skipped attention hurts more the more context there is
+def refine(
+    scorer: KLScorer,
+    skips: SkipSet,
+    meets: Callable[[SkipSet], bool],
+    scores: dict[Unit, float],
+    *,
+    kl: float | None = None,
+    budget: int = 48,
+    relieve: int = 3,
+    candidates: int = 8,
+) -> tuple[SkipSet, dict]:
+    """Local improvement of a skip set that ``meets`` its target, judged by calibration KL, within ``budget``
+    forward passes. Each round measures the set without each of its units; if one is not needed for the target, the
+    cheapest such removal is taken; else the ``relieve`` units whose removal lowers KL most are each swapped for
+    one of the ``candidates`` best-scored open units (``scores`` from :func:`search_path`) where the target is still
+    met, and the best swap is taken if it lowers KL. Stops when a round finds nothing better.
+
+    A greedy path adds one unit at a time and is cut where it first reaches a target, so the last unit may overshoot
+    and an early choice may have been right only for the sets it was judged on; this repairs both.
+    Returns the set and a record of what changed."""
+    start_evaluations = scorer.evaluations
+    kl = scorer(skips) if kl is None else kl
+    record = {"kl_before": kl, "removed": [], "swaps": []}
+    while scorer.evaluations - start_evaluations < budget:
+        units = _units(skips)
+        without = {u: scorer(_without(skips, u)) for u in units}
+        removable = [u for u in units if meets(_without(skips, u)) and without[u] < kl]
+        if removable:
+            unit = min(removable, key=without.get)
+            skips, kl = _without(skips, unit), without[unit]
+            record["removed"].append(list(unit))
+            continue
+        best: tuple[float, Unit, Unit, SkipSet] | None = None
+        for old in sorted(units, key=without.get)[:relieve]:
+            base = _without(skips, old)
+            opened = sorted((u for u in scores if u != old and u not in units and _open(base, *u)),
+                            key=lambda u: scores[u])
+            tried = 0
+            for new in opened:
+                trial = _with(base, *new)
+                if tried == candidates or scorer.evaluations - start_evaluations >= budget:
+                    break
+                if len(trial.blocks) == scorer.num_layers or not meets(trial):
+                    continue
+                tried += 1
+                trial_kl = scorer(trial)
+                if trial_kl < kl and (best is None or trial_kl < best[0]):
+                    best = (trial_kl, old, new, trial)
+        if best is None:
+            break
+        kl, old, new, skips = best
+        record["swaps"].append([list(old), list(new)])
+    record.update(kl_after=kl, evaluations=scorer.evaluations - start_evaluations)
+    return skips, record
+
+
+@calibrated(sequences=1, length=1024)  # long sequences: skipped attention hurts more the more context there is
 def plan_search(
     model: nn.Module,
     *,
@@ -93,6 +170,7 @@ def plan_search(
     skip: int | None = None,
     latency_model: LatencyModel | None = None,
     candidates: int = 12,
+    refine_budget: int = 48,
     prefill: str = "same",
     name: str | None = None,
     progress: Callable[[int, int | None], None] | None = None,
@@ -109,8 +187,9 @@ def plan_search(
     if latency_ms is not None and latency_ms * 1e-3 < latency.fixed_s:
         raise PlanError(f"a {latency_ms} ms step is out of reach: the unskippable part alone takes {latency.fixed_s * 1e3:.1f} ms.")
     stop = _stop_rule(latency, speedup=speedup, latency_ms=latency_ms, max_kl=max_kl, skip=skip)
+    scorer, scores = KLScorer(model, calibration), {}
     # a block is two sublayers: with a sublayer count as the target, choose sublayers one at a time
-    path = search_path(model, calibration, latency, stop=stop, candidates=candidates, blocks=skip is None,
+    path = search_path(scorer, latency, stop=stop, candidates=candidates, blocks=skip is None, scores=scores,
                        progress=progress)
     if max_kl is not None:  # the last step crossed the budget: leave it out
         path = [step for step in path if step.kl <= max_kl]
@@ -119,26 +198,35 @@ def plan_search(
             f"a {speedup}x measured speedup is out of reach: the search stopped at "
             f"{latency.speedup(_skips_of(path)):.2f}x (every remaining choice would skip all layers)."
         )
-    return plan_from_path(model, path, latency, targets, calibration, prefill=prefill, name=name)
+    # refinement keeps a target of speed or size met; a quality budget is met by the path as cut
+    meets = None if max_kl is not None else (lambda skips: stop(skips, 0.0))
+    return plan_from_search(scorer, path, latency, targets, scores=scores, meets=meets, refine_budget=refine_budget,
+                            prefill=prefill, name=name)
 
 
-def plan_from_path(model, path, latency, target, calibration, *, prefill="same", name=None) -> SkipPlan:
-    """The plan made of the search steps ``path`` (a prefix of a longer search serves a smaller target)."""
-    skips = _skips_of(path)
+def plan_from_search(scorer: KLScorer, path: list[SearchStep], latency: LatencyModel, target: dict, *,
+                     scores: dict[Unit, float] | None = None, meets: Callable[[SkipSet], bool] | None = None,
+                     refine_budget: int = 0, prefill: str = "same", name: str | None = None) -> SkipPlan:
+    """The plan made of the search steps ``path`` (a prefix of a longer search serves a smaller target), improved
+    by :func:`refine` within ``refine_budget`` forward passes when ``meets`` (the target test) is given."""
+    skips, refinement = _skips_of(path), None
+    if meets is not None and refine_budget > 0 and path:
+        skips, refinement = refine(scorer, skips, meets, scores or {}, kl=path[-1].kl, budget=refine_budget)
     return SkipPlan.from_layers(
         latency.num_layers,
         blocks=skips.blocks,
         attention=skips.attention,
         mlp=skips.mlp,
         prefill=prefill,
-        model=model_identity(model, name),
+        model=model_identity(scorer.model, name),
         provenance=provenance(
             "search",
             target=target,
             latency_model=latency.to_json(),
             predicted_speedup=latency.speedup(skips),
-            calibration_tokens=sum(ids.numel() for ids in calibration),
+            calibration_tokens=sum(ids.numel() for ids in scorer.calibration),
             path=[dataclasses.asdict(step) for step in path],
+            refinement=refinement,
         ),
     )
 
@@ -166,6 +254,21 @@ def _stop_rule(latency: LatencyModel, *, speedup, latency_ms, max_kl, skip) -> C
     if max_kl is not None:
         return lambda skips, kl: kl > max_kl
     return lambda skips, kl: len(skips.attention) + len(skips.mlp) >= skip
+
+
+def _units(skips: SkipSet) -> list[Unit]:
+    """A skip set as units: whole blocks, then the attention and MLP sublayers of other layers."""
+    blocks = set(skips.blocks)
+    return ([(layer, "block") for layer in sorted(blocks)]
+            + [(layer, "attention") for layer in sorted(skips.attention - blocks)]
+            + [(layer, "mlp") for layer in sorted(skips.mlp - blocks)])
+
+
+def _without(skips: SkipSet, unit: Unit) -> SkipSet:
+    layer, part = unit
+    attention = skips.attention - {layer} if part in ("attention", "block") else skips.attention
+    mlp = skips.mlp - {layer} if part in ("mlp", "block") else skips.mlp
+    return SkipSet(attention, mlp)
 
 
 def _open(skips: SkipSet, layer: int, part: str) -> bool:
