@@ -12,7 +12,7 @@ import torch
 import skiplm
 from skiplm import SkipPlan
 from skiplm.agreement import greedy_continuations
-from skiplm.errors import DataError, PlanError
+from skiplm.errors import DataError, ModelLoadError, PlanError
 from skiplm.speculative import (
     AdaptiveDraftLength,
     Sampling,
@@ -160,6 +160,101 @@ def test_bf16_draft_is_exact_and_reports_its_memory():
     same = generate(model, None, ids, mask, plan=plan_for(model, blocks=[2]), max_new_tokens=8, eos_token_id=[])
     assert same.stats.draft_weight_bytes == 0
     assert getattr(model, "_skiplm_handle", None) is None and next(model.parameters()).dtype == torch.float32
+
+
+def test_int8_linear_matches_its_dequantized_weights_with_and_without_the_kernel():
+    from skiplm.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=True)
+    quantized = Int8Linear(linear)
+    x = torch.randn(3, 5, 64)
+    dequantized = quantized.weight_int8.float() * quantized.scale.float()[:, None]
+    # half a quantization step, plus the scale's own bfloat16 rounding (2^-8 of the weight)
+    assert ((dequantized - linear.weight).abs() <= quantized.scale.float()[:, None] / 2 + linear.weight.abs() / 256
+            + 1e-7).all()
+    reference = torch.nn.functional.linear(x.bfloat16().float(), dequantized, linear.bias)
+    out = quantized(x)
+    assert out.shape == (3, 5, 48) and out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), reference, rtol=0.03, atol=0.03)
+    quantized.use_kernel = not quantized.use_kernel  # the other path gives the same numbers
+    assert torch.allclose(quantized(x).float(), out.float(), rtol=0.02, atol=0.02)
+
+
+def test_int8_draft_is_exact_and_smaller_than_the_model():
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([8, 14], seed=5)
+    expected = oracle(model, ids, mask, 24)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    for plan in (None, plan_for(model, blocks=[2])):
+        out = generate(model, None, ids, mask, plan=plan, draft_dtype="int8", max_new_tokens=24, fallback=False,
+                       eos_token_id=[])
+        assert out.tokens == expected
+        assert 0 < out.stats.draft_weight_bytes < weights // 2  # int8 weights, bf16 embeddings and norms
+        if plan is None:
+            assert out.stats.acceptance_rate > 0.5
+    assert next(model.parameters()).dtype == torch.float32 and getattr(model, "_skiplm_handle", None) is None
+
+
+def test_a_draft_plan_carries_its_precision():
+    from skiplm.speculative import draft_precision
+
+    model = cached_tiny_model("llama")
+    plan = plan_for(model, blocks=[1])
+    carried = SkipPlan.from_layers(NUM_LAYERS, blocks=[1], model=plan.model, provenance={"draft": {"precision": "int8"}})
+    assert draft_precision(plan) is None and draft_precision(carried) == "int8"
+    with SpeculativeDecoder(model, carried) as decoder:
+        assert decoder.draft_model is not model and decoder.draft_weight_bytes > 0
+    with SpeculativeDecoder(model, carried, draft_dtype="bfloat16") as decoder:  # an explicit precision wins
+        assert next(decoder.draft_model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="unknown draft precision 'int4'"):
+        SpeculativeDecoder(model, draft_dtype="int4")
+
+
+def test_draft_selector_tries_every_plan_then_keeps_the_fastest_and_re_explores():
+    from skiplm.speculative import DraftSelector
+
+    plans = ["a", "b", "c"]  # the selector only holds them
+    selector = DraftSelector(plans, trial_rounds=2, explore_every=4, smoothing=0.0)
+    seconds_per_token = {0: 3.0, 1: 1.0, 2: 2.0}
+    chosen = []
+    for _ in range(12):
+        index = selector.choose()
+        chosen.append(index)
+        selector.observe(index, seconds_per_token[index] * 2, 2)
+    assert chosen[:6] == [0, 0, 1, 1, 2, 2]  # each plan for its trial rounds, in order
+    assert chosen[6:10] == [1, 1, 1, 1]  # then the fastest
+    assert chosen[10:12] == [0, 0]  # after 4 rounds, the plan tried least recently gets another trial
+    seconds_per_token[0] = 0.5  # ... and the text now suits it better: it becomes the choice
+    selector.observe(0, 1.0, 2)
+    assert selector.choose() == 0 and selector.rounds == [5, 6, 2]
+
+
+@pytest.mark.parametrize("draft_dtype", [None, "int8"])
+def test_on_the_fly_draft_selection_stays_exact_and_switches(draft_dtype):
+    model = cached_tiny_model("qwen2")
+    ids, mask = left_padded([9, 13, 6], seed=7)
+    expected = oracle(model, ids, mask, 40)
+    plans = [plan_for(model, **DRAFTS[name]) for name in ("nearly_all", "blocks", "empty")]
+    with SpeculativeDecoder(model, plans[0], draft_dtype=draft_dtype, alternatives=plans[1:]) as decoder:
+        decoder.selector.explore_every = 3
+        for _ in range(2):
+            out = decoder.generate(ids, mask, max_new_tokens=40, fallback=False, eos_token_id=[], max_draft=3)
+            assert out.tokens == expected
+            assert sum(out.stats.rounds_by_plan) == out.stats.rounds and out.stats.draft_switches >= 1
+        assert all(count > 0 for count in decoder.selector.rounds)  # every candidate drafted
+        if draft_dtype is None:  # the empty plan drafts the full model: 4 tokens a round against ~1, at ~equal cost
+            assert decoder.selector.best() == 2
+    assert getattr(model, "_skiplm_handle", None) is None
+
+
+def test_on_the_fly_selection_needs_the_draft_plan():
+    model = cached_tiny_model("llama")
+    with pytest.raises(PlanError, match="plan="):
+        SpeculativeDecoder(model, draft_dtype="bfloat16", alternatives=[plan_for(model, blocks=[1])])
+    with SpeculativeDecoder(model, plan_for(model, blocks=[2]), alternatives=[plan_for(model, blocks=[1])]) as decoder:
+        with pytest.raises(PlanError, match="on the fly"):
+            decoder.set_plan(plan_for(model, blocks=[3]))
 
 
 def test_decoder_reuses_a_plan_the_caller_applied_and_leaves_it():
@@ -462,6 +557,15 @@ def test_cli_generate_speculative(tiny_folder, tmp_path):
     assert result.exception is None, result.output
     result = run_cli("generate", tiny_folder, "--speculative", "--prompt", "Hello")
     assert isinstance(result.exception, PlanError) and "draft" in str(result.exception)
+    result = run_cli("generate", tiny_folder, "--speculative", "--plan", plan_file, "--adapt", "--prompt", "Hello")
+    assert isinstance(result.exception, PlanError) and "draft-search --alternatives" in str(result.exception)
+    # a draft plan that names its precision and runner-ups: int8 copy, skip set chosen on the fly
+    carried = SkipPlan.from_layers(4, blocks=[1], provenance={"draft": {"precision": "int8", "alternatives": [[2], []]}})
+    carried_file = carried.for_model(model).save(tmp_path / "carried.json")
+    result = run_cli("generate", tiny_folder, "--speculative", "--plan", carried_file, "--adapt", "--prompt", "Hello",
+                     "--max-new-tokens", 16, "--max-draft", 2)
+    assert result.exception is None, result.output
+    assert "int8 copy" in result.output and "rounds per candidate draft plan" in result.output
 
 
 # -- the benchmark command ---------------------------------------------------------------------------------------------
@@ -501,10 +605,12 @@ def test_draft_search_times_the_candidates_and_saves_the_fastest(tiny_folder, tm
     from conftest import run_cli
 
     out = tmp_path / "draft.json"
-    result = run_cli("draft-search", tiny_folder, "--max-blocks", 2, "--limit", 2, "--new-tokens", 6, "-o", out)
+    result = run_cli("draft-search", tiny_folder, "--max-blocks", 2, "--limit", 2, "--new-tokens", 6,
+                     "--precisions", "float32,int8", "-o", out)
     assert result.exception is None, result.output
     search = json.loads((tmp_path / "draft.search.json").read_text())
-    assert set(search["speedups"]) == {"skip-1-blocks", "skip-2-blocks"}
+    assert set(search["speedups"]) == {"skip-1-blocks", "skip-2-blocks", "skip-0-blocks-int8", "skip-1-blocks-int8",
+                                       "skip-2-blocks-int8"}
     assert search["best"] == max(search["speedups"], key=search["speedups"].get)
     assert search["pays"] == (search["speedups"][search["best"]] > 1.0)
     measured = search["measured"]["results"]["calibration_b1"]
@@ -512,10 +618,20 @@ def test_draft_search_times_the_candidates_and_saves_the_fastest(tiny_folder, tm
     assert all(measured[name]["fallbacks"] == 0 for name in search["speedups"])  # each candidate speculated throughout
     plan = skiplm.SkipPlan.load(out)
     assert len(plan.decode.blocks) == int(search["best"].split("-")[1])
+    assert plan.provenance["draft"]["precision"] == ("int8" if search["best"].endswith("int8") else "float32")
+    same_precision = [n for n in search["speedups"] if n != search["best"] and n.endswith("int8") == search["best"].endswith("int8")]
+    runner_ups = sorted(same_precision, key=lambda n: -search["speedups"][n])[:2]  # --alternatives 2, the default
+    assert [len(blocks) for blocks in plan.provenance["draft"]["alternatives"]] == [int(n.split("-")[1]) for n in runner_ups]
     assert plan.provenance["draft_search"]["speedups"] == search["speedups"]
-    result = run_cli("bench-speculative", tiny_folder, "--draft-plan", out, "--limit", 1, "--batch-sizes", "1",
-                     "--new-tokens", 4, "--prompts", "pydoc", "-o", tmp_path / "bench")
+    result = run_cli("bench-speculative", tiny_folder, "--draft-plan", out, "--adapt", "--limit", 1, "--batch-sizes",
+                     "1", "--new-tokens", 12, "--max-draft", 2, "--prompts", "pydoc", "-o", tmp_path / "bench")
     assert result.exception is None, result.output
-    overall = json.loads((tmp_path / "bench" / "speculative.json").read_text())["overall"]["draft"]
+    bench = json.loads((tmp_path / "bench" / "speculative.json").read_text())
+    adaptive = bench["results"]["pydoc_b1"]["draft-adapt"]  # the draft plan with its runner-ups, chosen on the fly
+    others = len(plan.provenance["draft"]["alternatives"])
+    assert adaptive["identical_rows"] == 1 and f"chosen on the fly among it and {others}" in bench["drafts"]["draft-adapt"]
+    assert sum(adaptive["rounds_by_plan"]) == adaptive["rounds"]
+    assert ("int8 copy" in bench["drafts"]["draft"]) == search["best"].endswith("int8")  # the plan's precision drafts
+    overall = bench["overall"]["draft"]
     assert overall["search_seconds"] == pytest.approx(search["seconds"])  # the search counts against the draft
     assert overall["speedup_with_search"] < overall["plain_seconds"] / overall["draft_seconds"]

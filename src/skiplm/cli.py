@@ -517,14 +517,19 @@ def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_toke
                    "model verifies; the output is the full model's")
 @click.option("--max-draft", type=click.IntRange(min=1), default=6, show_default=True,
               help="--speculative: most tokens drafted per round (fewer when the draft is unsure)")
-@click.option("--draft-dtype", help="--speculative: draft with a copy of the weights in this dtype, e.g. bfloat16")
+@click.option("--adapt", is_flag=True,
+              help="--speculative: choose the draft's skip set on the fly (SWIFT-style) among the draft plan and the "
+                   "runner-ups `skiplm draft-search` recorded in it")
+@click.option("--draft-dtype", help="--speculative: draft with a copy of the weights in this precision: bfloat16, "
+                                    "float16 or int8 (int8 weights, bfloat16 arithmetic); default: the one a draft "
+                                    "plan from `skiplm draft-search` names, else the model's own weights")
 @click.option("--policy", "policy_path", help="input-adaptive policy file made by `skiplm policy` (ffn-skip, lac)")
 @click.option("--activation-map", type=click.Path(dir_okay=False),
               help="--policy: write which layers ran for which tokens to this PNG (and a JSON next to it)")
 @click.option("--force", is_flag=True, help="apply the plan even if made for other weights")
 @_model_options
 def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p, top_k, seed, speculative, max_draft,
-             draft_dtype, policy_path, activation_map, force, dtype, device):
+             adapt, draft_dtype, policy_path, activation_map, force, dtype, device):
     """Generate text with MODEL (under a plan if given, or speculatively with --speculative), streaming to stdout."""
     import torch
     from transformers import TextStreamer
@@ -553,20 +558,26 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
     inputs = {k: v.to(device) for k, v in inputs.items()}
     torch.manual_seed(seed)
     if speculative:
+        from .speculative import draft_alternatives, draft_precision
         from .speculative import generate as speculative_generate
 
         if draft_dtype is None and skip_plan is None:
             raise PlanError("--speculative needs a draft: a --plan (the layers the draft skips) and/or --draft-dtype.")
+        alternatives = draft_alternatives(skip_plan) if adapt else []
+        if adapt and not alternatives:
+            raise PlanError("--adapt needs a --plan made by `skiplm draft-search --alternatives N` (N >= 1); this plan "
+                            "records no runner-up skip sets.")
         start = time.perf_counter()
         result = speculative_generate(
             hf_model, tokenizer, inputs["input_ids"], inputs.get("attention_mask"), plan=skip_plan,
-            draft_dtype=draft_dtype, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            draft_dtype=draft_dtype, alternatives=alternatives, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0, top_k=top_k, top_p=top_p, max_draft=max_draft,
             seed=seed, streamer=TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True), check_model=False)
         elapsed = time.perf_counter() - start
         new = len(result.tokens[0])
+        precision = draft_dtype or draft_precision(skip_plan)
         draft = "; ".join(filter(None, [skip_plan.describe() if skip_plan else "",
-                                        f"{draft_dtype} copy" if draft_dtype else ""]))
+                                        f"{precision} copy" if precision else ""]))
         console.print(f"[dim]{new} tokens in {elapsed:.2f} s ({new / elapsed:.1f} tokens/s, including prefill); "
                       f"draft: {draft}[/dim]")
         console.print(f"[dim]{result.stats.describe()}[/dim]")
@@ -867,7 +878,11 @@ def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, 
 @click.option("--draft-plan", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="a draft: the model under this plan (repeat for several)")
 @click.option("--draft-dtype", "dtypes", multiple=True,
-              help="a draft: a copy of the weights in this dtype, full depth (e.g. bfloat16; repeat for several)")
+              help="a draft: a copy of the weights in this precision, full depth (bfloat16, float16, int8; repeat "
+                   "for several)")
+@click.option("--adapt", is_flag=True,
+              help="also run each --draft-plan that records runner-up skip sets (from draft-search) with the skip set "
+                   "chosen on the fly among them (SWIFT-style), as a draft named NAME-adapt")
 @click.option("--prompts", "prompt_sets", default="gsm8k,pydoc", show_default=True,
               help="prompt sets: gsm8k (questions in the chat template), pydoc (64-token text chunks to continue)")
 @click.option("--limit", default=8, show_default=True, type=click.IntRange(min=1), help="prompts per set")
@@ -878,12 +893,13 @@ def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, 
 @click.option("--force", is_flag=True, help="use draft plans made for other weights")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="results/speculative", show_default=True)
 @_model_options
-def bench_speculative(model, plan_paths, dtypes, prompt_sets, limit, batch_sizes, new_tokens, max_draft, repeats, force,
-                      out, dtype, device):
+def bench_speculative(model, plan_paths, dtypes, adapt, prompt_sets, limit, batch_sizes, new_tokens, max_draft, repeats,
+                      force, out, dtype, device):
     """Self-speculative decoding against plain greedy decoding in the same run: tokens/s, speedup, acceptance,
     fallbacks and identical output, per prompt set, batch size and draft (JSON, markdown, plot in --out)."""
     from .errors import PlanError
     from .reporting import machine_info, write_json
+    from .speculative import draft_alternatives
     from .speculative_bench import Draft, markdown, plot, prompt_set, run_speculative_bench
 
     if not plan_paths and not dtypes:
@@ -891,6 +907,13 @@ def bench_speculative(model, plan_paths, dtypes, prompt_sets, limit, batch_sizes
     batches = _ints(batch_sizes, "--batch-sizes")
     hf_model, tokenizer = _load(model, dtype, device)
     drafts = [Draft(Path(path).stem, plan=_load_plan(path, hf_model, force)) for path in plan_paths]
+    if adapt:
+        adaptive = [dataclasses.replace(d, name=f"{d.name}-adapt", alternatives=tuple(draft_alternatives(d.plan)))
+                    for d in drafts if draft_alternatives(d.plan)]
+        if not adaptive:
+            raise PlanError("--adapt needs a --draft-plan made by `skiplm draft-search --alternatives N` (N >= 1): "
+                            "none of the plans given records runner-up skip sets.")
+        drafts += adaptive
     drafts += [Draft(name, dtype=name) for name in dtypes]
     prompts = {name: prompt_set(tokenizer, name, limit) for name in prompt_sets.split(",") if name.strip()}
     with console.status("decoding") as status:
@@ -913,22 +936,34 @@ def bench_speculative(model, plan_paths, dtypes, prompt_sets, limit, batch_sizes
 @MODEL_ARGUMENT
 @click.option("--max-blocks", default=6, show_default=True, type=click.IntRange(min=1),
               help="candidates: skip the 1..N blocks of lowest Block Influence (ranked on gsm8k calibration text)")
+@click.option("--precisions", default="float32,int8", show_default=True,
+              help="draft precisions to combine with each skip set: float32 (the model's own weights), bfloat16, "
+                   "float16, int8 (int8 weights, bfloat16 arithmetic); a copy in another precision also drafts at "
+                   "full depth")
 @click.option("--prompts", "prompt_source", default="gsm8k", show_default=True, type=click.Choice(["gsm8k", "pydoc"]),
               help="calibration prompts the candidates are timed on")
+@click.option("--alternatives", default=2, show_default=True, type=click.IntRange(min=0),
+              help="runner-up skip sets (same precision) to record in the draft plan for on-the-fly selection")
 @click.option("--limit", default=2, show_default=True, type=click.IntRange(min=1), help="calibration prompts")
 @click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-draft", default=6, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="draft plan file to write (JSON)")
 @_model_options
-def draft_search(model, max_blocks, prompt_source, limit, new_tokens, max_draft, out, dtype, device):
-    """Choose a self-speculative draft plan for MODEL by measurement: each candidate drafts whole generations on
-    calibration prompts at batch 1, timed against plain greedy decoding; the fastest is saved as a plan for
-    `generate --speculative --plan` and `bench-speculative --draft-plan`."""
+def draft_search(model, max_blocks, precisions, prompt_source, alternatives, limit, new_tokens, max_draft, out, dtype,
+                 device):
+    """Choose a self-speculative draft for MODEL by measurement: each candidate (a skip set and a precision) drafts
+    whole generations on calibration prompts at batch 1, timed against plain greedy decoding; the fastest is saved
+    as a draft plan (its precision included) for `generate --speculative --plan` and `bench-speculative
+    --draft-plan`."""
     from .plan import SkipPlan
     from .planners import get_planner, load_calibration
+    from .quantize import precision_name
     from .reporting import write_json
     from .speculative_bench import Draft, prompt_set, search_draft
 
+    precision_list = list(dict.fromkeys(precision_name(p.strip()) for p in precisions.split(",") if p.strip()))
+    if not precision_list:
+        raise click.UsageError("--precisions needs at least one precision, e.g. float32,int8.")
     hf_model, tokenizer = _load(model, dtype, device)
     start = time.perf_counter()
     with console.status("ranking blocks by Block Influence"):
@@ -938,10 +973,12 @@ def draft_search(model, max_blocks, prompt_source, limit, new_tokens, max_draft,
         largest = get_planner("block-influence")(hf_model, skip=min(max_blocks, layers - 1), calibration=calibration,
                                                  name=model)
         order = largest.provenance["order"]
-        candidates = [Draft(f"skip-{k}-blocks", plan=SkipPlan.from_layers(
-                          layers, blocks=order[:k], model=largest.model,
-                          provenance={**largest.provenance, "target": {"skip": k}, "order": order[:k]}))
-                      for k in range(1, len(order) + 1)]
+        candidates = [Draft(f"skip-{k}-blocks" + ("" if precision == "float32" else f"-{precision}"),
+                            plan=SkipPlan.from_layers(layers, blocks=order[:k], model=largest.model, provenance={
+                                **largest.provenance, "target": {"skip": k}, "order": order[:k],
+                                "draft": {"precision": precision}}))
+                      for precision in precision_list
+                      for k in range(0 if precision != "float32" else 1, len(order) + 1)]
     prompts = prompt_set(tokenizer, prompt_source, limit)
     with console.status("timing candidates") as status:
         found = search_draft(hf_model, prompts, candidates, new_tokens=new_tokens, max_draft=max_draft,
@@ -949,8 +986,12 @@ def draft_search(model, max_blocks, prompt_source, limit, new_tokens, max_draft,
                              progress=lambda text: status.update(f"timing candidates: {text}"))
     seconds = time.perf_counter() - start
     best = found["best"]
+    # the runner-ups of the winner's precision, for on-the-fly selection (--adapt)
+    runner_ups = sorted((d for d in candidates if d is not best and d.precision == best.precision),
+                        key=lambda d: -found["speedups"][d.name])[:alternatives]
+    draft = {**best.plan.provenance["draft"], "alternatives": [d.plan.decode.blocks for d in runner_ups]}
     plan = dataclasses.replace(best.plan, provenance={
-        **best.plan.provenance, "draft_search": {"speedups": found["speedups"], "acceptance": found["acceptance"],
+        **best.plan.provenance, "draft": draft, "draft_search": {"speedups": found["speedups"], "acceptance": found["acceptance"],
                                                  "pays": found["pays"], "seconds": seconds, "prompts": prompt_source,
                                                  "limit": limit, "new_tokens": new_tokens}})
     plan.save(out)

@@ -2,8 +2,9 @@
 
 One model object plays both parts (Draft & Verify, SWIFT): the *draft* is the model with a :class:`~skiplm.SkipPlan`
 applied, the *verifier* is the same model inside ``handle.disabled()``. Optionally the draft is a lower-precision copy
-of the same weights (``draft_dtype=torch.bfloat16``), with or without a plan; its weights are then extra memory,
-reported in :attr:`SpeculativeStats.draft_weight_bytes` (0 for the same-weights draft).
+of the same weights (``draft_dtype="bfloat16"``, or ``"int8"``: int8 weights with bfloat16 arithmetic, see
+:mod:`skiplm.quantize`), with or without a plan; its weights are then extra memory, reported in
+:attr:`SpeculativeStats.draft_weight_bytes` (0 for the same-weights draft).
 
 Caches. The draft and the verifier keep separate KV caches: the draft's active attention layers compute keys and values
 from the draft's own residual stream, which differs from the full model's, so neither can use the other's. Both caches
@@ -52,7 +53,6 @@ mid-generation is not supported: skipped attention layers hold placeholders, not
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -96,6 +96,8 @@ class SpeculativeStats:
     draft_weight_bytes: int = 0  # extra weights the draft needs (0: it is the same model)
     draft_cache_bytes: int = 0  # the draft KV cache at the end of the generation
     final_threshold: float | None = None
+    draft_switches: int = 0  # times the on-the-fly selection changed the draft's skip set
+    rounds_by_plan: list[int] = dataclasses.field(default_factory=list)  # speculative rounds per candidate plan
 
     @property
     def acceptance_rate(self) -> float:
@@ -131,6 +133,8 @@ class SpeculativeStats:
             text += f" ({self.fallback_steps} after {self.fallbacks} fallback(s): speculation did not pay)"
         if self.discarded:
             text += f"; {self.discarded} accepted drafts discarded by the batch minimum"
+        if len(self.rounds_by_plan) > 1:
+            text += (f"; rounds per candidate draft plan {self.rounds_by_plan}, {self.draft_switches} switch(es)")
         text += (f"; draft {self.draft_seconds:.2f} s, verify {self.verify_seconds:.2f} s, plain "
                  f"{self.plain_seconds:.2f} s; draft weights {self.draft_weight_bytes / 2**20:.1f} MiB extra")
         return text
@@ -249,6 +253,65 @@ class SpeedMonitor:
             self.backoff = self.initial_backoff
 
 
+class DraftSelector:
+    """SWIFT-style on-the-fly choice of the draft's skip set among candidate ``plans`` (the first one starts), by
+    measured speed on the text being generated: the smoothed seconds per committed token of each plan's rounds.
+
+    Each plan is tried for ``trial_rounds`` rounds first; then the fastest drafts, and every ``explore_every`` rounds
+    the plan tried least recently gets ``trial_rounds`` rounds again, so that a plan which suits the current text
+    better is found. A switch drops the draft's KV cache (the next round refills it from the committed tokens), and
+    that time is counted in the round that pays it. Kept by the decoder, so what it measured carries over between
+    generations.
+    """
+
+    def __init__(self, plans: Sequence[SkipPlan], trial_rounds: int = 2, explore_every: int = 24,
+                 smoothing: float = 0.5):
+        if not plans:
+            raise PlanError("on-the-fly draft selection needs at least one candidate plan.")
+        if trial_rounds < 1 or explore_every < 1:
+            raise DataError("trial_rounds and explore_every must be at least 1.")
+        self.plans = list(plans)
+        self.trial_rounds, self.explore_every, self.smoothing = trial_rounds, explore_every, smoothing
+        self.rate: list[float | None] = [None] * len(self.plans)  # smoothed seconds per committed token
+        self.last_tried = [-1] * len(self.plans)
+        self.rounds = [0] * len(self.plans)
+        self.current = 0
+        self.trial_left = 0
+        self.since_explore = 0
+        self.round_index = 0
+
+    def choose(self) -> int:
+        """The plan to draft with in the next round."""
+        untried = [i for i, rate in enumerate(self.rate) if rate is None]
+        if self.trial_left > 0:
+            return self.current
+        if untried:
+            self.current, self.trial_left = untried[0], self.trial_rounds
+        elif self.since_explore >= self.explore_every and len(self.plans) > 1:
+            best = self.best()
+            self.current = min((i for i in range(len(self.plans)) if i != best), key=lambda i: self.last_tried[i])
+            self.trial_left, self.since_explore = self.trial_rounds, 0
+        else:
+            self.current = self.best()
+        return self.current
+
+    def best(self) -> int:
+        return min((i for i, rate in enumerate(self.rate) if rate is not None), key=lambda i: self.rate[i],
+                   default=self.current)
+
+    def observe(self, index: int, seconds: float, tokens: int) -> None:
+        rate = seconds / max(tokens, 1)
+        old = self.rate[index]
+        self.rate[index] = rate if old is None else self.smoothing * old + (1 - self.smoothing) * rate
+        self.last_tried[index] = self.round_index
+        self.rounds[index] += 1
+        self.round_index += 1
+        if self.trial_left > 0:  # a trial round
+            self.trial_left -= 1
+        else:
+            self.since_explore += 1
+
+
 # -- sampling helpers --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -293,26 +356,30 @@ def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 class SpeculativeDecoder:
     """A draft (``model`` under ``plan``, or a ``draft_dtype`` copy of it) and the full model as verifier.
 
-    Keep one for many generations (a low-precision copy is made once; the adaptive threshold carries over). Call
+    A plan from ``skiplm draft-search`` may name a precision (:func:`draft_precision`); it is used unless
+    ``draft_dtype`` is given. Keep one for many generations (a low-precision copy is made once; the adaptive
+    threshold carries over). Call
     :meth:`close` (or use ``with``) to remove the plan it applied. With ``plan=None`` and a plan already applied to
     ``model``, that plan drafts (and stays applied after :meth:`close`).
     """
 
     def __init__(self, model: nn.Module, plan: SkipPlan | None = None, *, draft_dtype: torch.dtype | str | None = None,
-                 check_model: bool = True, draft_length: AdaptiveDraftLength | None = None):
+                 check_model: bool = True, draft_length: AdaptiveDraftLength | None = None,
+                 alternatives: Sequence[SkipPlan] | DraftSelector = ()):
         self.model = model
         self.draft_length = draft_length or AdaptiveDraftLength()
         self.monitor = SpeedMonitor()  # fallback=True: what it learned about speed carries over between generations
         self._owned: list[SkipHandle] = []
         existing: SkipHandle | None = getattr(model, _HANDLE_ATTRIBUTE, None)
+        if draft_dtype is None and plan is not None:
+            draft_dtype = draft_precision(plan)
         if draft_dtype is not None:
-            from .models import resolve_dtype
+            from .quantize import draft_copy
 
-            dtype = resolve_dtype(draft_dtype)
             if existing is not None:
                 raise PlanError("a plan is already applied to this model; remove it and pass the draft plan as plan= "
                                 "(a low-precision draft is a copy of the plain model).")
-            self.draft_model = copy.deepcopy(model).to(dtype).eval()
+            self.draft_model = draft_copy(model, draft_dtype)
             self.draft_handle = self._apply(self.draft_model, plan, check_model) if plan is not None else None
             self.draft_weight_bytes = _tensor_bytes(self.draft_model)
         else:
@@ -325,6 +392,22 @@ class SpeculativeDecoder:
                 self.draft_handle = self._apply(model, plan, check_model)
             self.draft_model = model
             self.draft_weight_bytes = 0
+        self.selector: DraftSelector | None = None
+        self._active_plan = 0  # the selector's plan applied to the draft now
+        if alternatives:
+            if plan is None or self.draft_handle not in self._owned:
+                raise PlanError("on-the-fly draft selection needs the draft plan passed as plan= (the decoder switches "
+                                "the draft between it and the alternatives).")
+            # a selector of an earlier decoder carries on with what it measured; its first plan must be this one
+            selector = alternatives if isinstance(alternatives, DraftSelector) else DraftSelector([plan, *alternatives])
+            if selector.plans[0] != plan:
+                raise PlanError("the selector's first plan must be the draft plan passed as plan=.")
+            for alternative in selector.plans[1:]:
+                if check_model:
+                    alternative.check_model(self.model)
+                elif alternative.num_layers != plan.num_layers:
+                    raise PlanError("every alternative draft plan must cover the model's layers.")
+            self.selector = selector
 
     def _apply(self, model: nn.Module, plan: SkipPlan, check_model: bool) -> SkipHandle:
         from .policies import is_policy
@@ -332,7 +415,9 @@ class SpeculativeDecoder:
         if is_policy(plan):
             raise PlanError("a speculative draft is a static skip plan (skiplm plan); an input-adaptive policy cannot "
                             "draft: the full model must verify with the draft switched off, which policies do not do.")
-        handle = apply(model, plan, check_model=check_model)
+        if check_model:  # against the model's own weights (a low-precision copy's differ by design)
+            plan.check_model(self.model)
+        handle = apply(model, plan, check_model=False)
         self._owned.append(handle)
         return handle
 
@@ -342,12 +427,22 @@ class SpeculativeDecoder:
 
     def set_plan(self, plan: SkipPlan, check_model: bool = True) -> None:
         """Draft with another plan from the next generation on (hook for an offline draft-plan search)."""
+        if self.selector is not None:
+            raise PlanError("this decoder chooses its draft plan on the fly among its alternatives; make a new decoder.")
         if self.draft_handle is not None and self.draft_handle in self._owned:
             self.draft_handle.remove()
             self._owned.remove(self.draft_handle)
         elif self.draft_handle is not None:
             raise PlanError("the draft plan was applied by the caller; remove it and pass plan= instead.")
         self.draft_handle = self._apply(self.draft_model, plan, check_model)
+
+    def _switch_draft(self, index: int) -> None:
+        """Draft with the selector's plan ``index`` (the draft model's handle is the decoder's own)."""
+        self.draft_handle.remove()
+        self._owned.remove(self.draft_handle)
+        self.draft_handle = apply(self.draft_model, self.selector.plans[index], check_model=False)
+        self._owned.append(self.draft_handle)
+        self._active_plan = index
 
     def close(self) -> None:
         while self._owned:
@@ -466,6 +561,9 @@ class SpeculativeDecoder:
         stats.prefill_seconds = time.perf_counter() - t
         generated = 1
         draft_cache, drafted_length = None, 0  # the draft cache holds seq[:, :drafted_length]
+        selector = self.selector
+        if selector is not None:
+            stats.rounds_by_plan = [0] * len(selector.plans)
 
         while generated < max_new_tokens and not bool(finished.all()):
             room = max_new_tokens - generated  # the round commits at most k + 1 <= room tokens
@@ -476,6 +574,10 @@ class SpeculativeDecoder:
             drafts, draft_probs = [], []
             t = time.perf_counter()
             draft_prefill = 0.0
+            if speculate and selector is not None and selector.choose() != self._active_plan:
+                self._switch_draft(selector.current)
+                draft_cache, drafted_length = None, 0  # the new plan's draft refills its cache this round
+                stats.draft_switches += 1
             if speculate:
                 # committed tokens the draft has not seen, [B, >= 1]; the first time, everything: the draft's prefill
                 feed = seq[:, drafted_length:committed]
@@ -555,6 +657,9 @@ class SpeculativeDecoder:
                     stats.accepted_histogram.extend([0] * (m + 1 - len(stats.accepted_histogram)))
                 stats.accepted_histogram[m] += 1
                 policy.update(k * rows_active, int(accepted.sum()))
+                if selector is not None:  # a switch's refill is this round's cost
+                    selector.observe(self._active_plan, draft_prefill + draft_seconds + verify_seconds, m + 1)
+                    stats.rounds_by_plan[self._active_plan] += 1
                 if monitor is not None:
                     monitor.observe_round(draft_seconds + verify_seconds, m + 1, at_token=old_committed - prompt_length)
                 if on_round is not None:
@@ -587,6 +692,7 @@ def generate(
     *,
     plan: SkipPlan | None = None,
     draft_dtype: torch.dtype | str | None = None,
+    alternatives: Sequence[SkipPlan] = (),
     max_new_tokens: int = 128,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -598,7 +704,8 @@ def generate(
     check_model: bool = True,
     **options: Any,
 ) -> SpeculativeOutput:
-    """Self-speculative generation in one call: ``model`` under ``plan`` drafts, ``model`` verifies.
+    """Self-speculative generation in one call: ``model`` under ``plan`` drafts, ``model`` verifies (with
+    ``alternatives``, the draft's skip set is chosen on the fly among ``plan`` and them: :class:`DraftSelector`).
 
     ``tokenizer`` (optional) supplies the EOS / pad ids when the model's generation config lacks them, and decodes the
     outputs into ``texts``. Other keyword ``options`` go to :meth:`SpeculativeDecoder.generate` (``fallback``,
@@ -611,7 +718,8 @@ def generate(
             options["eos_token_id"] = tokenizer.eos_token_id
         if options.get("pad_token_id") is None and getattr(model.generation_config, "pad_token_id", None) is None:
             options["pad_token_id"] = tokenizer.pad_token_id
-    with SpeculativeDecoder(model, plan, draft_dtype=draft_dtype, check_model=check_model) as decoder:
+    with SpeculativeDecoder(model, plan, draft_dtype=draft_dtype, check_model=check_model,
+                            alternatives=alternatives) as decoder:
         output = decoder.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                   temperature=temperature, top_k=top_k, top_p=top_p, max_draft=max_draft, seed=seed,
                                   streamer=streamer, **options)
@@ -631,6 +739,22 @@ def plain_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     eos = _eos_ids(model, eos_token_id)
     pad = pad_token_id if pad_token_id is not None else _pad_id(model, torch.as_tensor(eos, dtype=torch.long))
     return greedy_decode(model, ids, mask, max_new_tokens, eos, pad)
+
+
+def draft_alternatives(plan: SkipPlan | None) -> list[SkipPlan]:
+    """The runner-up skip sets ``skiplm draft-search`` recorded in a draft plan (``draft.alternatives``: lists of
+    blocks), as plans for on-the-fly selection (:class:`DraftSelector`); [] when it recorded none."""
+    found = ((plan.provenance or {}).get("draft") or {}).get("alternatives") if plan is not None else None
+    return [SkipPlan.from_layers(plan.num_layers, blocks=blocks, model=plan.model,
+                                 provenance={"method": "draft-search alternative"})
+            for blocks in found or []]
+
+
+def draft_precision(plan: SkipPlan | None) -> str | None:
+    """The precision a draft plan from ``skiplm draft-search`` drafts in (its provenance's ``draft.precision``), or
+    None for the model's own weights. A draft is the plan's skips *and* this precision."""
+    found = ((plan.provenance or {}).get("draft") or {}).get("precision") if plan is not None else None
+    return None if found in (None, "float32") else found
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------------

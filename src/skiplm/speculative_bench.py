@@ -24,8 +24,8 @@ from torch import nn
 from .agreement import left_pad
 from .errors import DataError
 from .plan import SkipPlan
-from .speculative import (AdaptiveDraftLength, SpeculativeDecoder, SpeculativeOutput, SpeculativeStats, SpeedMonitor,
-                          plain_generate)
+from .speculative import (AdaptiveDraftLength, DraftSelector, SpeculativeDecoder, SpeculativeOutput, SpeculativeStats,
+                          SpeedMonitor, draft_precision, plain_generate)
 
 PROMPT_SETS = ("gsm8k", "pydoc")
 
@@ -35,6 +35,12 @@ class Draft:
     name: str
     plan: SkipPlan | None = None
     dtype: str | None = None
+    alternatives: tuple[SkipPlan, ...] = ()  # other skip sets to choose among on the fly (DraftSelector)
+
+    @property
+    def precision(self) -> str | None:
+        """The draft's precision: ``dtype``, else the one its plan carries (None: the model's own weights)."""
+        return self.dtype or draft_precision(self.plan)
 
     @property
     def search_seconds(self) -> float:
@@ -43,7 +49,10 @@ class Draft:
         return float(found.get("seconds", 0.0))
 
     def describe(self) -> str:
-        parts = [self.plan.describe() if self.plan is not None else "", f"{self.dtype} copy" if self.dtype else ""]
+        parts = [self.plan.describe() if self.plan is not None else "",
+                 f"{self.precision} copy" if self.precision else "",
+                 f"chosen on the fly among it and {len(self.alternatives)} other skip set(s) "
+                 f"({'; '.join(a.describe() for a in self.alternatives)})" if self.alternatives else ""]
         return "; ".join(p for p in parts if p) or "full model"
 
 
@@ -103,14 +112,16 @@ class _DraftRunner:
     def __init__(self, model: nn.Module, draft: Draft, fallback: bool = True):
         self.model, self.draft = model, draft
         self.length, self.monitor = AdaptiveDraftLength(), SpeedMonitor() if fallback else False
+        self.selector = DraftSelector([draft.plan, *draft.alternatives]) if draft.alternatives else ()
         # a lower-precision copy is made once; a plan is applied to the shared model only while it drafts
-        self.copy = (SpeculativeDecoder(model, draft.plan, draft_dtype=draft.dtype, draft_length=self.length)
-                     if draft.dtype else None)
+        self.copy = (SpeculativeDecoder(model, draft.plan, draft_dtype=draft.precision, draft_length=self.length,
+                                        alternatives=self.selector) if draft.precision else None)
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, **options: Any) -> SpeculativeOutput:
         if self.copy is not None:
             return self.copy.generate(ids, mask, fallback=self.monitor, **options)
-        with SpeculativeDecoder(self.model, self.draft.plan, draft_length=self.length) as decoder:
+        with SpeculativeDecoder(self.model, self.draft.plan, draft_length=self.length,
+                                alternatives=self.selector) as decoder:
             return decoder.generate(ids, mask, fallback=self.monitor, **options)
 
     def close(self) -> None:
@@ -197,6 +208,8 @@ def _pooled(all_stats: list[SpeculativeStats]) -> dict[str, Any]:
         "draft_seconds": sum(s.draft_seconds for s in all_stats),
         "verify_seconds": sum(s.verify_seconds for s in all_stats),
         "draft_weight_mib": max((s.draft_weight_bytes for s in all_stats), default=0) / 2**20,
+        "draft_switches": sum(s.draft_switches for s in all_stats),
+        "rounds_by_plan": [sum(c) for c in zip(*(s.rounds_by_plan for s in all_stats if s.rounds_by_plan))],
     }
 
 
