@@ -47,18 +47,24 @@ Unit = tuple[int, str]  # (layer, "attention" | "mlp" | "block")
 
 class KLScorer:
     """Mean KL(full model || planned model) per token on calibration text; the full model's logits are computed once.
-    ``evaluations`` counts the forward passes over the calibration text."""
+    ``evaluations`` counts the forward passes over the calibration text; ``progress(evaluations, None)`` is called
+    after each (the total depends on where the target is met)."""
 
-    def __init__(self, model: nn.Module, calibration: list[torch.Tensor]):
+    def __init__(self, model: nn.Module, calibration: list[torch.Tensor],
+                 progress: Callable[[int, int | None], None] | None = None):
         self.model = model
         self.calibration = calibration
         self.reference = trace_residuals(model, calibration, keep_logits=True).logits
         self.num_layers = count_layers(model)
         self.evaluations = 0
+        self.progress = progress
 
     def __call__(self, skips: SkipSet) -> float:
+        kl = skip_effect(self.model, self.calibration, skips, self.reference)["kl"]
         self.evaluations += 1
-        return skip_effect(self.model, self.calibration, skips, self.reference)["kl"]
+        if self.progress:
+            self.progress(self.evaluations, None)
+        return kl
 
 
 def search_path(
@@ -69,7 +75,6 @@ def search_path(
     candidates: int = 12,
     blocks: bool = True,
     scores: dict[Unit, float] | None = None,
-    progress: Callable[[int, int | None], None] | None = None,
 ) -> list[SearchStep]:
     """Greedy choices until ``stop(skips, kl)`` is true (or nothing is left that leaves a layer running).
     ``blocks``: also consider skipping a whole block in one step. ``scores``: filled with each unit's latest score
@@ -92,8 +97,6 @@ def search_path(
             # KL added per second saved; among equal scores the larger saving first
             scored[(layer, part)] = ((trial_kl - kl) / saving if saving > 0 else float("inf"), -saving)
             priority[(layer, part)] = scored[(layer, part)][0]
-            if progress:
-                progress(scorer.evaluations, None)  # forward passes so far; the total depends on where the target is met
         if not scored:
             break
         (layer, part) = min(scored, key=scored.get)
@@ -187,10 +190,9 @@ def plan_search(
     if latency_ms is not None and latency_ms * 1e-3 < latency.fixed_s:
         raise PlanError(f"a {latency_ms} ms step is out of reach: the unskippable part alone takes {latency.fixed_s * 1e3:.1f} ms.")
     stop = _stop_rule(latency, speedup=speedup, latency_ms=latency_ms, max_kl=max_kl, skip=skip)
-    scorer, scores = KLScorer(model, calibration), {}
+    scorer, scores = KLScorer(model, calibration, progress), {}
     # a block is two sublayers: with a sublayer count as the target, choose sublayers one at a time
-    path = search_path(scorer, latency, stop=stop, candidates=candidates, blocks=skip is None, scores=scores,
-                       progress=progress)
+    path = search_path(scorer, latency, stop=stop, candidates=candidates, blocks=skip is None, scores=scores)
     if max_kl is not None:  # the last step crossed the budget: leave it out
         path = [step for step in path if step.kl <= max_kl]
     if speedup is not None and latency.speedup(_skips_of(path)) < speedup:
