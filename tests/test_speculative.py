@@ -475,6 +475,21 @@ def test_fallback_kicks_in_for_a_useless_draft_and_output_stays_exact():
     assert s.plain_steps >= s.fallback_steps + 2  # the probe steps too
 
 
+def test_a_decoder_keeps_one_speed_monitor_per_batch_size():
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([10, 6], seed=11)
+    with SpeculativeDecoder(model, plan_for(model, blocks=[2])) as decoder:
+        decoder.generate(ids[:1], mask[:1], max_new_tokens=12, eos_token_id=[])
+        one = decoder.monitors[1]
+        observed = one.plain_observed
+        decoder.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+        # a batch of two is timed by its own monitor: a step's cost depends on the batch size
+        assert set(decoder.monitors) == {1, 2} and decoder.monitors[1] is one and one.plain_observed == observed
+        assert decoder.monitors[2].plain_observed >= 2  # its own probe steps
+        decoder.generate(ids[1:], mask[1:], max_new_tokens=12, eos_token_id=[])
+        assert decoder.monitors[1] is one and one.plain_observed >= observed  # batch 1 carries on where it was
+
+
 # -- stats, hooks, streaming, errors ----------------------------------------------------------------------------------
 def test_stats_add_up():
     model = cached_tiny_model("olmo2")

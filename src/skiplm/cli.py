@@ -944,8 +944,8 @@ def bench_speculative(model, plan_paths, dtypes, adapt, prompt_sets, limit, batc
               help="calibration prompts the candidates are timed on")
 @click.option("--alternatives", default=2, show_default=True, type=click.IntRange(min=0),
               help="runner-up skip sets (same precision) to record in the draft plan for on-the-fly selection")
-@click.option("--limit", default=2, show_default=True, type=click.IntRange(min=1), help="calibration prompts")
-@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--limit", default=3, show_default=True, type=click.IntRange(min=1), help="calibration prompts")
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-draft", default=6, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="draft plan file to write (JSON)")
 @_model_options

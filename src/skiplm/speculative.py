@@ -368,7 +368,9 @@ class SpeculativeDecoder:
                  alternatives: Sequence[SkipPlan] | DraftSelector = ()):
         self.model = model
         self.draft_length = draft_length or AdaptiveDraftLength()
-        self.monitor = SpeedMonitor()  # fallback=True: what it learned about speed carries over between generations
+        # fallback=True: one monitor per batch size (a step's cost depends on it); what each learned carries over
+        # between generations
+        self.monitors: dict[int, SpeedMonitor] = {}
         self._owned: list[SkipHandle] = []
         existing: SkipHandle | None = getattr(model, _HANDLE_ATTRIBUTE, None)
         if draft_dtype is None and plan is not None:
@@ -481,8 +483,8 @@ class SpeculativeDecoder:
     ) -> SpeculativeOutput:
         """Generate up to ``max_new_tokens`` per row from left-padded ``input_ids`` [B, T] (see the module docstring).
 
-        ``fallback``: True (this decoder's :class:`SpeedMonitor`, which keeps what it measured between generations),
-        a monitor of your own, or False (always speculate).
+        ``fallback``: True (this decoder's :class:`SpeedMonitor` for this batch size, which keeps what it measured
+        between generations), a monitor of your own, or False (always speculate).
         ``streamer``: an object with ``put(tensor)`` / ``end()`` (e.g. transformers' ``TextStreamer``, batch 1), or
         a callable receiving, per step, a list with each row's newly committed tokens.
         """
@@ -508,7 +510,10 @@ class SpeculativeDecoder:
         if do_sample:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
-        monitor = fallback if isinstance(fallback, SpeedMonitor) else (self.monitor if fallback else None)
+        if isinstance(fallback, SpeedMonitor) or not fallback:
+            monitor = fallback or None
+        else:
+            monitor = self.monitors.setdefault(batch, SpeedMonitor())
         events_before = len(monitor.events) if monitor is not None else 0
         policy = self.draft_length
         stats = SpeculativeStats(batch_size=batch, draft_weight_bytes=self.draft_weight_bytes)

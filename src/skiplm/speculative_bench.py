@@ -107,22 +107,25 @@ def run_speculative_bench(model: nn.Module, prompts: dict[str, list[list[int]]],
 
 
 class _DraftRunner:
-    """One draft across the whole run: its adaptive draft length and fallback monitor persist between generations."""
+    """One draft across the whole run: its adaptive draft length and fallback monitors (one per batch size) persist
+    between generations."""
 
     def __init__(self, model: nn.Module, draft: Draft, fallback: bool = True):
         self.model, self.draft = model, draft
-        self.length, self.monitor = AdaptiveDraftLength(), SpeedMonitor() if fallback else False
+        self.length, self.fallback = AdaptiveDraftLength(), fallback
+        self.monitors: dict[int, SpeedMonitor] = {}  # one per batch size, as a decoder keeps them
         self.selector = DraftSelector([draft.plan, *draft.alternatives]) if draft.alternatives else ()
         # a lower-precision copy is made once; a plan is applied to the shared model only while it drafts
         self.copy = (SpeculativeDecoder(model, draft.plan, draft_dtype=draft.precision, draft_length=self.length,
                                         alternatives=self.selector) if draft.precision else None)
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, **options: Any) -> SpeculativeOutput:
+        monitor = self.monitors.setdefault(ids.shape[0], SpeedMonitor()) if self.fallback else False
         if self.copy is not None:
-            return self.copy.generate(ids, mask, fallback=self.monitor, **options)
+            return self.copy.generate(ids, mask, fallback=monitor, **options)
         with SpeculativeDecoder(self.model, self.draft.plan, draft_length=self.length,
                                 alternatives=self.selector) as decoder:
-            return decoder.generate(ids, mask, fallback=self.monitor, **options)
+            return decoder.generate(ids, mask, fallback=monitor, **options)
 
     def close(self) -> None:
         if self.copy is not None:
