@@ -159,3 +159,34 @@ def test_policy_cached_decoding_equals_recomputation(smol, method, threshold):
             recomputed = model(sequence).logits[0, ids.shape[1] - 1:]
     torch.testing.assert_close(cached, recomputed, atol=5e-4, rtol=1e-4)
     assert torch.equal(cached.argmax(-1), recomputed.argmax(-1))
+
+
+@pytest.mark.parametrize("draft", ["skip-blocks", "int8", "int8-adapt"])
+def test_speculative_greedy_equals_plain_greedy_on_the_default_model(smol, draft):
+    from skiplm.agreement import Prompt, encode_prompts, left_pad
+    from skiplm.speculative import SpeculativeDecoder
+
+    model, tokenizer = smol
+    questions = ["What is 7 times 8?", "Name three colours.", "A train goes 60 km in 1.5 hours. What is its speed?"]
+    rows = encode_prompts(tokenizer, [Prompt(q) for q in questions], chat=True)
+    eos = tokenizer.eos_token_id
+    expected = []  # transformers' own greedy decoding, each row alone: the oracle
+    with torch.inference_mode():
+        for row in rows:
+            out = model.generate(torch.tensor([row]), max_new_tokens=32, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[0, len(row):].tolist()
+            expected.append(out[: out.index(eos) + 1] if eos in out else out)
+    plan = skiplm.SkipPlan.from_layers(30, blocks=[3, 25]).for_model(model)
+    options = {"skip-blocks": dict(plan=plan), "int8": dict(draft_dtype="int8"),
+               "int8-adapt": dict(plan=plan, draft_dtype="int8",
+                                  alternatives=[skiplm.SkipPlan.from_layers(30), skiplm.SkipPlan.from_layers(30, blocks=[25])])}
+    ids, mask = left_pad(rows, tokenizer.pad_token_id)
+    with SpeculativeDecoder(model, **options[draft]) as decoder:
+        if decoder.selector is not None:
+            decoder.selector.explore_every = 2  # switch often: every switch refills the draft's cache
+        for batch in (1, 3):  # batch 3: left padding, rows that accept different numbers of drafts
+            out = decoder.generate(ids[:batch], mask[:batch], max_new_tokens=32, fallback=False, eos_token_id=eos,
+                                   pad_token_id=tokenizer.pad_token_id, max_draft=4)
+            assert out.tokens == expected[:batch]
+            assert out.stats.rounds > 0 and out.stats.accepted > 0
+    assert getattr(model, "_skiplm_handle", None) is None
