@@ -621,7 +621,7 @@ def test_draft_search_times_the_candidates_and_saves_the_fastest(tiny_folder, tm
 
     out = tmp_path / "draft.json"
     result = run_cli("draft-search", tiny_folder, "--max-blocks", 2, "--limit", 2, "--new-tokens", 6,
-                     "--precisions", "float32,int8", "-o", out)
+                     "--precisions", "float32,int8", "--repeats", 2, "-o", out)
     assert result.exception is None, result.output
     search = json.loads((tmp_path / "draft.search.json").read_text())
     assert set(search["speedups"]) == {"skip-1-blocks", "skip-2-blocks", "skip-0-blocks-int8", "skip-1-blocks-int8",
@@ -629,7 +629,7 @@ def test_draft_search_times_the_candidates_and_saves_the_fastest(tiny_folder, tm
     assert search["best"] == max(search["speedups"], key=search["speedups"].get)
     assert search["pays"] == (search["speedups"][search["best"]] > 1.0)
     measured = search["measured"]["results"]["calibration_b1"]
-    assert all(measured[name]["identical_rows"] == 2 for name in search["speedups"])  # exact while searching too
+    assert all(measured[name]["identical_rows"] == 2 * 2 for name in search["speedups"])  # 2 rows x 2 rounds, exact
     assert all(measured[name]["fallbacks"] == 0 for name in search["speedups"])  # each candidate speculated throughout
     plan = skiplm.SkipPlan.load(out)
     assert len(plan.decode.blocks) == int(search["best"].split("-")[1])
@@ -638,6 +638,8 @@ def test_draft_search_times_the_candidates_and_saves_the_fastest(tiny_folder, tm
     runner_ups = sorted(same_precision, key=lambda n: -search["speedups"][n])[:2]  # --alternatives 2, the default
     assert [len(blocks) for blocks in plan.provenance["draft"]["alternatives"]] == [int(n.split("-")[1]) for n in runner_ups]
     assert plan.provenance["draft_search"]["speedups"] == search["speedups"]
+    measured_rounds = search["measured"]["results"]["calibration_b1"]["skip-1-blocks"]["speedup_per_round"]
+    assert len(measured_rounds) == 2 and plan.provenance["draft_search"]["repeats"] == 2  # the median of two rounds
     result = run_cli("bench-speculative", tiny_folder, "--draft-plan", out, "--adapt", "--limit", 1, "--batch-sizes",
                      "1", "--new-tokens", 12, "--max-draft", 2, "--prompts", "pydoc", "-o", tmp_path / "bench")
     assert result.exception is None, result.output

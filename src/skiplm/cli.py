@@ -946,11 +946,13 @@ def bench_speculative(model, plan_paths, dtypes, adapt, prompt_sets, limit, batc
               help="runner-up skip sets (same precision) to record in the draft plan for on-the-fly selection")
 @click.option("--limit", default=3, show_default=True, type=click.IntRange(min=1), help="calibration prompts")
 @click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
+              help="timing rounds per candidate (median); more rounds tell closer candidates apart, and take longer")
 @click.option("--max-draft", default=6, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="draft plan file to write (JSON)")
 @_model_options
-def draft_search(model, max_blocks, precisions, prompt_source, alternatives, limit, new_tokens, max_draft, out, dtype,
-                 device):
+def draft_search(model, max_blocks, precisions, prompt_source, alternatives, limit, new_tokens, repeats, max_draft, out,
+                 dtype, device):
     """Choose a self-speculative draft for MODEL by measurement: each candidate (a skip set and a precision) drafts
     whole generations on calibration prompts at batch 1, timed against plain greedy decoding; the fastest is saved
     as a draft plan (its precision included) for `generate --speculative --plan` and `bench-speculative
@@ -981,7 +983,7 @@ def draft_search(model, max_blocks, precisions, prompt_source, alternatives, lim
                       for k in range(0 if precision != "float32" else 1, len(order) + 1)]
     prompts = prompt_set(tokenizer, prompt_source, limit)
     with console.status("timing candidates") as status:
-        found = search_draft(hf_model, prompts, candidates, new_tokens=new_tokens, max_draft=max_draft,
+        found = search_draft(hf_model, prompts, candidates, new_tokens=new_tokens, max_draft=max_draft, repeats=repeats,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
                              progress=lambda text: status.update(f"timing candidates: {text}"))
     seconds = time.perf_counter() - start
@@ -993,7 +995,7 @@ def draft_search(model, max_blocks, precisions, prompt_source, alternatives, lim
     plan = dataclasses.replace(best.plan, provenance={
         **best.plan.provenance, "draft": draft, "draft_search": {"speedups": found["speedups"], "acceptance": found["acceptance"],
                                                  "pays": found["pays"], "seconds": seconds, "prompts": prompt_source,
-                                                 "limit": limit, "new_tokens": new_tokens}})
+                                                 "limit": limit, "new_tokens": new_tokens, "repeats": repeats}})
     plan.save(out)
     write_json(Path(out).with_suffix(".search.json"),
                {"kind": "draft-search", "command": _command_line(), "best": best.name, "pays": found["pays"],

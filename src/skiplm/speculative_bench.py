@@ -133,16 +133,17 @@ class _DraftRunner:
 
 
 def search_draft(model: nn.Module, prompts: list[list[int]], candidates: Sequence[Draft], *, new_tokens: int = 32,
-                 max_draft: int = 6, eos_token_id=None, pad_token_id: int = 0,
+                 max_draft: int = 6, repeats: int = 1, eos_token_id=None, pad_token_id: int = 0,
                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Offline draft search: each candidate drafts for the whole generation (no fallback) on the calibration
     ``prompts`` at batch 1, timed against plain greedy decoding in the same run; the winner is the candidate with the
     highest measured speedup of the whole speculative loop (acceptance, draft cost and verify cost all count).
-    ``pays`` says whether it beats plain decoding at all."""
+    ``pays`` says whether it beats plain decoding at all. ``repeats``: rounds over the prompts, in alternating order
+    (the median speedup counts); one round tells apart candidates more than ~5% apart."""
     if not candidates:
         raise DataError("the draft search needs at least one candidate.")
     start = time.perf_counter()
-    result = run_speculative_bench(model, {"calibration": prompts}, candidates, batch_sizes=(1,),
+    result = run_speculative_bench(model, {"calibration": prompts}, candidates, batch_sizes=(1,), repeats=repeats,
                                    new_tokens=new_tokens, max_draft=max_draft, eos_token_id=eos_token_id,
                                    pad_token_id=pad_token_id, fallback=False, progress=progress)
     measured = result["results"]["calibration_b1"]
