@@ -908,8 +908,8 @@ def bench_speculative(model, plan_paths, dtypes, adapt, prompt_sets, limit, batc
     hf_model, tokenizer = _load(model, dtype, device)
     drafts = [Draft(Path(path).stem, plan=_load_plan(path, hf_model, force)) for path in plan_paths]
     if adapt:
-        adaptive = [dataclasses.replace(d, name=f"{d.name}-adapt", alternatives=tuple(draft_alternatives(d.plan)))
-                    for d in drafts if draft_alternatives(d.plan)]
+        adaptive = [dataclasses.replace(d, name=f"{d.name}-adapt", alternatives=alternatives)
+                    for d in drafts if (alternatives := tuple(draft_alternatives(d.plan)))]
         if not adaptive:
             raise PlanError("--adapt needs a --draft-plan made by `skiplm draft-search --alternatives N` (N >= 1): "
                             "none of the plans given records runner-up skip sets.")

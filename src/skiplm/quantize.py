@@ -17,16 +17,20 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
+from .models import resolve_dtype
 
 DRAFT_PRECISIONS = ("float32", "bfloat16", "float16", "int8")
-_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def precision_name(precision: str | torch.dtype) -> str:
-    """The canonical name of a draft precision (a dtype, or one of :data:`DRAFT_PRECISIONS` or its short alias)."""
-    if isinstance(precision, torch.dtype):
-        precision = str(precision).removeprefix("torch.")
-    name = _ALIASES.get(str(precision).lower(), str(precision).lower())
+    """The canonical name of a draft precision: ``"int8"``, or a floating dtype (a torch dtype or a name the model
+    loader takes, short aliases included)."""
+    if isinstance(precision, str) and precision.lower() == "int8":
+        return "int8"
+    try:
+        name = str(resolve_dtype(precision)).removeprefix("torch.")
+    except ModelLoadError:
+        name = None
     if name not in DRAFT_PRECISIONS:
         raise ModelLoadError(f"unknown draft precision {precision!r}; use one of {', '.join(DRAFT_PRECISIONS)} "
                              "(int8: int8 weights, bfloat16 arithmetic).")
@@ -36,7 +40,8 @@ def precision_name(precision: str | torch.dtype) -> str:
 class Int8Linear(nn.Module):
     """``nn.Linear`` with an int8 weight [out, in] and one ``compute_dtype`` scale per output row."""
 
-    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16, use_kernel: bool | None = None):
+        """``use_kernel``: whether torch's int8-weight kernel serves this device (None: find out)."""
         super().__init__()
         weight = linear.weight.detach().float()
         scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
@@ -44,7 +49,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(compute_dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(compute_dtype))
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.use_kernel = _kernel_works(self.weight_int8.device, compute_dtype)
+        self.use_kernel = _kernel_works(self.weight_int8.device, compute_dtype) if use_kernel is None else use_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scale.dtype).contiguous()
@@ -80,8 +85,9 @@ def draft_copy(model: nn.Module, precision: str | torch.dtype) -> nn.Module:
     if name != "int8":
         return copy.deepcopy(model).to(getattr(torch, name)).eval()
     quantized = copy.deepcopy(model).to(torch.bfloat16).eval()
+    use_kernel = _kernel_works(next(quantized.parameters()).device, torch.bfloat16)  # once, not per layer
     for parent in list(quantized.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, child_name, Int8Linear(child))
+                setattr(parent, child_name, Int8Linear(child, use_kernel=use_kernel))
     return quantized

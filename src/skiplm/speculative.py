@@ -282,9 +282,9 @@ class DraftSelector:
 
     def choose(self) -> int:
         """The plan to draft with in the next round."""
-        untried = [i for i, rate in enumerate(self.rate) if rate is None]
         if self.trial_left > 0:
             return self.current
+        untried = [i for i, rate in enumerate(self.rate) if rate is None]
         if untried:
             self.current, self.trial_left = untried[0], self.trial_rounds
         elif self.since_explore >= self.explore_every and len(self.plans) > 1:
@@ -510,10 +510,12 @@ class SpeculativeDecoder:
         if do_sample:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
-        if isinstance(fallback, SpeedMonitor) or not fallback:
-            monitor = fallback or None
-        else:
+        if isinstance(fallback, SpeedMonitor):
+            monitor = fallback
+        elif fallback:
             monitor = self.monitors.setdefault(batch, SpeedMonitor())
+        else:
+            monitor = None
         events_before = len(monitor.events) if monitor is not None else 0
         policy = self.draft_length
         stats = SpeculativeStats(batch_size=batch, draft_weight_bytes=self.draft_weight_bytes)
