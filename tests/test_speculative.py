@@ -147,13 +147,17 @@ def test_bf16_draft_is_exact_and_reports_its_memory():
     ids, mask = left_padded([8, 14], seed=4)
     expected = oracle(model, ids, mask, 24)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    for plan in (None, plan_for(model, blocks=[2])):
-        out = generate(model, None, ids, mask, plan=plan, draft_dtype=torch.bfloat16, max_new_tokens=24,
-                       fallback=False, eos_token_id=[])
-        assert out.tokens == expected
-        assert weights // 2 <= out.stats.draft_weight_bytes <= weights // 2 + 64  # + fp32 rotary buffers
-        if plan is None:
-            assert out.stats.acceptance_rate > 0.5
+    # the lean draft copies every weight but the embedding table (it looks rows up in the model's own), in bf16
+    copied = weights - model.get_input_embeddings().weight.numel() * 4
+    for engine, expected_bytes in (("modules", (weights // 2, weights // 2 + 64)),  # + fp32 rotary buffers
+                                   ("lean", (copied // 2, copied // 2))):
+        for plan in (None, plan_for(model, blocks=[2])):
+            out = generate(model, None, ids, mask, plan=plan, draft_dtype=torch.bfloat16, max_new_tokens=24,
+                           fallback=False, eos_token_id=[], draft_engine=engine)
+            assert out.tokens == expected
+            assert expected_bytes[0] <= out.stats.draft_weight_bytes <= expected_bytes[1]
+            if plan is None:
+                assert out.stats.acceptance_rate > 0.5
     # the verifier is the full model even when a plan is applied to it after the low-precision copy was made
     with SpeculativeDecoder(model, draft_dtype="bfloat16") as decoder, skiplm.apply(model, plan_for(model, blocks=[1])):
         assert decoder.generate(ids, mask, max_new_tokens=24, fallback=False, eos_token_id=[]).tokens == expected
@@ -167,7 +171,7 @@ def test_int8_linear_matches_its_dequantized_weights_with_and_without_the_kernel
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=True)
-    quantized = Int8Linear(linear)
+    quantized = Int8Linear.from_linear(linear)
     x = torch.randn(3, 5, 64)
     dequantized = quantized.weight_int8.float() * quantized.scale.float()[:, None]
     # half a quantization step, plus the scale's own bfloat16 rounding (2^-8 of the weight)
@@ -205,8 +209,11 @@ def test_a_draft_plan_carries_its_precision():
     assert draft_precision(plan) is None and draft_precision(carried) == "int8"
     with SpeculativeDecoder(model, carried) as decoder:
         assert decoder.draft_model is not model and decoder.draft_weight_bytes > 0
+        assert decoder.draft_engine == "lean" and decoder.draft_model.precision == "int8"
     with SpeculativeDecoder(model, carried, draft_dtype="bfloat16") as decoder:  # an explicit precision wins
-        assert next(decoder.draft_model.parameters()).dtype == torch.bfloat16
+        assert decoder.draft_model.precision == "bfloat16" and decoder.plan == carried
+    with SpeculativeDecoder(model, carried, draft_engine="modules") as decoder:
+        assert decoder.draft_engine == "modules" and next(decoder.draft_model.parameters()).dtype == torch.bfloat16
     with pytest.raises(ModelLoadError, match="unknown draft precision 'int4'"):
         SpeculativeDecoder(model, draft_dtype="int4")
 
@@ -444,7 +451,7 @@ def test_draft_length_adapts_in_generation():
 
 
 def test_speed_monitor_falls_back_when_speculation_does_not_pay_and_retries():
-    monitor = SpeedMonitor(probe_steps=2, min_rounds=2, backoff=4, max_backoff=8)
+    monitor = SpeedMonitor(probe_steps=2, min_rounds=2, backoff=4, max_backoff=8, smoothing=0.5)
     assert not monitor.speculate()
     monitor.observe_plain(1.0)
     monitor.observe_plain(1.0)
@@ -457,10 +464,13 @@ def test_speed_monitor_falls_back_when_speculation_does_not_pay_and_retries():
     assert not monitor.speculate() and len(monitor.events) == 1 and monitor.plain_left == 4
     for _ in range(4):
         monitor.observe_plain(1.0)
-    assert monitor.speculate()  # retry
-    monitor.observe_round(seconds=3.0, tokens=1)
+    assert monitor.speculate()  # retry, judged after one round blended into the estimate it had
     monitor.observe_round(seconds=3.0, tokens=1)
     assert not monitor.speculate() and monitor.plain_left == 8  # back-off doubled
+    for _ in range(8):
+        monitor.observe_plain(1.0)
+    monitor.observe_round(seconds=0.5, tokens=4)  # the text got easier: one fast round pays for the blend
+    assert monitor.speculate() and len(monitor.events) == 2 and monitor.backoff == 4 and not monitor.retrying
 
 
 def test_fallback_kicks_in_for_a_useless_draft_and_output_stays_exact():

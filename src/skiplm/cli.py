@@ -878,8 +878,9 @@ def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, 
 @click.option("--draft-plan", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="a draft: the model under this plan (repeat for several)")
 @click.option("--draft-dtype", "dtypes", multiple=True,
-              help="a draft: a copy of the weights in this precision, full depth (bfloat16, float16, int8; repeat "
-                   "for several)")
+              help="a draft: a copy of the weights in this precision, full depth: bfloat16, float16, int8, "
+                   "int8-dynamic; PRECISION:modules drafts through the model's own modules instead of the lean "
+                   "engine (repeat for several)")
 @click.option("--adapt", is_flag=True,
               help="also run each --draft-plan that records runner-up skip sets (from draft-search) with the skip set "
                    "chosen on the fly among them (SWIFT-style), as a draft named NAME-adapt")
@@ -914,7 +915,7 @@ def bench_speculative(model, plan_paths, dtypes, adapt, prompt_sets, limit, batc
             raise PlanError("--adapt needs a --draft-plan made by `skiplm draft-search --alternatives N` (N >= 1): "
                             "none of the plans given records runner-up skip sets.")
         drafts += adaptive
-    drafts += [Draft(name, dtype=name) for name in dtypes]
+    drafts += [Draft.from_spec(spec) for spec in dtypes]
     prompts = {name: prompt_set(tokenizer, name, limit) for name in prompt_sets.split(",") if name.strip()}
     with console.status("decoding") as status:
         result = run_speculative_bench(hf_model, prompts, drafts, batch_sizes=batches, new_tokens=new_tokens,

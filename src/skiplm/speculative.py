@@ -61,12 +61,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import count_layers
 from .agreement import greedy_decode
+from .draft_engine import LeanCache, LeanDraft, lean_draft_unsupported
 from .errors import DataError, PlanError
 from .plan import SkipPlan
 from .runtime import SkipHandle, apply
 
 _HANDLE_ATTRIBUTE = "_skiplm_handle"
+DRAFT_ENGINES = ("auto", "lean", "modules")
 
 
 # -- statistics --------------------------------------------------------------------------------------------------------
@@ -195,13 +198,19 @@ class SpeedMonitor:
     It first takes ``probe_steps`` plain steps to time plain decoding. Then it speculates; after ``min_rounds`` rounds,
     if the smoothed seconds per committed token exceed plain decoding's by more than ``margin``, it falls back to
     ``backoff`` plain steps and tries again, doubling the back-off after each failure (up to ``max_backoff``) and
-    resetting it when speculation pays.
+    resetting it when speculation pays. Rates are exponential averages (weight ``smoothing`` on the past, so about
+    five rounds count): one round that drafted badly does not switch speculation off. A retry is judged after
+    ``retry_rounds`` rounds, blended into the estimate speculation already had: a draft measured slow is not given
+    ``min_rounds`` slow rounds every time (at batch 8 on the default model, where speculation ran at ~0.7x, retries
+    cost more than the fallbacks saved; at batch 1, where it pays, a faster-reacting average (0.5) fell back 7-8
+    times per 8 generations of 64 tokens on unlucky rounds).
     """
 
     def __init__(self, probe_steps: int = 2, min_rounds: int = 3, margin: float = 0.0, backoff: int = 8,
-                 max_backoff: int = 256, smoothing: float = 0.5):
+                 max_backoff: int = 256, smoothing: float = 0.8, retry_rounds: int = 1):
         self.probe_steps = probe_steps
         self.min_rounds = min_rounds
+        self.retry_rounds = retry_rounds
         self.margin = margin
         self.initial_backoff = self.backoff = backoff
         self.max_backoff = max_backoff
@@ -210,6 +219,7 @@ class SpeedMonitor:
         self.spec: tuple[float, float] | None = None
         self.plain_observed = 0
         self.rounds = 0  # speculative rounds since speculation (re)started
+        self.retrying = False  # speculation restarted after a fallback and has not paid since
         self.plain_left = 0  # plain steps left in the current fallback
         self.events: list[dict[str, float]] = []
 
@@ -236,12 +246,12 @@ class SpeedMonitor:
         if self.plain_left > 0:
             self.plain_left -= 1
             if self.plain_left == 0:
-                self.spec, self.rounds = None, 0  # retry with a fresh estimate
+                self.rounds, self.retrying = 0, True  # retry, keeping what speculation measured so far
 
     def observe_round(self, seconds: float, tokens: int, at_token: int = 0) -> None:
         self.spec = self._smooth(self.spec, seconds, tokens)
         self.rounds += 1
-        if self.rounds < self.min_rounds or self.plain is None:
+        if self.rounds < (self.retry_rounds if self.retrying else self.min_rounds) or self.plain is None:
             return
         spec, plain = self.rate(self.spec), self.rate(self.plain)
         if spec > plain * (1 + self.margin):
@@ -250,7 +260,7 @@ class SpeedMonitor:
             self.plain_left = self.backoff
             self.backoff = min(self.backoff * 2, self.max_backoff)
         else:
-            self.backoff = self.initial_backoff
+            self.backoff, self.retrying = self.initial_backoff, False
 
 
 class DraftSelector:
@@ -365,26 +375,36 @@ class SpeculativeDecoder:
 
     def __init__(self, model: nn.Module, plan: SkipPlan | None = None, *, draft_dtype: torch.dtype | str | None = None,
                  check_model: bool = True, draft_length: AdaptiveDraftLength | None = None,
-                 alternatives: Sequence[SkipPlan] | DraftSelector = ()):
+                 alternatives: Sequence[SkipPlan] | DraftSelector = (), draft_engine: str = "auto"):
+        if draft_engine not in DRAFT_ENGINES:
+            raise DataError(f"unknown draft engine {draft_engine!r}; use one of {', '.join(DRAFT_ENGINES)}.")
         self.model = model
         self.draft_length = draft_length or AdaptiveDraftLength()
         # fallback=True: one monitor per batch size (a step's cost depends on it); what each learned carries over
         # between generations
         self.monitors: dict[int, SpeedMonitor] = {}
         self._owned: list[SkipHandle] = []
+        self.draft_handle: SkipHandle | None = None
         existing: SkipHandle | None = getattr(model, _HANDLE_ATTRIBUTE, None)
         if draft_dtype is None and plan is not None:
             draft_dtype = draft_precision(plan)
         if draft_dtype is not None:
-            from .quantize import draft_copy
-
             if existing is not None:
                 raise PlanError("a plan is already applied to this model; remove it and pass the draft plan as plan= "
                                 "(a low-precision draft is a copy of the plain model).")
-            self.draft_model = draft_copy(model, draft_dtype)
-            self.draft_handle = self._apply(self.draft_model, plan, check_model) if plan is not None else None
-            self.draft_weight_bytes = _tensor_bytes(self.draft_model)
+            self.draft_model = self._low_precision_draft(draft_dtype, draft_engine)
+            if isinstance(self.draft_model, LeanDraft):
+                if plan is not None:
+                    self._check_plan(plan, check_model)
+                    self.draft_model.plan = plan
+                self.draft_weight_bytes = self.draft_model.weight_bytes
+            else:
+                self.draft_handle = self._apply(self.draft_model, plan, check_model) if plan is not None else None
+                self.draft_weight_bytes = _tensor_bytes(self.draft_model)
         else:
+            if draft_engine == "lean":
+                raise PlanError("the lean draft engine drafts from a copy of the weights: give a draft precision "
+                                "(draft_dtype=, e.g. int8).")
             if plan is None:
                 if existing is None:
                     raise PlanError("self-speculative decoding needs a draft: pass plan= (a skip plan; an empty plan "
@@ -397,7 +417,7 @@ class SpeculativeDecoder:
         self.selector: DraftSelector | None = None
         self._active_plan = 0  # the selector's plan applied to the draft now
         if alternatives:
-            if plan is None or self.draft_handle not in self._owned:
+            if plan is None or (self.draft_handle is not None and self.draft_handle not in self._owned):
                 raise PlanError("on-the-fly draft selection needs the draft plan passed as plan= (the decoder switches "
                                 "the draft between it and the alternatives).")
             # a selector of an earlier decoder carries on with what it measured; its first plan must be this one
@@ -411,7 +431,26 @@ class SpeculativeDecoder:
                     raise PlanError("every alternative draft plan must cover the model's layers.")
             self.selector = selector
 
-    def _apply(self, model: nn.Module, plan: SkipPlan, check_model: bool) -> SkipHandle:
+    def _low_precision_draft(self, precision: torch.dtype | str, engine: str) -> LeanDraft | nn.Module:
+        """The lean draft (fused, preallocated cache) where the model's family allows and ``engine`` is not
+        "modules"; else a copy of the model's modules (:func:`skiplm.quantize.draft_copy`)."""
+        from .quantize import draft_copy, precision_name
+
+        precision_name(precision)  # an unknown precision is refused before anything else
+        unsupported = lean_draft_unsupported(self.model) if engine != "modules" else "not asked for"
+        if unsupported is None:
+            return LeanDraft(self.model, precision)
+        if engine == "lean":
+            raise PlanError(f"the lean draft engine does not support this model ({unsupported}); use "
+                            "draft_engine='modules' (or 'auto').")
+        return draft_copy(self.model, precision)
+
+    @property
+    def draft_engine(self) -> str:
+        """"lean" (:class:`~skiplm.draft_engine.LeanDraft`) or "modules" (the model's own modules draft)."""
+        return "lean" if isinstance(self.draft_model, LeanDraft) else "modules"
+
+    def _check_plan(self, plan: SkipPlan, check_model: bool) -> None:
         from .policies import is_policy
 
         if is_policy(plan):
@@ -419,18 +458,29 @@ class SpeculativeDecoder:
                             "draft: the full model must verify with the draft switched off, which policies do not do.")
         if check_model:  # against the model's own weights (a low-precision copy's differ by design)
             plan.check_model(self.model)
+        elif plan.num_layers != count_layers(self.model):
+            raise PlanError(f"the draft plan covers {plan.num_layers} layers; the model has {count_layers(self.model)}.")
+
+    def _apply(self, model: nn.Module, plan: SkipPlan, check_model: bool) -> SkipHandle:
+        self._check_plan(plan, check_model)
         handle = apply(model, plan, check_model=False)
         self._owned.append(handle)
         return handle
 
     @property
     def plan(self) -> SkipPlan | None:
+        if isinstance(self.draft_model, LeanDraft):
+            return self.draft_model.plan
         return self.draft_handle.plan if self.draft_handle is not None else None
 
     def set_plan(self, plan: SkipPlan, check_model: bool = True) -> None:
         """Draft with another plan from the next generation on (hook for an offline draft-plan search)."""
         if self.selector is not None:
             raise PlanError("this decoder chooses its draft plan on the fly among its alternatives; make a new decoder.")
+        if isinstance(self.draft_model, LeanDraft):
+            self._check_plan(plan, check_model)
+            self.draft_model.plan = plan
+            return
         if self.draft_handle is not None and self.draft_handle in self._owned:
             self.draft_handle.remove()
             self._owned.remove(self.draft_handle)
@@ -440,11 +490,14 @@ class SpeculativeDecoder:
 
     def _switch_draft(self, index: int) -> None:
         """Draft with the selector's plan ``index`` (the draft model's handle is the decoder's own)."""
+        self._active_plan = index
+        if isinstance(self.draft_model, LeanDraft):
+            self.draft_model.plan = self.selector.plans[index]
+            return
         self.draft_handle.remove()
         self._owned.remove(self.draft_handle)
         self.draft_handle = apply(self.draft_model, self.selector.plans[index], check_model=False)
         self._owned.append(self.draft_handle)
-        self._active_plan = index
 
     def close(self) -> None:
         while self._owned:
@@ -532,6 +585,8 @@ class SpeculativeDecoder:
             """``tokens`` [B, n] at sequence indices start_index.. over a cache holding start_index tokens."""
             n = tokens.shape[1]
             positions = (torch.arange(start_index, start_index + n, device=device)[None] - pads[:, None]).clamp(min=0)
+            if isinstance(model, LeanDraft):
+                return model(tokens, full_mask[:, :start_index + n], positions, cache, keep)
             out = model(input_ids=tokens, attention_mask=full_mask[:, :start_index + n], position_ids=positions,
                         cache=cache, use_cache=True, logits_to_keep=keep)
             return out.logits.float(), out.cache
@@ -586,6 +641,11 @@ class SpeculativeDecoder:
                 draft_cache, drafted_length = None, 0  # the new plan's draft refills its cache this round
                 stats.draft_switches += 1
             if speculate:
+                if isinstance(self.draft_model, LeanDraft) and drafted_length < committed - 1:
+                    # the lean draft takes what the full cache holds (all committed tokens but the last) from it
+                    adopted = self.draft_model.adopt(full_cache, drafted_length, committed - 1, draft_cache)
+                    if adopted is not None:
+                        draft_cache, drafted_length = adopted, committed - 1
                 # committed tokens the draft has not seen, [B, >= 1]; the first time, everything: the draft's prefill
                 feed = seq[:, drafted_length:committed]
                 for i in range(k_max):
@@ -700,6 +760,7 @@ def generate(
     plan: SkipPlan | None = None,
     draft_dtype: torch.dtype | str | None = None,
     alternatives: Sequence[SkipPlan] = (),
+    draft_engine: str = "auto",
     max_new_tokens: int = 128,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -726,7 +787,7 @@ def generate(
         if options.get("pad_token_id") is None and getattr(model.generation_config, "pad_token_id", None) is None:
             options["pad_token_id"] = tokenizer.pad_token_id
     with SpeculativeDecoder(model, plan, draft_dtype=draft_dtype, check_model=check_model,
-                            alternatives=alternatives) as decoder:
+                            alternatives=alternatives, draft_engine=draft_engine) as decoder:
         output = decoder.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                   temperature=temperature, top_k=top_k, top_p=top_p, max_draft=max_draft, seed=seed,
                                   streamer=streamer, **options)
@@ -793,6 +854,8 @@ def _tensor_bytes(model: nn.Module) -> int:
 def _cache_bytes(cache) -> int:
     if cache is None:
         return 0
+    if isinstance(cache, LeanCache):
+        return cache.nbytes()
     total = 0
     for layer in getattr(cache, "layers", []):
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):

@@ -36,6 +36,17 @@ class Draft:
     plan: SkipPlan | None = None
     dtype: str | None = None
     alternatives: tuple[SkipPlan, ...] = ()  # other skip sets to choose among on the fly (DraftSelector)
+    engine: str = "auto"  # how a lower-precision copy runs: "lean", "modules", or "auto" (lean where supported)
+
+    @classmethod
+    def from_spec(cls, spec: str) -> Draft:
+        """A full-depth draft from ``PRECISION[:ENGINE]`` (e.g. ``int8``, ``int8:modules``), named by the spec."""
+        from .speculative import DRAFT_ENGINES
+
+        precision, _, engine = spec.partition(":")
+        if engine and engine not in DRAFT_ENGINES:
+            raise DataError(f"unknown draft engine {engine!r} in {spec!r}; use one of {', '.join(DRAFT_ENGINES)}.")
+        return cls(spec, dtype=precision, engine=engine or "auto")
 
     @property
     def precision(self) -> str | None:
@@ -49,8 +60,9 @@ class Draft:
         return float(found.get("seconds", 0.0))
 
     def describe(self) -> str:
+        engine = f" ({self.engine} engine)" if self.engine != "auto" else ""
         parts = [self.plan.describe() if self.plan is not None else "",
-                 f"{self.precision} copy" if self.precision else "",
+                 f"{self.precision} copy{engine}" if self.precision else "",
                  f"chosen on the fly among it and {len(self.alternatives)} other skip set(s) "
                  f"({'; '.join(a.describe() for a in self.alternatives)})" if self.alternatives else ""]
         return "; ".join(p for p in parts if p) or "full model"
@@ -117,7 +129,8 @@ class _DraftRunner:
         self.selector = DraftSelector([draft.plan, *draft.alternatives]) if draft.alternatives else ()
         # a lower-precision copy is made once; a plan is applied to the shared model only while it drafts
         self.copy = (SpeculativeDecoder(model, draft.plan, draft_dtype=draft.precision, draft_length=self.length,
-                                        alternatives=self.selector) if draft.precision else None)
+                                        alternatives=self.selector, draft_engine=draft.engine)
+                     if draft.precision else None)
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, **options: Any) -> SpeculativeOutput:
         monitor = self.monitors.setdefault(ids.shape[0], SpeedMonitor()) if self.fallback else False

@@ -1,0 +1,166 @@
+"""The lean draft engine: held to the modeling code in float32 (same logits as the model under the same plan, cached
+and incremental, with left padding and sliding windows), its cache, its precisions, and where it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import skiplm
+from skiplm.draft_engine import LeanCache, LeanDraft, lean_draft_unsupported
+from skiplm.errors import DataError, PlanError
+from skiplm.quantize import CastLinear, DynamicInt8Linear, draft_linear
+from skiplm.speculative import SpeculativeDecoder, generate
+
+from conftest import VOCAB, cached_tiny_model, plan_for
+from test_speculative import left_padded, oracle
+
+LEAN_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]  # mistral: a sliding window of 8, shorter than the sequences
+PLANS = {"none": None, "blocks+mlp": dict(blocks=[1], mlp=[3]), "attention": dict(attention=[0, 4])}
+
+
+def _reference(model, ids, mask, plan):
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        if plan is None:
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        with skiplm.apply(model, plan):
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+
+@pytest.mark.parametrize("family", LEAN_FAMILIES)
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_float32_lean_draft_gives_the_models_logits_under_the_same_plan(family, plan_name):
+    model = cached_tiny_model(family)
+    plan = plan_for(model, **PLANS[plan_name]) if PLANS[plan_name] is not None else None
+    ids, mask = left_padded([14, 9, 12], seed=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    expected = _reference(model, ids, mask, plan)
+    lean = LeanDraft(model, "float32", plan)
+    cache, pieces = None, []
+    for start, end in ((0, 9), (9, 10), (10, 14)):  # prefill, one token, then several (as a draft catches up)
+        logits, cache = lean(ids[:, start:end], mask[:, :end], positions[:, start:end], cache, end - start)
+        pieces.append(logits)
+    got = torch.cat(pieces, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-4)
+    # crop the cache back (a rejected draft) and feed different tokens: the logits follow the new tokens
+    cache.crop(-3)
+    other = torch.randint(3, VOCAB, (3, 3), generator=torch.Generator().manual_seed(2))
+    logits, cache = lean(other, mask[:, :14], positions[:, 11:14], cache, 3)
+    replaced = torch.cat([ids[:, :11], other], dim=1)
+    torch.testing.assert_close(logits, _reference(model, replaced, mask, plan)[:, 11:14], atol=2e-5, rtol=1e-4)
+    assert cache.length == 14
+
+
+def test_lean_cache_grows_past_its_first_capacity_and_keeps_what_it_held():
+    model = cached_tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (1, 262), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    positions = torch.arange(262)[None]
+    lean = LeanDraft(model, "float32")
+    _, cache = lean(ids[:, :250], mask[:, :250], positions[:, :250], None)
+    capacity = cache.keys[0].shape[2]
+    logits, cache = lean(ids[:, 250:], mask, positions[:, 250:], cache, 12)
+    assert cache.keys[0].shape[2] > capacity >= 250 and cache.length == 262
+    torch.testing.assert_close(logits, _reference(model, ids, mask, None)[:, 250:], atol=2e-5, rtol=1e-4)
+    assert cache.nbytes() == sum(t.numel() * 4 for t in [*cache.keys.values(), *cache.values.values()])
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8", "int8-dynamic"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_speculative_output_with_a_lean_draft_is_exact(family, precision):
+    model = cached_tiny_model(family)
+    ids, mask = left_padded([8, 13, 5], seed=6)
+    expected = oracle(model, ids, mask, 24)
+    with SpeculativeDecoder(model, plan_for(model, blocks=[2]), draft_dtype=precision) as decoder:
+        assert decoder.draft_engine == "lean"
+        for batch in (1, 3):
+            out = decoder.generate(ids[:batch], mask[:batch], max_new_tokens=24, fallback=False, eos_token_id=[])
+            assert out.tokens == expected[:batch]
+            assert out.stats.rounds > 0 and out.stats.draft_cache_bytes > 0
+        decoder.set_plan(plan_for(model, attention=[1]))  # a new plan from the next generation on
+        assert decoder.plan.decode.attention == {1}
+        assert decoder.generate(ids, mask, max_new_tokens=24, fallback=False, eos_token_id=[]).tokens == expected
+    assert getattr(model, "_skiplm_handle", None) is None
+
+
+def test_the_lean_draft_is_close_to_the_model_in_low_precision():
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([16], seed=7)
+    positions = torch.arange(16)[None]
+    expected = _reference(model, ids, mask, None)
+    for precision, tolerance in (("bfloat16", 0.05), ("int8", 0.1), ("int8-dynamic", 0.15)):
+        logits, _ = LeanDraft(model, precision)(ids, mask, positions, None, 16)
+        error = (logits - expected).norm() / expected.norm()
+        assert error < tolerance, (precision, float(error))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "olmo2"])
+def test_families_the_lean_draft_does_not_know_draft_through_their_modules(family):
+    model = cached_tiny_model(family)
+    reason = lean_draft_unsupported(model)
+    assert reason is not None and family in reason
+    ids, mask = left_padded([7, 10], seed=8)
+    with SpeculativeDecoder(model, draft_dtype="int8") as decoder:  # auto: the model's own modules
+        assert decoder.draft_engine == "modules"
+        assert decoder.generate(ids, mask, max_new_tokens=16, fallback=False, eos_token_id=[]).tokens == oracle(
+            model, ids, mask, 16)
+    with pytest.raises(PlanError, match="lean draft engine does not support this model"):
+        SpeculativeDecoder(model, draft_dtype="int8", draft_engine="lean")
+    with pytest.raises(ValueError, match="does not support"):
+        LeanDraft(model, "int8")
+
+
+def test_draft_engine_choices_are_checked():
+    model = cached_tiny_model("llama")
+    with pytest.raises(DataError, match="unknown draft engine 'fast'"):
+        SpeculativeDecoder(model, draft_dtype="int8", draft_engine="fast")
+    with pytest.raises(PlanError, match="give a draft precision"):
+        SpeculativeDecoder(model, plan_for(model, blocks=[1]), draft_engine="lean")
+    with SpeculativeDecoder(model, plan_for(model, blocks=[1]), draft_dtype="int8", draft_engine="modules") as decoder:
+        assert decoder.draft_engine == "modules" and decoder.draft_handle is not None
+    with pytest.raises(PlanError, match="covers 4 layers"):
+        SpeculativeDecoder(model, skiplm.SkipPlan.from_layers(4, blocks=[1]), draft_dtype="int8", check_model=False)
+
+
+def test_draft_products_in_each_precision():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 64), torch.randn(48)
+    x = torch.randn(2, 3, 64)
+    exact = x @ weight.T + bias
+    dynamic = draft_linear(weight, bias, "int8-dynamic")
+    assert isinstance(dynamic, DynamicInt8Linear) and dynamic(x).dtype == torch.float32
+    assert ((dynamic(x) - exact).norm() / exact.norm()) < 0.03  # int8 weights and int8 inputs
+    packed = draft_linear(weight, bias, "bfloat16")
+    plain = CastLinear(weight, bias, torch.bfloat16, packed=False)
+    assert isinstance(packed, CastLinear) and packed(x.bfloat16()).shape == (2, 3, 48)
+    torch.testing.assert_close(packed(x.bfloat16()).float(), plain(x.bfloat16()).float(), atol=0.1, rtol=0.02)
+    assert torch.equal(draft_linear(weight, bias, "float32")(x), torch.nn.functional.linear(x, weight, bias))
+    assert LeanCache().nbytes() == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_the_lean_draft_adopts_the_full_models_keys_and_values(family):
+    model = cached_tiny_model(family)
+    ids, mask = left_padded([12, 7], seed=9)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        full = model(input_ids=ids[:, :11], attention_mask=mask[:, :11], position_ids=positions[:, :11],
+                     use_cache=True).cache
+    lean = LeanDraft(model, "float32")
+    _, computed = lean(ids[:, :4], mask[:, :4], positions[:, :4], None)
+    adopted = lean.adopt(full, 4, 11, computed)
+    if family == "mistral":  # its sliding-window layers kept only their window: nothing is taken
+        assert adopted is None and computed.length == 4
+        return
+    assert adopted is computed and adopted.length == 11
+    # in float32 the lean draft computes what the model computes: over the adopted keys, the next token's logits
+    # are the full model's
+    logits, _ = lean(ids[:, 11:], mask, positions[:, 11:], adopted, 1)
+    torch.testing.assert_close(logits, _reference(model, ids, mask, None)[:, 11:], atol=2e-5, rtol=1e-4)
+    skipping = LeanDraft(model, "int8", plan_for(model, attention=[1], mlp=[2]))
+    taken = skipping.adopt(full, 0, 11, None)  # a fresh cache adopts the whole prefix
+    assert taken.length == 11 and 1 not in taken.keys and 0 in taken.keys  # skipped attention: no keys needed
+    assert taken.keys[0].dtype == torch.bfloat16
+    assert lean.adopt(full, 3, 11, LeanCache()) is None  # the cache must hold exactly the tokens before `start`
