@@ -580,6 +580,10 @@ def test_cli_generate_speculative(tiny_folder, tmp_path):
     result = run_cli("generate", tiny_folder, "--speculative", "--draft-dtype", "bfloat16", "--prompt", "Hello",
                      "--max-new-tokens", 6, "--temperature", 0.8, "--top-k", 5)
     assert result.exception is None, result.output
+    result = run_cli("generate", tiny_folder, "--speculative", "--draft-dtype", "int8", "--draft-engine", "modules",
+                     "--prompt-lookup", 0, "--prompt", "Hello", "--max-new-tokens", 6)
+    assert result.exception is None, result.output
+    assert "modules engine" in result.output and "prompt lookup" not in result.output
     result = run_cli("generate", tiny_folder, "--speculative", "--prompt", "Hello")
     assert isinstance(result.exception, PlanError) and "draft" in str(result.exception)
     result = run_cli("generate", tiny_folder, "--speculative", "--plan", plan_file, "--adapt", "--prompt", "Hello")
@@ -600,14 +604,20 @@ def test_speculative_bench_command_measures_and_every_output_is_identical(tiny_f
     plan_path = skiplm.SkipPlan.from_layers(4, blocks=[1]).save(tmp_path / "skip1.json")
     out = tmp_path / "spec"
     result = run_cli("bench-speculative", tiny_folder, "--draft-plan", plan_path, "--draft-dtype", "bfloat16",
-                     "--force", "--limit", 4, "--batch-sizes", "1,4", "--new-tokens", 8, "--repeats", 2, "-o", out)
+                     "--draft-dtype", "int8:modules", "--prompt-lookup", 2, "--force", "--limit", 4, "--batch-sizes",
+                     "1,4", "--new-tokens", 8, "--repeats", 2, "-o", out)
     assert result.exception is None, result.output
     data = json.loads((out / "speculative.json").read_text())
-    assert data["drafts"] == {"skip1": "skip blocks 1 of 4 layers", "bfloat16": "bfloat16 copy"}
+    assert data["drafts"] == {
+        "skip1": "skip blocks 1 of 4 layers", "bfloat16": "bfloat16 copy", "int8:modules": "int8 copy (modules engine)",
+        "skip1+lookup": "skip blocks 1 of 4 layers; combined with 2-gram prompt lookup",
+        "bfloat16+lookup": "bfloat16 copy; combined with 2-gram prompt lookup",
+        "int8:modules+lookup": "int8 copy (modules engine); combined with 2-gram prompt lookup"}
     assert set(data["results"]) == {"gsm8k_b1", "gsm8k_b4", "pydoc_b1", "pydoc_b4"}
     for key, entry in data["results"].items():
         assert entry["rows"] == 4 and entry["plain"]["tokens"] > 0
-        for name in ("skip1", "bfloat16"):
+        assert entry["skip1"]["lookup_rounds"] == 0 <= entry["skip1+lookup"]["lookup_rounds"]
+        for name in data["drafts"]:
             measured = entry[name]
             assert measured["identical_rows"] == 4 * 2, (key, name)  # greedy speculative == plain greedy, every row
             assert len(measured["speedup_per_round"]) == 2 and measured["speedup"] > 0
@@ -624,6 +634,8 @@ def test_speculative_bench_command_measures_and_every_output_is_identical(tiny_f
     assert isinstance(result.exception, DataError) and "batch 4 needs more" in str(result.exception)
     result = run_cli("bench-speculative", tiny_folder, "--draft-dtype", "bfloat16", "--prompts", "poems", "-o", out)
     assert isinstance(result.exception, DataError) and "unknown prompt set 'poems'" in str(result.exception)
+    result = run_cli("bench-speculative", tiny_folder, "--draft-dtype", "int8:fast", "-o", out)
+    assert isinstance(result.exception, DataError) and "unknown draft engine 'fast'" in str(result.exception)
 
 
 def test_draft_search_times_the_candidates_and_saves_the_fastest(tiny_folder, tmp_path):
@@ -662,3 +674,78 @@ def test_draft_search_times_the_candidates_and_saves_the_fastest(tiny_folder, tm
     overall = bench["overall"]["draft"]
     assert overall["search_seconds"] == pytest.approx(search["seconds"])  # the search counts against the draft
     assert overall["speedup_with_search"] < overall["plain_seconds"] / overall["draft_seconds"]
+
+
+# -- prompt lookup combined with the draft -----------------------------------------------------------------------------
+def test_prompt_lookup_proposes_what_followed_the_latest_occurrence():
+    from skiplm.speculative import PromptLookup
+
+    lookup = PromptLookup(ngram=2, min_kept=1.0, smoothing=0.0, retry_every=3)
+    seq = torch.tensor([[0, 0, 5, 6, 7, 8, 5, 6, 9, 4, 5, 6, 0, 0],
+                        [0, 11, 12, 13, 11, 12, 14, 15, 16, 17, 11, 12, 0, 0]])
+    pads = torch.tensor([2, 1])
+    active = torch.tensor([True, True])
+    # row 0 ends with (5, 6), last seen before at 6..7, followed by 9, 4, 5; row 1 ends with (11, 12) -> 14, 15, 16
+    proposal = lookup.propose(seq, 12, pads, active, k_max=3, pad=0)
+    assert proposal.tolist() == [[9, 4, 5], [14, 15, 16]]
+    assert lookup.propose(seq, 12, pads, active, k_max=2, pad=0).tolist() == [[9, 4], [14, 15]]
+    # a finished row proposes padding; a row without an earlier occurrence stops lookup for the batch
+    assert lookup.propose(seq, 12, pads, torch.tensor([True, False]), k_max=3, pad=0).tolist() == [[9, 4, 5], [0, 0, 0]]
+    assert lookup.propose(seq, 11, pads, active, k_max=3, pad=0) is None  # row 0 ends with (4, 5): not seen before
+    # lookup that keeps nothing is switched off, with a trial every `retry_every` rounds
+    lookup.observe(0)
+    assert [lookup.propose(seq, 12, pads, active, k_max=3, pad=0) is None for _ in range(4)] == [True] * 3 + [False]
+    lookup.observe(2)
+    assert lookup.propose(seq, 12, pads, active, k_max=3, pad=0) is not None
+    with pytest.raises(DataError, match="at least 1 token"):
+        PromptLookup(ngram=0)
+
+
+@pytest.mark.parametrize("draft_dtype", [None, "int8"])
+def test_greedy_output_with_prompt_lookup_is_exact(draft_dtype):
+    from skiplm.speculative import PromptLookup
+
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([10, 7], seed=3)  # greedy text that repeats pieces of itself
+    expected = oracle(model, ids, mask, 48)
+    plan = plan_for(model, blocks=[2])
+    # 1-gram lookup used whenever it finds a match (min_kept=0): most of its drafts are wrong, all must be caught
+    lookup = PromptLookup(ngram=1, min_kept=0.0)
+    with SpeculativeDecoder(model, plan, draft_dtype=draft_dtype, prompt_lookup=lookup) as decoder:
+        for batch in (1, 2):
+            rounds = []
+            out = decoder.generate(ids[:batch], mask[:batch], max_new_tokens=48, fallback=False, eos_token_id=[],
+                                   on_round=rounds.append)
+            assert out.tokens == expected[:batch]
+            s = out.stats
+            assert s.lookup_rounds == sum(r.drafter == "lookup" for r in rounds) > 0
+            assert s.rounds > s.lookup_rounds  # the draft model drafted the other rounds
+            assert "prompt lookup" in s.describe()
+
+
+def test_sampled_chains_with_prompt_lookup_follow_the_full_model():
+    """Batch 1, a prompt holding every token, so 1-gram lookup always proposes: its drafts are certain (q one-hot),
+    and rejection sampling must still give the full model's distribution over tokens 1-3."""
+    from skiplm.speculative import PromptLookup
+
+    model = cached_tiny_model("qwen2")
+    prompt = list(range(3, VOCAB)) + [7, 70]
+    sampling = Sampling(True, temperature=1.0, top_k=2)
+    lookup = PromptLookup(ngram=1, min_kept=0.0)
+    decoder = SpeculativeDecoder(model, plan_for(model, blocks=[2]), prompt_lookup=lookup)
+    counts, samples, lookup_rounds, kept = {}, 300, 0, 0
+    try:
+        for seed in range(samples):
+            out = decoder.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=True, top_k=2, max_draft=2,
+                                   seed=seed, fallback=False, eos_token_id=[])
+            key = tuple(out.tokens[0][:3])
+            counts[key] = counts.get(key, 0) + 1
+            lookup_rounds += out.stats.lookup_rounds
+            kept += out.stats.lookup_committed
+    finally:
+        decoder.close()
+    exact = _exact_joint(model, prompt, 3, sampling)
+    stat, critical = _chi2_ok(counts, samples, exact)
+    tv = _tv(counts, samples, exact)
+    assert stat < critical and tv < 0.12, (stat, critical, tv)
+    assert lookup_rounds >= samples and 0 < kept < 2 * lookup_rounds  # lookup drafted, and was sometimes rejected

@@ -521,15 +521,23 @@ def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_toke
               help="--speculative: choose the draft's skip set on the fly (SWIFT-style) among the draft plan and the "
                    "runner-ups `skiplm draft-search` recorded in it")
 @click.option("--draft-dtype", help="--speculative: draft with a copy of the weights in this precision: bfloat16, "
-                                    "float16 or int8 (int8 weights, bfloat16 arithmetic); default: the one a draft "
-                                    "plan from `skiplm draft-search` names, else the model's own weights")
+                                    "float16, int8 (int8 weights, bfloat16 arithmetic) or int8-dynamic (int8 weights "
+                                    "and activations); default: the one a draft plan from `skiplm draft-search` "
+                                    "names, else the model's own weights")
+@click.option("--prompt-lookup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="--speculative: when the last N tokens occurred earlier in the text, draft what followed them "
+                   "(n-gram prompt lookup, no draft forward), kept only while it pays; 0: off")
+@click.option("--draft-engine", type=click.Choice(["auto", "lean", "modules"]), default="auto", show_default=True,
+              help="--speculative with a draft precision: run the copy through skiplm's lean forward (fused "
+                   "products, in-place cache; Llama, Mistral, Qwen2/3) or through the model's own modules; auto: lean "
+                   "where the family allows")
 @click.option("--policy", "policy_path", help="input-adaptive policy file made by `skiplm policy` (ffn-skip, lac)")
 @click.option("--activation-map", type=click.Path(dir_okay=False),
               help="--policy: write which layers ran for which tokens to this PNG (and a JSON next to it)")
 @click.option("--force", is_flag=True, help="apply the plan even if made for other weights")
 @_model_options
 def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p, top_k, seed, speculative, max_draft,
-             adapt, draft_dtype, policy_path, activation_map, force, dtype, device):
+             adapt, draft_dtype, prompt_lookup, draft_engine, policy_path, activation_map, force, dtype, device):
     """Generate text with MODEL (under a plan if given, or speculatively with --speculative), streaming to stdout."""
     import torch
     from transformers import TextStreamer
@@ -570,7 +578,9 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
         start = time.perf_counter()
         result = speculative_generate(
             hf_model, tokenizer, inputs["input_ids"], inputs.get("attention_mask"), plan=skip_plan,
-            draft_dtype=draft_dtype, alternatives=alternatives, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            draft_dtype=draft_dtype, alternatives=alternatives, draft_engine=draft_engine,
+            prompt_lookup=prompt_lookup or None,
+            max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0, top_k=top_k, top_p=top_p, max_draft=max_draft,
             seed=seed, streamer=TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True), check_model=False)
         elapsed = time.perf_counter() - start
@@ -884,6 +894,8 @@ def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, 
 @click.option("--adapt", is_flag=True,
               help="also run each --draft-plan that records runner-up skip sets (from draft-search) with the skip set "
                    "chosen on the fly among them (SWIFT-style), as a draft named NAME-adapt")
+@click.option("--prompt-lookup", "lookup", type=click.IntRange(min=1),
+              help="also run every draft combined with n-gram prompt lookup of this length, as NAME+lookup")
 @click.option("--prompts", "prompt_sets", default="gsm8k,pydoc", show_default=True,
               help="prompt sets: gsm8k (questions in the chat template), pydoc (64-token text chunks to continue)")
 @click.option("--limit", default=8, show_default=True, type=click.IntRange(min=1), help="prompts per set")
@@ -894,8 +906,8 @@ def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, 
 @click.option("--force", is_flag=True, help="use draft plans made for other weights")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="results/speculative", show_default=True)
 @_model_options
-def bench_speculative(model, plan_paths, dtypes, adapt, prompt_sets, limit, batch_sizes, new_tokens, max_draft, repeats,
-                      force, out, dtype, device):
+def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, limit, batch_sizes, new_tokens, max_draft,
+                      repeats, force, out, dtype, device):
     """Self-speculative decoding against plain greedy decoding in the same run: tokens/s, speedup, acceptance,
     fallbacks and identical output, per prompt set, batch size and draft (JSON, markdown, plot in --out)."""
     from .errors import PlanError
@@ -916,6 +928,8 @@ def bench_speculative(model, plan_paths, dtypes, adapt, prompt_sets, limit, batc
                             "none of the plans given records runner-up skip sets.")
         drafts += adaptive
     drafts += [Draft.from_spec(spec) for spec in dtypes]
+    if lookup:
+        drafts += [dataclasses.replace(d, name=f"{d.name}+lookup", lookup=lookup) for d in drafts]
     prompts = {name: prompt_set(tokenizer, name, limit) for name in prompt_sets.split(",") if name.strip()}
     with console.status("decoding") as status:
         result = run_speculative_bench(hf_model, prompts, drafts, batch_sizes=batches, new_tokens=new_tokens,
@@ -939,8 +953,8 @@ def bench_speculative(model, plan_paths, dtypes, adapt, prompt_sets, limit, batc
               help="candidates: skip the 1..N blocks of lowest Block Influence (ranked on gsm8k calibration text)")
 @click.option("--precisions", default="float32,int8", show_default=True,
               help="draft precisions to combine with each skip set: float32 (the model's own weights), bfloat16, "
-                   "float16, int8 (int8 weights, bfloat16 arithmetic); a copy in another precision also drafts at "
-                   "full depth")
+                   "float16, int8 (int8 weights, bfloat16 arithmetic), int8-dynamic (int8 weights and activations); "
+                   "a copy in another precision also drafts at full depth")
 @click.option("--prompts", "prompt_source", default="gsm8k", show_default=True, type=click.Choice(["gsm8k", "pydoc"]),
               help="calibration prompts the candidates are timed on")
 @click.option("--alternatives", default=2, show_default=True, type=click.IntRange(min=0),

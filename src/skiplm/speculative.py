@@ -2,16 +2,21 @@
 
 One model object plays both parts (Draft & Verify, SWIFT): the *draft* is the model with a :class:`~skiplm.SkipPlan`
 applied, the *verifier* is the same model inside ``handle.disabled()``. Optionally the draft is a lower-precision copy
-of the same weights (``draft_dtype="bfloat16"``, or ``"int8"``: int8 weights with bfloat16 arithmetic, see
-:mod:`skiplm.quantize`), with or without a plan; its weights are then extra memory, reported in
-:attr:`SpeculativeStats.draft_weight_bytes` (0 for the same-weights draft).
+of the same weights (``draft_dtype="bfloat16"``, ``"int8"``: int8 weights with bfloat16 arithmetic, or
+``"int8-dynamic"``, see :mod:`skiplm.quantize`), with or without a plan; its weights are then extra memory, reported
+in :attr:`SpeculativeStats.draft_weight_bytes` (0 for the same-weights draft). A low-precision copy of a Llama-style
+model runs through :class:`~skiplm.draft_engine.LeanDraft` (``draft_engine="auto"`` or ``"lean"``): the same
+computation with fused products and an in-place cache, which on a CPU is what makes a draft cheap; other families,
+or ``draft_engine="modules"``, draft through a copy of the model's own modules. The verifier is always the model's own
+modules.
 
 Caches. The draft and the verifier keep separate KV caches: the draft's active attention layers compute keys and values
-from the draft's own residual stream, which differs from the full model's, so neither can use the other's. Both caches
-hold only committed tokens at the start of a round; after verification both are cropped back to the accepted length
-(sliding-window layers record their past so they can be cropped, as transformers' own assisted decoding does). The
-draft cache is filled lazily: its prefill runs at the first speculative round, and tokens committed while speculation
-was off (fallback) are fed to the draft in one chunk when it resumes.
+from the draft's own residual stream, which differs from the full model's. Both caches hold only committed tokens at
+the start of a round; after verification both are cropped back to the accepted length (sliding-window layers record
+their past so they can be cropped, as transformers' own assisted decoding does). The draft cache is filled lazily, at
+the first speculative round and after tokens were committed while speculation was off (fallback) or the draft's plan
+changed: the lean draft then takes those tokens' keys and values from the full model's cache (Draft & Verify's
+sharing; :meth:`~skiplm.draft_engine.LeanDraft.adopt`), a modules draft runs them through itself in one chunk.
 
 One round, for committed tokens ``x[0..S-1]`` (the full cache holds ``x[0..S-2]``; ``x[S-1]`` was chosen by the full
 model but not yet fed to it)::
@@ -97,9 +102,12 @@ class SpeculativeStats:
     plain_seconds: float = 0.0  # plain decoding steps
     total_seconds: float = 0.0
     draft_weight_bytes: int = 0  # extra weights the draft needs (0: it is the same model)
+    draft_engine: str = "modules"  # "lean": skiplm's fused forward of a low-precision copy; "modules": the model's own
     draft_cache_bytes: int = 0  # the draft KV cache at the end of the generation
     final_threshold: float | None = None
     draft_switches: int = 0  # times the on-the-fly selection changed the draft's skip set
+    lookup_rounds: int = 0  # rounds whose drafts came from prompt lookup (no draft forward)
+    lookup_committed: int = 0  # tokens those rounds kept from the lookup, summed over rows
     rounds_by_plan: list[int] = dataclasses.field(default_factory=list)  # speculative rounds per candidate plan
 
     @property
@@ -136,10 +144,12 @@ class SpeculativeStats:
             text += f" ({self.fallback_steps} after {self.fallbacks} fallback(s): speculation did not pay)"
         if self.discarded:
             text += f"; {self.discarded} accepted drafts discarded by the batch minimum"
+        if self.lookup_rounds:
+            text += f"; {self.lookup_rounds} rounds drafted by prompt lookup ({self.lookup_committed} tokens kept)"
         if len(self.rounds_by_plan) > 1:
             text += (f"; rounds per candidate draft plan {self.rounds_by_plan}, {self.draft_switches} switch(es)")
-        text += (f"; draft {self.draft_seconds:.2f} s, verify {self.verify_seconds:.2f} s, plain "
-                 f"{self.plain_seconds:.2f} s; draft weights {self.draft_weight_bytes / 2**20:.1f} MiB extra")
+        text += (f"; draft {self.draft_seconds:.2f} s ({self.draft_engine} engine), verify {self.verify_seconds:.2f} s, "
+                 f"plain {self.plain_seconds:.2f} s; draft weights {self.draft_weight_bytes / 2**20:.1f} MiB extra")
         return text
 
 
@@ -154,6 +164,7 @@ class RoundInfo:
     draft_seconds: float
     verify_seconds: float
     threshold: float | None
+    drafter: str = "model"  # "model": the draft model drafted; "lookup": prompt lookup did
 
 
 @dataclasses.dataclass
@@ -322,6 +333,53 @@ class DraftSelector:
             self.since_explore += 1
 
 
+class PromptLookup:
+    """Prompt-lookup drafting (n-gram lookup, as in transformers' ``prompt_lookup_num_tokens``), combined with the
+    draft model: when the last ``ngram`` committed tokens of every unfinished row occurred earlier in that row, the
+    tokens that followed their latest occurrence are the drafts — no draft forward at all; else the draft model
+    drafts. Lookup is kept only while it pays: the tokens kept per lookup round are averaged (weight ``smoothing`` on
+    the past) and lookup is skipped while the average is below ``min_kept``, with one trial every ``retry_every``
+    rounds. (A lookup round costs one verification of its proposal; on the default model that is about two plain
+    steps for 7 tokens, paid back by about one kept token.)"""
+
+    def __init__(self, ngram: int = 3, min_kept: float = 1.0, smoothing: float = 0.7, retry_every: int = 16):
+        if ngram < 1:
+            raise DataError(f"the lookup n-gram must be at least 1 token, got {ngram}.")
+        self.ngram, self.min_kept, self.smoothing, self.retry_every = ngram, min_kept, smoothing, retry_every
+        self.kept: float | None = None  # tokens kept per lookup round, averaged
+        self.since_lookup = 0
+
+    def propose(self, seq: torch.Tensor, committed: int, pads: torch.Tensor, active: torch.Tensor, k_max: int,
+                pad: int) -> torch.Tensor | None:
+        """Drafts [B, k] (k <= k_max; finished rows get ``pad``), or None: no match in some row, or lookup does not
+        pay now."""
+        if self.kept is not None and self.kept < self.min_kept and self.since_lookup < self.retry_every:
+            self.since_lookup += 1
+            return None
+        proposals: list[torch.Tensor | None] = []
+        for row in range(seq.shape[0]):
+            if not bool(active[row]):
+                proposals.append(None)
+                continue
+            tokens = seq[row, int(pads[row]):committed]
+            if tokens.shape[0] <= self.ngram:
+                return None
+            windows = tokens.unfold(0, self.ngram, 1)[:-1]  # every earlier n-gram, by its start
+            hits = (windows == tokens[-self.ngram:]).all(-1).nonzero()
+            if hits.numel() == 0:
+                return None
+            start = int(hits[-1]) + self.ngram
+            proposals.append(tokens[start:start + k_max])
+        k = min(p.shape[0] for p in proposals if p is not None)
+        self.since_lookup = 0
+        return torch.stack([p[:k] if p is not None else seq.new_full((k,), pad) for p in proposals])
+
+    def observe(self, kept: int) -> None:
+        """Tokens every row kept from a lookup round's drafts."""
+        a = self.smoothing
+        self.kept = kept if self.kept is None else a * self.kept + (1 - a) * kept
+
+
 # -- sampling helpers --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -375,9 +433,12 @@ class SpeculativeDecoder:
 
     def __init__(self, model: nn.Module, plan: SkipPlan | None = None, *, draft_dtype: torch.dtype | str | None = None,
                  check_model: bool = True, draft_length: AdaptiveDraftLength | None = None,
-                 alternatives: Sequence[SkipPlan] | DraftSelector = (), draft_engine: str = "auto"):
+                 alternatives: Sequence[SkipPlan] | DraftSelector = (), draft_engine: str = "auto",
+                 prompt_lookup: int | PromptLookup | None = None):
         if draft_engine not in DRAFT_ENGINES:
             raise DataError(f"unknown draft engine {draft_engine!r}; use one of {', '.join(DRAFT_ENGINES)}.")
+        # combined with n-gram prompt lookup (an n-gram length, or a PromptLookup): kept between generations
+        self.lookup = PromptLookup(prompt_lookup) if isinstance(prompt_lookup, int) else prompt_lookup
         self.model = model
         self.draft_length = draft_length or AdaptiveDraftLength()
         # fallback=True: one monitor per batch size (a step's cost depends on it); what each learned carries over
@@ -571,7 +632,8 @@ class SpeculativeDecoder:
             monitor = None
         events_before = len(monitor.events) if monitor is not None else 0
         policy = self.draft_length
-        stats = SpeculativeStats(batch_size=batch, draft_weight_bytes=self.draft_weight_bytes)
+        stats = SpeculativeStats(batch_size=batch, draft_weight_bytes=self.draft_weight_bytes,
+                                 draft_engine=self.draft_engine)
 
         capacity = prompt_length + max_new_tokens + max_draft + 1
         seq = torch.full((batch, capacity), pad, dtype=torch.long, device=device)  # committed tokens, left padded
@@ -640,7 +702,11 @@ class SpeculativeDecoder:
                 self._switch_draft(selector.current)
                 draft_cache, drafted_length = None, 0  # the new plan's draft refills its cache this round
                 stats.draft_switches += 1
-            if speculate:
+            lookup = (self.lookup.propose(seq, committed, pads, active, k_max, pad)
+                      if speculate and self.lookup is not None else None)
+            if lookup is not None:  # the context repeats itself: its continuation drafts, no draft forward needed
+                drafts = list(lookup.unbind(1))
+            elif speculate:
                 if isinstance(self.draft_model, LeanDraft) and drafted_length < committed - 1:
                     # the lean draft takes what the full cache holds (all committed tokens but the last) from it
                     adopted = self.draft_model.adopt(full_cache, drafted_length, committed - 1, draft_cache)
@@ -675,7 +741,9 @@ class SpeculativeDecoder:
                 d = torch.stack(drafts, dim=1)  # [B, k]
                 if do_sample:
                     p = sampling.probabilities(logits)  # [B, k + 1, V]
-                    q = torch.stack(draft_probs, dim=1)  # [B, k, V]
+                    # [B, k, V]; a lookup proposes its tokens with certainty
+                    q = (torch.stack(draft_probs, dim=1) if lookup is None
+                         else nn.functional.one_hot(d, p.shape[-1]).to(p.dtype))
                     p_d = p[:, :k].gather(-1, d[..., None]).squeeze(-1)
                     q_d = q.gather(-1, d[..., None]).squeeze(-1)
                     u = torch.rand(p_d.shape, generator=generator, device=device)
@@ -723,15 +791,20 @@ class SpeculativeDecoder:
                 if len(stats.accepted_histogram) <= m:
                     stats.accepted_histogram.extend([0] * (m + 1 - len(stats.accepted_histogram)))
                 stats.accepted_histogram[m] += 1
-                policy.update(k * rows_active, int(accepted.sum()))
-                if selector is not None:  # a switch's refill is this round's cost
+                if lookup is not None:
+                    stats.lookup_rounds += 1
+                    stats.lookup_committed += m * rows_active
+                    self.lookup.observe(m)
+                else:  # the draft model's own record: its confidence threshold and its plan's speed
+                    policy.update(k * rows_active, int(accepted.sum()))
+                if selector is not None and lookup is None:  # a switch's refill is this round's cost
                     selector.observe(self._active_plan, draft_prefill + draft_seconds + verify_seconds, m + 1)
                     stats.rounds_by_plan[self._active_plan] += 1
                 if monitor is not None:
                     monitor.observe_round(draft_seconds + verify_seconds, m + 1, at_token=old_committed - prompt_length)
                 if on_round is not None:
                     on_round(RoundInfo(stats.rounds - 1, k, tuple(accepted.tolist()), m + 1, draft_seconds,
-                                       verify_seconds, policy.threshold))
+                                       verify_seconds, policy.threshold, "model" if lookup is None else "lookup"))
             else:
                 stats.plain_steps += 1
                 stats.plain_seconds += verify_seconds
@@ -761,6 +834,7 @@ def generate(
     draft_dtype: torch.dtype | str | None = None,
     alternatives: Sequence[SkipPlan] = (),
     draft_engine: str = "auto",
+    prompt_lookup: int | None = None,
     max_new_tokens: int = 128,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -787,7 +861,8 @@ def generate(
         if options.get("pad_token_id") is None and getattr(model.generation_config, "pad_token_id", None) is None:
             options["pad_token_id"] = tokenizer.pad_token_id
     with SpeculativeDecoder(model, plan, draft_dtype=draft_dtype, check_model=check_model,
-                            alternatives=alternatives, draft_engine=draft_engine) as decoder:
+                            alternatives=alternatives, draft_engine=draft_engine,
+                            prompt_lookup=prompt_lookup) as decoder:
         output = decoder.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                   temperature=temperature, top_k=top_k, top_p=top_p, max_draft=max_draft, seed=seed,
                                   streamer=streamer, **options)
@@ -881,5 +956,5 @@ def _stream_end(streamer) -> None:
         streamer.end()
 
 
-__all__ = ["AdaptiveDraftLength", "RoundInfo", "Sampling", "SpeculativeDecoder", "SpeculativeOutput",
+__all__ = ["AdaptiveDraftLength", "PromptLookup", "RoundInfo", "Sampling", "SpeculativeDecoder", "SpeculativeOutput",
            "SpeculativeStats", "SpeedMonitor", "generate", "plain_generate"]

@@ -24,8 +24,8 @@ from torch import nn
 from .agreement import left_pad
 from .errors import DataError
 from .plan import SkipPlan
-from .speculative import (AdaptiveDraftLength, DraftSelector, SpeculativeDecoder, SpeculativeOutput, SpeculativeStats,
-                          SpeedMonitor, draft_precision, plain_generate)
+from .speculative import (AdaptiveDraftLength, DraftSelector, PromptLookup, SpeculativeDecoder, SpeculativeOutput,
+                          SpeculativeStats, SpeedMonitor, draft_precision, plain_generate)
 
 PROMPT_SETS = ("gsm8k", "pydoc")
 
@@ -37,6 +37,7 @@ class Draft:
     dtype: str | None = None
     alternatives: tuple[SkipPlan, ...] = ()  # other skip sets to choose among on the fly (DraftSelector)
     engine: str = "auto"  # how a lower-precision copy runs: "lean", "modules", or "auto" (lean where supported)
+    lookup: int | None = None  # combined with prompt lookup of this n-gram length (PromptLookup)
 
     @classmethod
     def from_spec(cls, spec: str) -> Draft:
@@ -64,7 +65,8 @@ class Draft:
         parts = [self.plan.describe() if self.plan is not None else "",
                  f"{self.precision} copy{engine}" if self.precision else "",
                  f"chosen on the fly among it and {len(self.alternatives)} other skip set(s) "
-                 f"({'; '.join(a.describe() for a in self.alternatives)})" if self.alternatives else ""]
+                 f"({'; '.join(a.describe() for a in self.alternatives)})" if self.alternatives else "",
+                 f"combined with {self.lookup}-gram prompt lookup" if self.lookup else ""]
         return "; ".join(p for p in parts if p) or "full model"
 
 
@@ -128,8 +130,10 @@ class _DraftRunner:
         self.monitors: dict[int, SpeedMonitor] = {}  # one per batch size, as a decoder keeps them
         self.selector = DraftSelector([draft.plan, *draft.alternatives]) if draft.alternatives else ()
         # a lower-precision copy is made once; a plan is applied to the shared model only while it drafts
+        self.lookup = PromptLookup(draft.lookup) if draft.lookup else None  # what it learned carries over
         self.copy = (SpeculativeDecoder(model, draft.plan, draft_dtype=draft.precision, draft_length=self.length,
-                                        alternatives=self.selector, draft_engine=draft.engine)
+                                        alternatives=self.selector, draft_engine=draft.engine,
+                                        prompt_lookup=self.lookup)
                      if draft.precision else None)
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, **options: Any) -> SpeculativeOutput:
@@ -137,7 +141,7 @@ class _DraftRunner:
         if self.copy is not None:
             return self.copy.generate(ids, mask, fallback=monitor, **options)
         with SpeculativeDecoder(self.model, self.draft.plan, draft_length=self.length,
-                                alternatives=self.selector) as decoder:
+                                alternatives=self.selector, prompt_lookup=self.lookup) as decoder:
             return decoder.generate(ids, mask, fallback=monitor, **options)
 
     def close(self) -> None:
@@ -226,6 +230,8 @@ def _pooled(all_stats: list[SpeculativeStats]) -> dict[str, Any]:
         "verify_seconds": sum(s.verify_seconds for s in all_stats),
         "draft_weight_mib": max((s.draft_weight_bytes for s in all_stats), default=0) / 2**20,
         "draft_switches": sum(s.draft_switches for s in all_stats),
+        "lookup_rounds": sum(s.lookup_rounds for s in all_stats),
+        "lookup_committed": sum(s.lookup_committed for s in all_stats),
         "rounds_by_plan": [sum(c) for c in zip(*(s.rounds_by_plan for s in all_stats if s.rounds_by_plan))],
     }
 
@@ -234,7 +240,8 @@ def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
     from .reporting import markdown_table
 
     headers = ["prompts", "batch", "draft", "plain tok/s", "draft tok/s", "speedup", "acceptance",
-               "accepted / round", "tokens / round", "fallbacks (plain steps)", "identical rows", "extra MiB"]
+               "accepted / round", "tokens / round", "fallbacks (plain steps)", "lookup rounds (kept)",
+               "identical rows", "extra MiB"]
     rows = []
     for key, entry in result["results"].items():
         set_name, batch = key.rsplit("_b", 1)
@@ -244,6 +251,7 @@ def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
                          f"{d['tokens_per_second']:.1f}", f"{d['speedup']:.3f}x", f"{d['acceptance_rate']:.0%}",
                          f"{d['mean_accepted_per_round']:.2f}", f"{d['tokens_per_round']:.2f}",
                          f"{d['fallbacks']} ({d['fallback_steps']})",
+                         f"{d.get('lookup_rounds', 0)} ({d.get('lookup_committed', 0)})",
                          f"{d['identical_rows']}/{entry['rows'] * settings['repeats']}", f"{d['draft_weight_mib']:.0f}"])
     drafts = "\n".join(f"- `{name}`: {text}; whole run {result['overall'][name]['speedup_with_search']:.3f}x "
                        f"including {result['overall'][name]['search_seconds']:.1f} s of draft search"
