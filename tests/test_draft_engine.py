@@ -164,3 +164,16 @@ def test_the_lean_draft_adopts_the_full_models_keys_and_values(family):
     assert taken.length == 11 and 1 not in taken.keys and 0 in taken.keys  # skipped attention: no keys needed
     assert taken.keys[0].dtype == torch.bfloat16
     assert lean.adopt(full, 3, 11, LeanCache()) is None  # the cache must hold exactly the tokens before `start`
+
+
+def test_the_verifier_head_is_packed_for_lean_families_only_and_stays_exact():
+    ids, mask = left_padded([9, 6], seed=10)
+    for family, packed in (("llama", True), ("gemma2", False)):
+        model = cached_tiny_model(family)
+        expected = oracle(model, ids, mask, 20)
+        head_bytes = model.get_output_embeddings().weight.numel() * 4
+        for pack_head in (True, False):
+            with SpeculativeDecoder(model, plan_for(model, blocks=[2]), pack_head=pack_head) as decoder:
+                out = decoder.generate(ids, mask, max_new_tokens=20, fallback=False, eos_token_id=[])
+            assert out.tokens == expected
+            assert out.stats.verify_weight_bytes == (head_bytes if packed and pack_head else 0)

@@ -177,14 +177,8 @@ class LeanDraft:
     @property
     def weight_bytes(self) -> int:
         """Memory the draft's own weights take (the embedding table is the model's)."""
-        total = 0
-        for module in [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.head]:
-            for tensor in [module.weight if getattr(module, "weight", None) is not None else None,
-                           getattr(module, "packed", None), getattr(module, "weight_int8", None),
-                           getattr(module, "scale", None), getattr(module, "bias", None)]:
-                if isinstance(tensor, torch.Tensor):
-                    total += _nbytes(tensor)
-            total += getattr(module, "nbytes", 0)  # a packed int8 product (its buffer is opaque)
+        products = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.head]
+        total = sum(product.nbytes for product in products)
         norms = [weight for layer in self.layers for weight, _ in layer.norms.values()] + [self.final_norm[0]]
         return total + sum(_nbytes(weight) for weight in norms)
 
@@ -279,10 +273,7 @@ def _attention_mask(key_mask: torch.Tensor, start: int, n: int, window: int | No
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
-    try:
-        return tensor.numel() * tensor.element_size()
-    except RuntimeError:  # an opaque (packed) tensor
-        return 0
+    return tensor.numel() * tensor.element_size()
 
 
 __all__ = ["LEAN_MODEL_TYPES", "LeanCache", "LeanDraft", "lean_draft_unsupported"]
