@@ -229,6 +229,7 @@ def _pooled(all_stats: list[SpeculativeStats]) -> dict[str, Any]:
         "draft_seconds": sum(s.draft_seconds for s in all_stats),
         "verify_seconds": sum(s.verify_seconds for s in all_stats),
         "draft_weight_mib": max((s.draft_weight_bytes for s in all_stats), default=0) / 2**20,
+        "verify_weight_mib": max((s.verify_weight_bytes for s in all_stats), default=0) / 2**20,
         "draft_switches": sum(s.draft_switches for s in all_stats),
         "lookup_rounds": sum(s.lookup_rounds for s in all_stats),
         "lookup_committed": sum(s.lookup_committed for s in all_stats),
@@ -252,7 +253,8 @@ def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
                          f"{d['mean_accepted_per_round']:.2f}", f"{d['tokens_per_round']:.2f}",
                          f"{d['fallbacks']} ({d['fallback_steps']})",
                          f"{d.get('lookup_rounds', 0)} ({d.get('lookup_committed', 0)})",
-                         f"{d['identical_rows']}/{entry['rows'] * settings['repeats']}", f"{d['draft_weight_mib']:.0f}"])
+                         f"{d['identical_rows']}/{entry['rows'] * settings['repeats']}",
+                         f"{d['draft_weight_mib'] + d.get('verify_weight_mib', 0):.0f}"])
     drafts = "\n".join(f"- `{name}`: {text}; whole run {result['overall'][name]['speedup_with_search']:.3f}x "
                        f"including {result['overall'][name]['search_seconds']:.1f} s of draft search"
                        for name, text in result["drafts"].items())
@@ -262,7 +264,8 @@ def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
             f"{settings['max_draft']}; {settings['repeats']} round(s), every batch decoded plainly and by each draft "
             "in alternating order; speedup = plain time / draft time (median over rounds); the whole-run speedup "
             "counts the time `skiplm draft-search` took to choose a draft (0 for a draft given by hand). Identical "
-            "rows: speculative output equal to plain greedy, token for token.\n\n"
+            "rows: speculative output equal to plain greedy, token for token. Extra MiB: the draft's weights and the "
+            "verifier's packed output head.\n\n"
             f"Drafts:\n{drafts}\n\n" + markdown_table(headers, rows) + "\n![speedups](speculative.png)\n")
 
 
