@@ -278,7 +278,7 @@ def plot(result: dict[str, Any], path: Path, title: str) -> Path:
     keys = list(result["results"])
     names = list(result["drafts"])
     width = 0.8 / len(names)
-    fig, axis = plt.subplots(figsize=(max(6, 1.2 * len(keys) + 2), 4))
+    fig, axis = plt.subplots(figsize=(max(6, 1.2 * len(keys) + 2) + 2.5, 4))
     for i, name in enumerate(names):
         values = [result["results"][k][name]["speedup"] for k in keys]
         axis.bar([x + i * width for x in range(len(keys))], values, width, label=name)
@@ -287,7 +287,7 @@ def plot(result: dict[str, Any], path: Path, title: str) -> Path:
     axis.set_xticklabels([k.replace("_b", "\nbatch ") for k in keys])
     axis.set_ylabel("speedup vs plain greedy (same run)")
     axis.set_title(title)
-    axis.legend()
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
