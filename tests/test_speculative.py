@@ -374,6 +374,19 @@ def test_sampled_first_tokens_follow_the_full_model_batched():
     assert 0.05 < out.stats.acceptance_rate < 0.95  # both branches of the rejection sampler were exercised
 
 
+def _sample_chains(decoder, prompt, samples):
+    """One generation per seed (top-2 sampling, 4 new tokens, drafts of up to 2): counts of the first 3 tokens, and
+    each generation's stats."""
+    counts, runs = {}, []
+    for seed in range(samples):
+        out = decoder.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=True, top_k=2, max_draft=2,
+                               seed=seed, fallback=False, eos_token_id=[])
+        key = tuple(out.tokens[0][:3])
+        counts[key] = counts.get(key, 0) + 1
+        runs.append(out.stats)
+    return counts, runs
+
+
 def test_sampled_chains_follow_the_full_model_one_row_at_a_time():
     """Batch 1, drafts of 2 tokens with no confidence stop: tokens 2 and 3 come from one round's accept / reject
     chain (accepted, rejected at the first or the second draft, or a bonus token)."""
@@ -382,15 +395,10 @@ def test_sampled_chains_follow_the_full_model_one_row_at_a_time():
     sampling = Sampling(True, temperature=1.0, top_k=2)
     plan = plan_for(model, blocks=[2])
     decoder = SpeculativeDecoder(model, plan, draft_length=AdaptiveDraftLength(threshold=0.0, adapt=False))
-    counts, samples = {}, 300
-    accepted = drafted = 0
+    samples = 300
     try:
-        for seed in range(samples):
-            out = decoder.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=True, top_k=2, max_draft=2,
-                                   seed=seed, fallback=False, eos_token_id=[])
-            key = tuple(out.tokens[0][:3])
-            counts[key] = counts.get(key, 0) + 1
-            accepted, drafted = accepted + out.stats.accepted, drafted + out.stats.drafted
+        counts, runs = _sample_chains(decoder, prompt, samples)
+        accepted, drafted = sum(s.accepted for s in runs), sum(s.drafted for s in runs)
         exact = _exact_joint(model, prompt, 3, sampling, handle=decoder.draft_handle)
         wrong = _exact_joint(model, prompt, 3, sampling, handle=decoder.draft_handle, draft_from=1)
     finally:
@@ -733,15 +741,10 @@ def test_sampled_chains_with_prompt_lookup_follow_the_full_model():
     sampling = Sampling(True, temperature=1.0, top_k=2)
     lookup = PromptLookup(ngram=1, min_kept=0.0)
     decoder = SpeculativeDecoder(model, plan_for(model, blocks=[2]), prompt_lookup=lookup)
-    counts, samples, lookup_rounds, kept = {}, 300, 0, 0
+    samples = 300
     try:
-        for seed in range(samples):
-            out = decoder.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=True, top_k=2, max_draft=2,
-                                   seed=seed, fallback=False, eos_token_id=[])
-            key = tuple(out.tokens[0][:3])
-            counts[key] = counts.get(key, 0) + 1
-            lookup_rounds += out.stats.lookup_rounds
-            kept += out.stats.lookup_committed
+        counts, runs = _sample_chains(decoder, prompt, samples)
+        lookup_rounds, kept = sum(s.lookup_rounds for s in runs), sum(s.lookup_committed for s in runs)
     finally:
         decoder.close()
     exact = _exact_joint(model, prompt, 3, sampling)
