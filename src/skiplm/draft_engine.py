@@ -98,12 +98,7 @@ class _Layer:
     def __init__(self, layer: nn.Module, precision: str, dtype: torch.dtype, probes: dict[str, bool], config):
         attention, mlp = layer.self_attn, layer.mlp
         projections = [attention.q_proj, attention.k_proj, attention.v_proj]
-        biases = [p.bias for p in projections]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else p.weight.new_zeros(p.out_features)
-                              for b, p in zip(biases, projections)])
-        self.qkv = draft_linear(torch.cat([p.weight for p in projections]), bias, precision, probes)
+        self.qkv = draft_linear(torch.cat([p.weight for p in projections]), _cat_bias(*projections), precision, probes)
         self.o = draft_linear(attention.o_proj.weight, attention.o_proj.bias, precision, probes)
         self.gate_up = draft_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
                                     _cat_bias(mlp.gate_proj, mlp.up_proj), precision, probes)
@@ -124,6 +119,7 @@ class _Layer:
 
 
 def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
+    """The biases of ``linears`` fused into one (zeros for those without), or None when none has one."""
     if all(linear.bias is None for linear in linears):
         return None
     return torch.cat([linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
