@@ -213,3 +213,16 @@ def test_lean_draft_computes_what_the_model_computes(smol):
     assert torch.equal(lean.argmax(-1), expected.argmax(-1))
     int8, _ = LeanDraft(model, "int8")(ids, mask, positions, None, ids.shape[1])
     assert (int8.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9  # measured 0.958 on 1,024 tokens
+
+
+def test_transformers_generate_with_skiplm_custom_generate_is_exact(smol):
+    from skiplm.speculative import custom_generate
+
+    model, tokenizer = smol
+    inputs = chat_inputs(tokenizer, ["What is 7 times 8?", "Name three colours."])
+    options = dict(max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with torch.inference_mode():
+        vanilla = model.generate(**inputs, **options)
+        speculative = model.generate(**inputs, **options, custom_generate=custom_generate, draft_dtype="int8",
+                                     prompt_lookup=3)
+    assert torch.equal(speculative, vanilla)

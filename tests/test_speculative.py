@@ -752,3 +752,38 @@ def test_sampled_chains_with_prompt_lookup_follow_the_full_model():
     tv = _tv(counts, samples, exact)
     assert stat < critical and tv < 0.12, (stat, critical, tv)
     assert lookup_rounds >= samples and 0 < kept < 2 * lookup_rounds  # lookup drafted, and was sometimes rejected
+
+
+# -- inside transformers' generate() ----------------------------------------------------------------------------------
+def test_custom_generate_inside_transformers_generate_is_exact():
+    from skiplm.speculative import custom_generate
+
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([9, 6, 11], seed=2)
+    vanilla = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    assert (vanilla[:, ids.shape[1]:] == model.generation_config.eos_token_id).any()  # a row ends early: padding
+    for options in (dict(draft_dtype="int8", prompt_lookup=2), dict(draft_plan=plan_for(model, blocks=[1]))):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                             custom_generate=custom_generate, **options)
+        assert torch.equal(got, vanilla), options
+    with SpeculativeDecoder(model, draft_dtype="int8") as decoder:  # one decoder kept across calls
+        for _ in range(2):
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=16, custom_generate=custom_generate,
+                                 speculative_decoder=decoder)
+            assert torch.equal(got, vanilla)
+        assert set(decoder.monitors) == {3}
+    torch.manual_seed(0)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=5, temperature=0.7,
+                             custom_generate=custom_generate, draft_dtype="int8")
+    torch.manual_seed(0)
+    again = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=5, temperature=0.7,
+                           custom_generate=custom_generate, draft_dtype="int8")
+    assert torch.equal(sampled, again) and sampled.shape[1] <= ids.shape[1] + 8
+    with pytest.raises(DataError, match="RepetitionPenaltyLogitsProcessor"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, repetition_penalty=1.3,
+                       custom_generate=custom_generate, draft_dtype="int8")
+    with pytest.raises(DataError, match="return_dict_in_generate"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True,
+                       custom_generate=custom_generate, draft_dtype="int8")
+    with pytest.raises(PlanError, match="needs a draft"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, custom_generate=custom_generate)
