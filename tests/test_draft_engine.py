@@ -177,3 +177,18 @@ def test_the_verifier_head_is_packed_for_lean_families_only_and_stays_exact():
                 out = decoder.generate(ids, mask, max_new_tokens=20, fallback=False, eos_token_id=[])
             assert out.tokens == expected
             assert out.stats.verify_weight_bytes == (head_bytes if packed and pack_head else 0)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-dynamic"])
+def test_int8_drafts_through_the_models_own_modules_are_exact(precision):
+    from skiplm.quantize import Int8Linear
+
+    model = cached_tiny_model("gemma2")  # no lean draft: a copy of its modules drafts
+    ids, mask = left_padded([8, 5], seed=11)
+    with SpeculativeDecoder(model, plan_for(model, blocks=[2]), draft_dtype=precision) as decoder:
+        assert decoder.draft_engine == "modules"
+        kind = Int8Linear if precision == "int8" else DynamicInt8Linear
+        assert all(isinstance(m, kind) for m in [decoder.draft_model.lm_head,
+                                                 decoder.draft_model.model.layers[0].mlp.down_proj])
+        out = decoder.generate(ids, mask, max_new_tokens=16, fallback=False, eos_token_id=[])
+    assert out.tokens == oracle(model, ids, mask, 16)

@@ -171,7 +171,7 @@ def test_int8_linear_matches_its_dequantized_weights_with_and_without_the_kernel
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=True)
-    quantized = Int8Linear.from_linear(linear)
+    quantized = Int8Linear(linear.weight, linear.bias)
     x = torch.randn(3, 5, 64)
     dequantized = quantized.weight_int8.float() * quantized.scale.float()[:, None]
     # half a quantization step, plus the scale's own bfloat16 rounding (2^-8 of the weight)

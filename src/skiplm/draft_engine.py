@@ -27,7 +27,7 @@ from torch import nn
 
 from .adapters import _get_path, get_adapter, model_type_of
 from .plan import SkipPlan
-from .quantize import draft_linear, precision_name
+from .quantize import compute_dtype, draft_linear, precision_name
 from .runtime import decoder_stack
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -141,8 +141,7 @@ class LeanDraft:
         if reason is not None:
             raise ValueError(f"the lean draft does not support this model: {reason}.")
         self.precision = precision_name(precision)
-        self.dtype = {"int8": torch.bfloat16, "int8-dynamic": torch.float32}.get(self.precision) or getattr(
-            torch, self.precision)
+        self.dtype = compute_dtype(self.precision)
         probes: dict[str, bool] = {}
         with torch.no_grad():
             self.layers = [_Layer(layer, self.precision, self.dtype, probes, model.config)

@@ -46,6 +46,17 @@ def precision_name(precision: str | torch.dtype) -> str:
     return name
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype a draft in ``precision`` (a :func:`precision_name`) computes in: bfloat16 for int8 weights, float32
+    around int8-dynamic products, else the precision itself."""
+    return {"int8": torch.bfloat16, "int8-dynamic": torch.float32}.get(precision) or getattr(torch, precision)
+
+
+def _row_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scales, one per output row of ``weight`` [out, in]: max |w| / 127."""
+    return (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+
+
 class Int8Linear(nn.Module):
     """``x @ weight.T + bias`` with an int8 weight [out, in] and one ``compute_dtype`` scale per output row."""
 
@@ -54,7 +65,7 @@ class Int8Linear(nn.Module):
         """``use_kernel``: whether torch's int8-weight kernel serves this device (None: find out)."""
         super().__init__()
         weight = weight.detach().float()
-        scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        scale = _row_scales(weight)
         self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(compute_dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
@@ -62,10 +73,6 @@ class Int8Linear(nn.Module):
         self.use_kernel = _kernel_works(self.weight_int8.device, compute_dtype) if use_kernel is None else use_kernel
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.weight_int8, self.scale, self.bias)
                           if t is not None)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **options) -> Int8Linear:
-        return cls(linear.weight, linear.bias, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scale.dtype).contiguous()
@@ -90,7 +97,7 @@ class DynamicInt8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         weight = weight.detach().float()
-        scale = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        scale = _row_scales(weight)
         with warnings.catch_warnings():  # torch marks its quantized tensors deprecated; the kernels are what we use
             warnings.simplefilter("ignore")
             quantized = torch.quantize_per_channel(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long),
@@ -105,17 +112,15 @@ class DynamicInt8Linear(nn.Module):
 
 class CastLinear(nn.Module):
     """``x @ weight.T + bias`` with the weight cast to ``dtype``, optionally pre-packed in oneDNN's blocked layout
-    (``packed=True``, a CPU with oneDNN; by default for bfloat16). Measured here: a bf16 product of one or a few rows
+    (``packed=True``, a CPU with oneDNN: :func:`draft_linear` packs bfloat16 where it runs). Measured here: a bf16 product of one or a few rows
     by a [3072, 576] weight takes 195 us packed against ~300 us plain; a float32 product of 7 rows by the default
     model's [49152, 576] output head 5.7 ms packed against 10.8 ms through ``F.linear``."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, packed: bool | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, packed: bool = False):
         super().__init__()
         self.weight = weight.detach().to(dtype).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.out_features, self.in_features = self.weight.shape
-        if packed is None:
-            packed = dtype == torch.bfloat16 and _packed_works(self.weight.device, dtype)
         # the packed copy replaces the weight (it is all the product needs)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None) if packed else None
         # memory the product holds (the packed layout holds as many values as the weight)
@@ -208,12 +213,12 @@ def _kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
 def draft_copy(model: nn.Module, precision: str | torch.dtype) -> nn.Module:
     """A copy of ``model`` in ``precision`` (see the module docstring), in eval mode; ``model`` is left as it is."""
     name = precision_name(precision)
-    if name != "int8":
-        return copy.deepcopy(model).to(getattr(torch, name)).eval()
-    quantized = copy.deepcopy(model).to(torch.bfloat16).eval()
-    use_kernel = _kernel_works(next(quantized.parameters()).device, torch.bfloat16)  # once, not per layer
-    for parent in list(quantized.modules()):
+    copied = copy.deepcopy(model).to(compute_dtype(name)).eval()
+    if name not in INT8_PRECISIONS:
+        return copied
+    probes: dict[str, bool] = {}  # the device's kernels, found out once, not per layer
+    for parent in list(copied.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, child_name, Int8Linear.from_linear(child, use_kernel=use_kernel))
-    return quantized
+                setattr(parent, child_name, draft_linear(child.weight, child.bias, name, probes))
+    return copied

@@ -914,7 +914,7 @@ def custom_generate(model: nn.Module, input_ids: torch.Tensor, logits_processor=
     if unsupported:
         raise DataError(f"speculative decoding applies temperature, top-k and top-p only; this generation config also "
                         f"asks for {', '.join(unsupported)}. Drop those options, or generate without custom_generate.")
-    if config is not None and (config.return_dict_in_generate or config.num_beams > 1):
+    if config.return_dict_in_generate or config.num_beams > 1:
         raise DataError("speculative decoding returns sequences only, one beam: drop return_dict_in_generate / "
                         "num_beams.")
     if synced_gpus:
