@@ -60,11 +60,14 @@ def test_lean_cache_grows_past_its_first_capacity_and_keeps_what_it_held():
     positions = torch.arange(262)[None]
     lean = LeanDraft(model, "float32")
     _, cache = lean(ids[:, :250], mask[:, :250], positions[:, :250], None)
-    capacity = cache.keys[0].shape[2]
+    capacity = cache.capacity(0)
     logits, cache = lean(ids[:, 250:], mask, positions[:, 250:], cache, 12)
-    assert cache.keys[0].shape[2] > capacity >= 250 and cache.length == 262
+    assert cache.capacity(0) > capacity >= 250 and cache.length == 262
     torch.testing.assert_close(logits, _reference(model, ids, mask, None)[:, 250:], atol=2e-5, rtol=1e-4)
-    assert cache.nbytes() == sum(t.numel() * 4 for t in [*cache.keys.values(), *cache.values.values()])
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_key_value_heads * head_dim * 4  # keys and values, float32
+    assert cache.nbytes() == sum(cache.capacity(layer) * per_token for layer in range(config.num_hidden_layers))
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "int8", "int8-dynamic"])
@@ -137,7 +140,25 @@ def test_draft_products_in_each_precision():
     assert isinstance(packed, CastLinear) and packed(x.bfloat16()).shape == (2, 3, 48)
     torch.testing.assert_close(packed(x.bfloat16()).float(), plain(x.bfloat16()).float(), atol=0.1, rtol=0.02)
     assert torch.equal(draft_linear(weight, bias, "float32")(x), torch.nn.functional.linear(x, weight, bias))
+    for product in (dynamic, packed, draft_linear(weight, bias, "int8")):  # the lean engine's direct 2-D path
+        flat = x.reshape(6, 64).to(torch.float32 if product is dynamic else torch.bfloat16)
+        torch.testing.assert_close(product.product(flat), product(flat), atol=0, rtol=0)
     assert LeanCache().nbytes() == 0
+
+
+def test_int8_dynamic_drafts_are_refused_where_their_kernels_do_not_run(tiny_folder, monkeypatch):
+    from conftest import run_cli
+
+    from skiplm import quantize
+
+    assert quantize.precision_unavailable("int8-dynamic", torch.device("cpu")) is None
+    assert quantize.precision_unavailable("int8", torch.device("meta")) is None
+    assert "CPU quantized kernels" in quantize.precision_unavailable("int8-dynamic", torch.device("meta"))
+    monkeypatch.setattr(quantize, "_dynamic_int8_works", lambda device: False)  # as on a GPU
+    with pytest.raises(skiplm.errors.ModelLoadError, match="use --draft-dtype int8"):
+        draft_linear(torch.ones(4, 8), None, "int8-dynamic")
+    result = run_cli("draft-search", tiny_folder, "--precisions", "int8-dynamic", "-o", "unused.json")
+    assert "none of --precisions can draft on this device" in str(result.exception)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
@@ -161,8 +182,8 @@ def test_the_lean_draft_adopts_the_full_models_keys_and_values(family):
     torch.testing.assert_close(logits, _reference(model, ids, mask, None)[:, 11:], atol=2e-5, rtol=1e-4)
     skipping = LeanDraft(model, "int8", plan_for(model, attention=[1], mlp=[2]))
     taken = skipping.adopt(full, 0, 11, None)  # a fresh cache adopts the whole prefix
-    assert taken.length == 11 and 1 not in taken.keys and 0 in taken.keys  # skipped attention: no keys needed
-    assert taken.keys[0].dtype == torch.bfloat16
+    assert taken.length == 11 and 1 not in taken.buffers and 0 in taken.buffers  # skipped attention: no keys needed
+    assert taken.buffers[0].dtype == torch.bfloat16
     assert lean.adopt(full, 3, 11, LeanCache()) is None  # the cache must hold exactly the tokens before `start`
 
 

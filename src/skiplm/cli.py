@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import SkipLMError
+from .speculative import DEFAULT_MAX_DRAFT
 
 console = Console(stderr=True)
 MODEL_ARGUMENT = click.argument("model", default="smollm2-135m", required=False)
@@ -515,7 +516,7 @@ def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_toke
 @click.option("--speculative", is_flag=True,
               help="lossless self-speculative decoding: the model under --plan (and/or --draft-dtype) drafts, the full "
                    "model verifies; the output is the full model's")
-@click.option("--max-draft", type=click.IntRange(min=1), default=6, show_default=True,
+@click.option("--max-draft", type=click.IntRange(min=1), default=DEFAULT_MAX_DRAFT, show_default=True,
               help="--speculative: most tokens drafted per round (fewer when the draft is unsure)")
 @click.option("--adapt", is_flag=True,
               help="--speculative: choose the draft's skip set on the fly (SWIFT-style) among the draft plan and the "
@@ -901,7 +902,7 @@ def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, 
 @click.option("--limit", default=8, show_default=True, type=click.IntRange(min=1), help="prompts per set")
 @click.option("--batch-sizes", default="1,4,8", show_default=True)
 @click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-draft", default=6, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-draft", default=DEFAULT_MAX_DRAFT, show_default=True, type=click.IntRange(min=1))
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="rounds over every batch")
 @click.option("--force", is_flag=True, help="use draft plans made for other weights")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="results/speculative", show_default=True)
@@ -951,11 +952,12 @@ def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, lim
 @MODEL_ARGUMENT
 @click.option("--max-blocks", default=6, show_default=True, type=click.IntRange(min=1),
               help="candidates: skip the 1..N blocks of lowest Block Influence (ranked on gsm8k calibration text)")
-@click.option("--precisions", default="int8", show_default=True,
+@click.option("--precisions", default="int8,int8-dynamic", show_default=True,
               help="draft precisions to combine with each skip set: float32 (the model's own weights), bfloat16, "
-                   "float16, int8 (int8 weights, bfloat16 arithmetic), int8-dynamic (int8 weights and activations); "
-                   "a copy in another precision also drafts at full depth. On the default model every float32 skip "
-                   "set (1-4 blocks) was slower than plain decoding (0.74-0.87x), hence int8 alone by default")
+                   "float16, int8 (int8 weights, bfloat16 arithmetic), int8-dynamic (int8 weights and activations, "
+                   "CPU only: skipped elsewhere); a copy in another precision also drafts at full depth. On the "
+                   "default model every float32 skip set (1-4 blocks) was slower than plain decoding (0.74-0.87x), "
+                   "hence the int8 precisions by default")
 @click.option("--prompts", "prompt_source", default="gsm8k", show_default=True, type=click.Choice(["gsm8k", "pydoc"]),
               help="calibration prompts the candidates are timed on")
 @click.option("--alternatives", default=2, show_default=True, type=click.IntRange(min=0),
@@ -964,7 +966,7 @@ def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, lim
 @click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
               help="timing rounds per candidate (median); more rounds tell closer candidates apart, and take longer")
-@click.option("--max-draft", default=6, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-draft", default=DEFAULT_MAX_DRAFT, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="draft plan file to write (JSON)")
 @_model_options
 def draft_search(model, max_blocks, precisions, prompt_source, alternatives, limit, new_tokens, repeats, max_draft, out,
@@ -975,7 +977,7 @@ def draft_search(model, max_blocks, precisions, prompt_source, alternatives, lim
     --draft-plan`."""
     from .plan import SkipPlan
     from .planners import get_planner, load_calibration
-    from .quantize import precision_name
+    from .quantize import precision_name, precision_unavailable
     from .reporting import write_json
     from .speculative_bench import Draft, prompt_set, search_draft
 
@@ -983,6 +985,13 @@ def draft_search(model, max_blocks, precisions, prompt_source, alternatives, lim
     if not precision_list:
         raise click.UsageError("--precisions needs at least one precision, e.g. float32,int8.")
     hf_model, tokenizer = _load(model, dtype, device)
+    for precision in list(precision_list):
+        reason = precision_unavailable(precision, next(hf_model.parameters()).device)
+        if reason is not None:
+            console.print(f"[yellow]not searching {precision} drafts: {reason}[/yellow]")
+            precision_list.remove(precision)
+    if not precision_list:
+        raise click.UsageError("none of --precisions can draft on this device; try --precisions int8.")
     start = time.perf_counter()
     with console.status("ranking blocks by Block Influence"):
         calibration = load_calibration(tokenizer, "gsm8k", 2, 256)

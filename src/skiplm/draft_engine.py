@@ -8,8 +8,11 @@ model's own modules keeps all of it, so even a 4x cheaper weight format only mak
 
 What. :class:`LeanDraft` runs the same computation with the same weights (cast or quantized for the draft,
 :func:`skiplm.quantize.draft_linear`), fused: one product for the query, key and value projections, one for the
-gate and up projections, norms and rotary embeddings in the draft's dtype, and a preallocated KV cache written in
-place. It is only ever a *draft*: the full model, through its own modules, verifies every token, so a difference
+gate and up projections, each RMS norm's weight folded into the product after it (the norm itself is two small
+operations), one rotation for queries and keys (values ride along unrotated), the residual stream kept as one row
+per token so products are called on it directly, and a preallocated KV cache written in place, keys and values in
+one buffer. Measured (profiled, default model, int8, batch 1): ~24 -> ~20 ms per step from the folding and direct
+calls alone; the products are now ~3/4 of the step. It is only ever a *draft*: the full model, through its own modules, verifies every token, so a difference
 between this forward and the modeling code can cost acceptance, never correctness. The tests still hold it to the
 modeling code: in float32 it gives the same logits as the model under the same plan.
 
@@ -56,30 +59,32 @@ def lean_draft_unsupported(model: nn.Module) -> str | None:
 
 
 class LeanCache:
-    """The draft's KV cache: per attention layer, keys and values [B, kv_heads, capacity, head_dim] written in place;
-    ``length`` tokens are valid. Cropping moves ``length`` back."""
+    """The draft's KV cache: per attention layer, one buffer [B, 2 * kv_heads, capacity, head_dim] holding keys (the
+    first kv_heads) and values (the rest), written in place; ``length`` tokens are valid. Cropping moves ``length``
+    back."""
 
     def __init__(self):
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
+        self.buffers: dict[int, torch.Tensor] = {}
         self.length = 0
 
-    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``keys`` / ``values`` [B, kv_heads, n, head_dim] after the first ``length`` tokens; return all
-        ``length + n`` of them (views)."""
-        end = self.length + keys.shape[2]
-        stored = self.keys.get(layer)
-        if stored is None or stored.shape[2] < end or stored.shape[0] != keys.shape[0]:
+    def append(self, layer: int, keys_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``keys_values`` [B, 2 * kv_heads, n, head_dim] after the first ``length`` tokens; return all
+        ``length + n`` keys and values (views)."""
+        batch, width, n, head_dim = keys_values.shape
+        end = self.length + n
+        stored = self.buffers.get(layer)
+        if stored is None or stored.shape[2] < end or stored.shape[0] != batch:
             capacity = max(end, 2 * (stored.shape[2] if stored is not None else 0), 256)
-            grown_keys = keys.new_empty(keys.shape[0], keys.shape[1], capacity, keys.shape[3])
-            grown_values = torch.empty_like(grown_keys)
+            grown = keys_values.new_empty(batch, width, capacity, head_dim)
             if stored is not None and self.length:
-                grown_keys[:, :, :self.length] = stored[:, :, :self.length]
-                grown_values[:, :, :self.length] = self.values[layer][:, :, :self.length]
-            self.keys[layer], self.values[layer] = grown_keys, grown_values
-        self.keys[layer][:, :, self.length:end] = keys
-        self.values[layer][:, :, self.length:end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+                grown[:, :, :self.length] = stored[:, :, :self.length]
+            self.buffers[layer] = stored = grown
+        stored[:, :, self.length:end] = keys_values
+        return stored[:, :width // 2, :end], stored[:, width // 2:, :end]
+
+    def capacity(self, layer: int) -> int:
+        """How many tokens ``layer``'s buffer holds before it grows."""
+        return self.buffers[layer].shape[2]
 
     def crop(self, delta: int) -> None:
         """Drop the last ``-delta`` tokens (``delta <= 0``, as transformers' ``Cache.crop`` takes it)."""
@@ -89,25 +94,46 @@ class LeanCache:
         """Nothing to record: windows are applied by the mask, so cropping never loses a needed key."""
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.keys.values(), *self.values.values()])
+        return sum(t.numel() * t.element_size() for t in self.buffers.values())
+
+
+class _Norm:
+    """An RMS norm whose weight is folded into the product that follows it: ``x / hypot(|x|, sqrt(d * eps))`` is
+    ``x / sqrt(mean(x^2) + eps) / sqrt(d)``, so the product's input columns are scaled by ``sqrt(d) * weight``
+    (:meth:`fold`). Two small operations instead of the six of a weighted RMS norm in bfloat16."""
+
+    def __init__(self, norm: nn.Module, dtype: torch.dtype):
+        self.size = norm.weight.shape[-1]
+        self.scale = norm.weight.detach().float() * self.size ** 0.5
+        self.floor = torch.tensor((self.size * norm.variance_epsilon) ** 0.5, dtype=dtype)
+
+    def fold(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` [out, d] with its input columns scaled for :meth:`__call__`'s output, in float32."""
+        return weight.detach().float() * self.scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.floor)
 
 
 class _Layer:
-    """One decoder layer's weights in the draft's format."""
+    """One decoder layer's weights in the draft's format (its two norms folded into the products after them)."""
 
     def __init__(self, layer: nn.Module, precision: str, dtype: torch.dtype, probes: dict[str, bool], config):
         attention, mlp = layer.self_attn, layer.mlp
+        self.attention_norm = _Norm(layer.input_layernorm, dtype)
+        self.mlp_norm = _Norm(layer.post_attention_layernorm, dtype)
         projections = [attention.q_proj, attention.k_proj, attention.v_proj]
-        self.qkv = draft_linear(torch.cat([p.weight for p in projections]), _cat_bias(*projections), precision, probes)
+        self.qkv = draft_linear(self.attention_norm.fold(torch.cat([p.weight for p in projections])),
+                                _cat_bias(*projections), precision, probes)
         self.o = draft_linear(attention.o_proj.weight, attention.o_proj.bias, precision, probes)
-        self.gate_up = draft_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+        self.gate_up = draft_linear(self.mlp_norm.fold(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
                                     _cat_bias(mlp.gate_proj, mlp.up_proj), precision, probes)
         self.down = draft_linear(mlp.down_proj.weight, mlp.down_proj.bias, precision, probes)
         self.intermediate = mlp.gate_proj.out_features
-        self.norms = {name: (norm.weight.detach().to(dtype), norm.variance_epsilon)
-                      for name, norm in (("attention", layer.input_layernorm), ("mlp", layer.post_attention_layernorm),
-                                         ("q", getattr(attention, "q_norm", None)),
-                                         ("k", getattr(attention, "k_norm", None))) if norm is not None}
+        # query / key norms over the head dimension (qwen3), applied as they are
+        self.head_norms = {name: (norm.weight.detach().to(dtype), norm.variance_epsilon)
+                           for name, norm in (("q", getattr(attention, "q_norm", None)),
+                                              ("k", getattr(attention, "k_norm", None))) if norm is not None}
         self.head_dim = attention.head_dim if hasattr(attention, "head_dim") else config.head_dim
         self.heads = attention.q_proj.out_features // self.head_dim
         self.kv_heads = attention.k_proj.out_features // self.head_dim
@@ -147,9 +173,8 @@ class LeanDraft:
             self.layers = [_Layer(layer, self.precision, self.dtype, probes, model.config)
                            for layer in get_adapter(model).decoder_layers(model)]
             head = model.get_output_embeddings()
-            self.head = draft_linear(head.weight, head.bias, self.precision, probes)
-            final_norm = _get_path(model, get_adapter(model).final_norm)
-            self.final_norm = (final_norm.weight.detach().to(self.dtype), final_norm.variance_epsilon)
+            self.final_norm = _Norm(_get_path(model, get_adapter(model).final_norm), self.dtype)
+            self.head = draft_linear(self.final_norm.fold(head.weight), head.bias, self.precision, probes)
         self.embed = model.get_input_embeddings()  # shared with the model: a lookup reads one row per token
         self.rotary = decoder_stack(model).rotary_emb
         self.plan = plan if plan is not None else SkipPlan.from_layers(len(self.layers))
@@ -173,9 +198,8 @@ class LeanDraft:
     def weight_bytes(self) -> int:
         """Memory the draft's own weights take (the embedding table is the model's)."""
         products = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.head]
-        total = sum(product.nbytes for product in products)
-        norms = [weight for layer in self.layers for weight, _ in layer.norms.values()] + [self.final_norm[0]]
-        return total + sum(_nbytes(weight) for weight in norms)
+        head_norms = [weight for layer in self.layers for weight, _ in layer.head_norms.values()]
+        return sum(product.nbytes for product in products) + sum(_nbytes(weight) for weight in head_norms)
 
     @torch.inference_mode()
     def adopt(self, source, start: int, end: int, cache: LeanCache | None) -> LeanCache | None:
@@ -203,7 +227,7 @@ class LeanDraft:
                 return None
             taken.append((index, keys[:, :, start:end], values[:, :, start:end]))
         for index, keys, values in taken:
-            cache.append(index, keys.to(self.dtype), values.to(self.dtype))
+            cache.append(index, torch.cat([keys, values], dim=1).to(self.dtype))
         cache.length = end
         return cache
 
@@ -213,42 +237,61 @@ class LeanDraft:
         """``input_ids`` / ``position_ids`` [B, n] following the ``cache.length`` cached tokens; ``attention_mask``
         [B, cache.length + n] (0: padding)."""
         cache = cache if cache is not None else LeanCache()
-        n = input_ids.shape[1]
+        batch, n = input_ids.shape
         start, end = cache.length, cache.length + n
-        hidden = self.embed(input_ids).to(self.dtype)
-        cos, sin = self.rotary(hidden, position_ids)
-        half = cos.shape[-1] // 2
-        # rotary embedding as x * cos + roll(x, half) * signed_sin (the half-split convention), over [B, n, heads, d]
-        cos, signed_sin = cos[:, :, None], torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
+        hidden = self.embed(input_ids).to(self.dtype)  # [B, n, hidden]
+        cos, sin = self.rotary(hidden, position_ids)  # [B, n, head_dim]
+        hidden = hidden.reshape(batch * n, -1)  # the residual stream, one row per token
+        rotations: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         masks: dict[int | None, torch.Tensor | None] = {}
         for index, layer, attention, mlp in self._schedule["prefill" if start == 0 else "decode"]:
             if attention:
                 if layer.window not in masks:
                     masks[layer.window] = _attention_mask(attention_mask[:, :end], start, n, layer.window)
-                hidden = hidden + self._attention(layer, index, hidden, cos, signed_sin, cache, masks[layer.window])
+                shape = (layer.heads, layer.kv_heads)
+                if shape not in rotations:
+                    rotations[shape] = _rotations(cos, sin, *shape)
+                hidden = hidden + self._attention(layer, index, hidden, rotations[shape], cache, masks[layer.window],
+                                                  batch, n)
             if mlp:
-                gate, up = layer.gate_up(_rms_norm(hidden, layer.norms["mlp"])).split(layer.intermediate, dim=-1)
-                hidden = hidden + layer.down(nn.functional.silu(gate) * up)
+                gate_up = layer.gate_up.product(layer.mlp_norm(hidden))
+                hidden = hidden + layer.down.product(
+                    nn.functional.silu(gate_up[:, :layer.intermediate]) * gate_up[:, layer.intermediate:])
         cache.length = end
-        hidden = _rms_norm(hidden[:, -logits_to_keep:], self.final_norm)
-        return self.head(hidden).float(), cache
+        kept = hidden.view(batch, n, -1)[:, -logits_to_keep:].reshape(batch * min(logits_to_keep, n), -1)
+        return self.head.product(self.final_norm(kept)).float().view(batch, -1, self.head.out_features), cache
 
     @staticmethod
-    def _attention(layer: _Layer, index: int, hidden, cos, signed_sin, cache: LeanCache, mask) -> torch.Tensor:
-        batch, n, _ = hidden.shape
+    def _attention(layer: _Layer, index: int, hidden: torch.Tensor, rotation, cache: LeanCache, mask,
+                   batch: int, n: int) -> torch.Tensor:
         d, heads, kv_heads = layer.head_dim, layer.heads, layer.kv_heads
-        qkv = layer.qkv(_rms_norm(hidden, layer.norms["attention"])).view(batch, n, heads + 2 * kv_heads, d)
-        qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
-        if "q" in layer.norms:  # query / key norms over the head dimension (qwen3)
-            qk = torch.cat([_rms_norm(qk[:, :, :heads], layer.norms["q"]),
-                            _rms_norm(qk[:, :, heads:], layer.norms["k"])], dim=2)
-        qk = qk * cos + qk.roll(d // 2, dims=-1) * signed_sin  # queries and keys rotated together
-        q, k = qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2)
-        keys, values = cache.append(index, k, v.transpose(1, 2))
+        qkv = layer.qkv.product(layer.attention_norm(hidden)).view(batch, n, heads + 2 * kv_heads, d)
+        if layer.head_norms:  # query / key norms over the head dimension (qwen3)
+            qkv = torch.cat([_rms_norm(qkv[:, :, :heads], layer.head_norms["q"]),
+                             _rms_norm(qkv[:, :, heads:heads + kv_heads], layer.head_norms["k"]),
+                             qkv[:, :, heads + kv_heads:]], dim=2)
+        cos, signed_sin = rotation
+        qkv = qkv * cos + qkv.roll(d // 2, dims=-1) * signed_sin  # queries and keys rotated, values kept
+        keys, values = cache.append(index, qkv[:, :, heads:].transpose(1, 2))
         # grouped-query attention: each key / value head serves heads / kv_heads query heads
-        out = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=layer.scaling,
+        out = nn.functional.scaled_dot_product_attention(qkv[:, :, :heads].transpose(1, 2), keys, values,
+                                                         attn_mask=mask, scale=layer.scaling,
                                                          enable_gqa=kv_heads != heads)
-        return layer.o(out.transpose(1, 2).reshape(batch, n, heads * d))
+        return layer.o.product(out.transpose(1, 2).reshape(batch * n, heads * d))
+
+
+def _rotations(cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary embedding of ``heads`` query, ``kv_heads`` key and (unrotated) ``kv_heads`` value heads as one
+    ``x * cos + roll(x, d / 2) * signed_sin`` (the half-split convention) over [B, n, heads + 2 kv_heads, d]: cos
+    and sin [B, n, d] repeated per rotated head, 1 and 0 for the value heads."""
+    half = cos.shape[-1] // 2
+    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    rotated = heads + kv_heads
+    cos = torch.cat([cos[:, :, None].expand(-1, -1, rotated, -1), torch.ones_like(cos)[:, :, None].expand(
+        -1, -1, kv_heads, -1)], dim=2)
+    signed_sin = torch.cat([signed_sin[:, :, None].expand(-1, -1, rotated, -1),
+                            torch.zeros_like(signed_sin)[:, :, None].expand(-1, -1, kv_heads, -1)], dim=2)
+    return cos, signed_sin
 
 
 def _attention_mask(key_mask: torch.Tensor, start: int, n: int, window: int | None) -> torch.Tensor | None:

@@ -7,12 +7,16 @@ weight-only int8: every ``nn.Linear`` (the output head too) keeps its weight as 
 the rest in float32. :func:`draft_linear` makes one such product from a weight; the lean draft engine
 (:mod:`skiplm.draft_engine`) builds its fused products with it.
 
-Measured on the 2-core Sapphire Rapids VM, default model, batch 1: 106M weights streamed from memory for one input row
-take 20.5 ms in float32, 13.2 ms in oneDNN-packed bfloat16, 9.8 ms with int8 weights (``aten._weight_int8pack_mm``)
-and 7.0 ms int8 x int8 (dynamic). A whole decode step through the lean engine: int8 ~24 ms, int8-dynamic ~20 ms,
-bfloat16 ~30 ms, against ~40 ms for the fp32 model through its modules (and ~31 ms for an int8 copy through its
-modules). Teacher-forced top-1 agreement with the fp32 model on 1,024 GSM8K tokens: bfloat16 0.983, int8 0.958,
-int8-dynamic 0.694 (one scale per input row cannot follow the outliers of these activations).
+Measured on the 2-core Sapphire Rapids VM, default model, batch 1: the layers' weights (106M) for one input row take
+~20 ms in float32 (memory-bound), ~13 ms in oneDNN-packed bfloat16, ~14 ms with int8 weights
+(``aten._weight_int8pack_mm``, compute-bound) and ~9 ms int8 x int8 (dynamic, fbgemm). A decode step through the lean
+engine: int8 ~20-24 ms, int8-dynamic ~18-20 ms, against ~40 ms for the fp32 model through its modules (the VM's speed
+drifts by ~20% over minutes; ratios measured in one run hold better). Teacher-forced top-1 agreement with the fp32
+model, decoding one token at a time after the prompt (256 steps each on GSM8K chat prompts / pydoc text): int8 0.973 /
+0.984, int8-dynamic 0.961 / 0.973. int8-dynamic quantizes each product's whole input with one scale: one token at a
+time that is one scale per token, but a prefill of many tokens (or a batch of rows) shares it, and agreement falls
+(0.69 measured over a 1,024-token prefill in one pass, before the lean engine folded the norms' weights into the
+products). Inside the speculative loop: ~23 ms per drafted token with int8, ~19 ms with int8-dynamic.
 """
 
 from __future__ import annotations
@@ -76,13 +80,16 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scale.dtype).contiguous()
+        return self.product(flat).reshape(*x.shape[:-1], self.out_features)
+
+    def product(self, flat: torch.Tensor) -> torch.Tensor:
+        """The product of a contiguous [rows, in] input in the compute dtype (the lean engine's path: no
+        reshapes, no module call)."""
         if self.use_kernel:
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
         else:
             out = nn.functional.linear(flat, self.weight_int8.to(flat.dtype) * self.scale[:, None])
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight, kernel={self.use_kernel}"
@@ -109,6 +116,9 @@ class DynamicInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed)  # any leading dimensions
 
+    def product(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(flat, self.packed)
+
 
 class CastLinear(nn.Module):
     """``x @ weight.T + bias`` with the weight cast to ``dtype``, optionally pre-packed in oneDNN's blocked layout
@@ -131,9 +141,12 @@ class CastLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return nn.functional.linear(x, self.weight, self.bias)
-        flat = x.reshape(-1, self.in_features).contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return self.product(x.reshape(-1, self.in_features).contiguous()).reshape(*x.shape[:-1], self.out_features)
+
+    def product(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return nn.functional.linear(flat, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
 
 
 def packed_head(model: nn.Module) -> CastLinear | None:
@@ -159,8 +172,8 @@ def draft_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str
         if "int8-dynamic" not in probes:
             probes["int8-dynamic"] = _dynamic_int8_works(weight.device)
         if not probes["int8-dynamic"]:
-            raise ModelLoadError("int8-dynamic drafts need torch's CPU quantized kernels (fbgemm / oneDNN), which this "
-                                 "device or build lacks; use --draft-dtype int8.")
+            raise ModelLoadError(f"int8-dynamic drafts need {_DYNAMIC_KERNELS}, which this device or build lacks; use "
+                                 "--draft-dtype int8.")
         return DynamicInt8Linear(weight, bias)
     if name == "int8":
         if "int8" not in probes:
@@ -170,6 +183,16 @@ def draft_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str
     if dtype == torch.bfloat16 and "bf16_packed" not in probes:
         probes["bf16_packed"] = _packed_works(weight.device, torch.bfloat16)
     return CastLinear(weight, bias, dtype, packed=dtype == torch.bfloat16 and probes["bf16_packed"])
+
+
+_DYNAMIC_KERNELS = "torch's CPU quantized kernels (fbgemm / oneDNN)"
+
+
+def precision_unavailable(precision: str, device: torch.device) -> str | None:
+    """Why a draft in ``precision`` cannot run on ``device`` (None: it can)."""
+    if precision_name(precision) == "int8-dynamic" and not _dynamic_int8_works(device):
+        return f"it needs {_DYNAMIC_KERNELS}, which this device or build lacks"
+    return None
 
 
 def _dynamic_int8_works(device: torch.device) -> bool:

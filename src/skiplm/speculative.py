@@ -75,6 +75,9 @@ from .runtime import SkipHandle, apply, decoder_stack
 
 _HANDLE_ATTRIBUTE = "_skiplm_handle"
 DRAFT_ENGINES = ("auto", "lean", "modules")
+# drafted tokens per round at most; measured on the default model at batch 1 (8 GSM8K prompts) with the lean int8 /
+# int8-dynamic drafts, 8 beat 6 by 2% / 12% (most rounds were fully accepted) and 10 was no better than 8
+DEFAULT_MAX_DRAFT = 8
 
 
 # -- statistics --------------------------------------------------------------------------------------------------------
@@ -600,7 +603,7 @@ class SpeculativeDecoder:
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        max_draft: int = 6,
+        max_draft: int = DEFAULT_MAX_DRAFT,
         seed: int | None = None,
         streamer: Any = None,
         eos_token_id: int | Sequence[int] | None = None,
@@ -860,7 +863,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    max_draft: int = 6,
+    max_draft: int = DEFAULT_MAX_DRAFT,
     seed: int | None = None,
     streamer: Any = None,
     check_model: bool = True,

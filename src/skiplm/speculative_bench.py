@@ -24,8 +24,8 @@ from torch import nn
 from .agreement import left_pad
 from .errors import DataError
 from .plan import SkipPlan
-from .speculative import (AdaptiveDraftLength, DraftSelector, PromptLookup, SpeculativeDecoder, SpeculativeOutput,
-                          SpeculativeStats, SpeedMonitor, draft_precision, plain_generate)
+from .speculative import (DEFAULT_MAX_DRAFT, AdaptiveDraftLength, DraftSelector, PromptLookup, SpeculativeDecoder,
+                          SpeculativeOutput, SpeculativeStats, SpeedMonitor, draft_precision, plain_generate)
 
 PROMPT_SETS = ("gsm8k", "pydoc")
 
@@ -87,7 +87,7 @@ def prompt_set(tokenizer, name: str, count: int, pydoc_tokens: int = 64) -> list
 
 def run_speculative_bench(model: nn.Module, prompts: dict[str, list[list[int]]], drafts: Sequence[Draft], *,
                           batch_sizes: Sequence[int] = (1, 4, 8), new_tokens: int = 128, repeats: int = 1,
-                          max_draft: int = 6, eos_token_id=None, pad_token_id: int = 0, fallback: bool = True,
+                          max_draft: int = DEFAULT_MAX_DRAFT, eos_token_id=None, pad_token_id: int = 0, fallback: bool = True,
                           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time plain greedy decoding and every draft on each prompt set and batch size (see the module docstring).
     ``fallback=False``: the drafts speculate all the way (what a draft itself is worth, without the monitor)."""
@@ -150,7 +150,7 @@ class _DraftRunner:
 
 
 def search_draft(model: nn.Module, prompts: list[list[int]], candidates: Sequence[Draft], *, new_tokens: int = 32,
-                 max_draft: int = 6, repeats: int = 1, eos_token_id=None, pad_token_id: int = 0,
+                 max_draft: int = DEFAULT_MAX_DRAFT, repeats: int = 1, eos_token_id=None, pad_token_id: int = 0,
                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Offline draft search: each candidate drafts for the whole generation (no fallback) on the calibration
     ``prompts`` at batch 1, timed against plain greedy decoding in the same run; the winner is the candidate with the
