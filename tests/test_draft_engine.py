@@ -213,3 +213,18 @@ def test_int8_drafts_through_the_models_own_modules_are_exact(precision):
                                                  decoder.draft_model.model.layers[0].mlp.down_proj])
         out = decoder.generate(ids, mask, max_new_tokens=16, fallback=False, eos_token_id=[])
     assert out.tokens == oracle(model, ids, mask, 16)
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8", "int8-dynamic"])
+def test_the_compiled_layer_loop_computes_what_the_eager_one_does(precision):
+    from skiplm.draft_engine import _Stack
+
+    model = cached_tiny_model("qwen3")  # query / key norms too
+    ids, mask = left_padded([9, 6], seed=12)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    lean = LeanDraft(model, precision)
+    assert isinstance(lean.stack, torch.jit.ScriptModule)  # compiled here; where TorchScript fails it runs eagerly
+    compiled, _ = lean(ids, mask, positions, None, ids.shape[1])
+    lean.stack = _Stack(lean.layers)
+    eager, _ = lean(ids, mask, positions, None, ids.shape[1])
+    assert torch.equal(compiled, eager)

@@ -80,7 +80,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scale.dtype).contiguous()
-        return self.product(flat).reshape(*x.shape[:-1], self.out_features)
+        return self.product(flat).reshape(list(x.shape[:-1]) + [self.out_features])
 
     def product(self, flat: torch.Tensor) -> torch.Tensor:
         """The product of a contiguous [rows, in] input in the compute dtype (the lean engine's path: no
@@ -141,7 +141,7 @@ class CastLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return nn.functional.linear(x, self.weight, self.bias)
-        return self.product(x.reshape(-1, self.in_features).contiguous()).reshape(*x.shape[:-1], self.out_features)
+        return self.product(x.reshape(-1, self.in_features).contiguous()).reshape(list(x.shape[:-1]) + [self.out_features])
 
     def product(self, flat: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
