@@ -10,13 +10,13 @@ the rest in float32. :func:`draft_linear` makes one such product from a weight; 
 Measured on the 2-core Sapphire Rapids VM, default model, batch 1: the layers' weights (106M) for one input row take
 ~20 ms in float32 (memory-bound), ~13 ms in oneDNN-packed bfloat16, ~14 ms with int8 weights
 (``aten._weight_int8pack_mm``, compute-bound) and ~9 ms int8 x int8 (dynamic, fbgemm). A decode step through the lean
-engine: int8 ~20-24 ms, int8-dynamic ~18-20 ms, against ~40 ms for the fp32 model through its modules (the VM's speed
-drifts by ~20% over minutes; ratios measured in one run hold better). Teacher-forced top-1 agreement with the fp32
+engine: int8 ~18 ms, int8-dynamic ~13 ms, against ~40 ms for the fp32 model through its modules (the VM's speed drifts
+by ~20% over minutes; ratios measured in one run hold better). Teacher-forced top-1 agreement with the fp32
 model, decoding one token at a time after the prompt (256 steps each on GSM8K chat prompts / pydoc text): int8 0.973 /
 0.984, int8-dynamic 0.961 / 0.973. int8-dynamic quantizes each product's whole input with one scale: one token at a
 time that is one scale per token, but a prefill of many tokens (or a batch of rows) shares it, and agreement falls
 (0.69 measured over a 1,024-token prefill in one pass, before the lean engine folded the norms' weights into the
-products). Inside the speculative loop: ~23 ms per drafted token with int8, ~19 ms with int8-dynamic.
+products).
 """
 
 from __future__ import annotations
