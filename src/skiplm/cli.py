@@ -985,8 +985,9 @@ def draft_search(model, max_blocks, precisions, prompt_source, alternatives, lim
     if not precision_list:
         raise click.UsageError("--precisions needs at least one precision, e.g. float32,int8.")
     hf_model, tokenizer = _load(model, dtype, device)
+    model_device = next(hf_model.parameters()).device
     for precision in list(precision_list):
-        reason = precision_unavailable(precision, next(hf_model.parameters()).device)
+        reason = precision_unavailable(precision, model_device)
         if reason is not None:
             console.print(f"[yellow]not searching {precision} drafts: {reason}[/yellow]")
             precision_list.remove(precision)

@@ -124,7 +124,13 @@ class _Norm:
         return weight.detach().float() * self.scale
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.floor)
+        return _normalized(x, self.floor)
+
+
+def _normalized(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """``x`` over ``hypot(|x|, floor)`` along its last dimension: a :class:`_Norm` with its weight folded away (a
+    free function, so that TorchScript compiles it inside :class:`_Layer`)."""
+    return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), floor)
 
 
 class _Layer(nn.Module):
@@ -167,8 +173,7 @@ class _Layer(nn.Module):
         """The attention branch's output for ``hidden`` [B * n, hidden]; writes the ``n`` new keys and values into
         ``buffer`` [B, 2 * kv_heads, capacity, head_dim] after ``start`` cached tokens."""
         d, heads, kv_heads = self.head_dim, self.heads, self.kv_heads
-        x = hidden / torch.hypot(torch.linalg.vector_norm(hidden, dim=-1, keepdim=True), self.attention_floor)
-        qkv = self.qkv.product(x).view(batch, n, heads + 2 * kv_heads, d)
+        qkv = self.qkv.product(_normalized(hidden, self.attention_floor)).view(batch, n, heads + 2 * kv_heads, d)
         if self.head_norms:
             qkv = torch.cat([nn.functional.rms_norm(qkv[:, :, :heads], [d], self.q_norm, self.head_norm_eps),
                              nn.functional.rms_norm(qkv[:, :, heads:heads + kv_heads], [d], self.k_norm,
@@ -185,12 +190,8 @@ class _Layer(nn.Module):
 
     @torch.jit.export
     def mlp(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden / torch.hypot(torch.linalg.vector_norm(hidden, dim=-1, keepdim=True), self.mlp_floor)
-        gate_up = self.gate_up.product(x)
+        gate_up = self.gate_up.product(_normalized(hidden, self.mlp_floor))
         return self.down.product(nn.functional.silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:])
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.mlp(hidden)
 
 
 class _Stack(nn.Module):
