@@ -115,7 +115,7 @@ def plan_for(model, **layers):
 def _fixed_masks_class():
     import dataclasses
 
-    from skiplm.policies import HaltingPolicy
+    from skiplm.policies.core import HaltingPolicy
 
     @dataclasses.dataclass
     class FixedMasks(HaltingPolicy):
@@ -211,7 +211,7 @@ def ids() -> torch.Tensor:
 def tiny_folder(tmp_path_factory):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from skiplm.models import _converted_gguf, default_gguf_path
+    from skiplm.models.loading import _converted_gguf, default_gguf_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(_converted_gguf(default_gguf_path(), "smollm2-135m")))
     torch.manual_seed(0)
@@ -227,6 +227,6 @@ def run_cli(*args):
     """Invoke the ``skiplm`` CLI in-process; the result's ``exception`` is the error a user would see."""
     from click.testing import CliRunner
 
-    from skiplm.cli import cli
+    from skiplm.cli.core import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], standalone_mode=False, catch_exceptions=True)

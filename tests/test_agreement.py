@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import skiplm
-from skiplm.agreement import (
+from skiplm.measure.agreement import (
     FULL,
     Prompt,
     answer_agreement,

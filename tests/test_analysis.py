@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import skiplm
-from skiplm.analysis import UNITS, AnalysisResult, _spearman, analysis_steps, analyze, write_analysis
-from skiplm.data import load_corpus
+from skiplm.analysis.importance import UNITS, AnalysisResult, _spearman, analysis_steps, analyze, write_analysis
+from skiplm.models.data import load_corpus
 from skiplm.errors import DataError, SkipLMError
 
 from conftest import FAMILIES, NUM_LAYERS, VOCAB, cached_tiny_model, run_cli

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from skiplm.cola import ChainScorer, chain_of, chained, search
+from skiplm.analysis.cola import ChainScorer, chain_of, chained, search
 from skiplm.errors import DataError, PlanError
 
 from conftest import VOCAB, run_cli, tiny_model

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import skiplm
-from skiplm.draft_engine import LeanCache, LeanDraft, lean_draft_unsupported
+from skiplm.speculative.lean import LeanCache, LeanDraft, lean_draft_unsupported
 from skiplm.errors import DataError, PlanError
-from skiplm.quantize import CastLinear, DynamicInt8Linear, draft_linear
-from skiplm.speculative import SpeculativeDecoder, generate
+from skiplm.speculative.quantize import CastLinear, DynamicInt8Linear, draft_linear
+from skiplm.speculative.decoder import SpeculativeDecoder, generate
 
 from conftest import VOCAB, cached_tiny_model, plan_for
 from test_speculative import left_padded, oracle
@@ -149,7 +149,7 @@ def test_draft_products_in_each_precision():
 def test_int8_dynamic_drafts_are_refused_where_their_kernels_do_not_run(tiny_folder, monkeypatch):
     from conftest import run_cli
 
-    from skiplm import quantize
+    from skiplm.speculative import quantize as quantize
 
     assert quantize.precision_unavailable("int8-dynamic", torch.device("cpu")) is None
     assert quantize.precision_unavailable("int8", torch.device("meta")) is None
@@ -202,7 +202,7 @@ def test_the_verifier_head_is_packed_for_lean_families_only_and_stays_exact():
 
 @pytest.mark.parametrize("precision", ["int8", "int8-dynamic"])
 def test_int8_drafts_through_the_models_own_modules_are_exact(precision):
-    from skiplm.quantize import Int8Linear
+    from skiplm.speculative.quantize import Int8Linear
 
     model = cached_tiny_model("gemma2")  # no lean draft: a copy of its modules drafts
     ids, mask = left_padded([8, 5], seed=11)
@@ -217,7 +217,7 @@ def test_int8_drafts_through_the_models_own_modules_are_exact(precision):
 
 @pytest.mark.parametrize("precision", ["float32", "int8", "int8-dynamic"])
 def test_the_compiled_layer_loop_computes_what_the_eager_one_does(precision):
-    from skiplm.draft_engine import _Stack
+    from skiplm.speculative.lean import _Stack
 
     model = cached_tiny_model("qwen3")  # query / key norms too
     ids, mask = left_padded([9, 6], seed=12)

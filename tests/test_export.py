@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import skiplm
-from skiplm.export import PLAN_FILENAME, export_pruned
+from skiplm.export.pruned import PLAN_FILENAME, export_pruned
 
 from conftest import FAMILIES, NUM_LAYERS, tiny_model
 

@@ -11,11 +11,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")
 
 import skiplm  # noqa: E402
-import skiplm.lm_eval_bridge  # noqa: E402,F401 - registers the model type
+import skiplm.integrations.lm_eval  # noqa: E402,F401 - registers the model type
 from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from skiplm.errors import ModelLoadError  # noqa: E402
-from skiplm.lm_eval_bridge import SkipLM  # noqa: E402
+from skiplm.integrations.lm_eval import SkipLM  # noqa: E402
 
 from conftest import run_cli  # noqa: E402
 

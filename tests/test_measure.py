@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import skiplm
-from skiplm.bench import BenchSettings, make_configs, run_bench
-from skiplm.costs import CostModel
-from skiplm.data import load_corpus, gsm8k_questions
+from skiplm.measure.speed import BenchSettings, make_configs, run_bench
+from skiplm.measure.costs import CostModel
+from skiplm.models.data import load_corpus, gsm8k_questions
 from skiplm.errors import DataError
-from skiplm.evaluate import compare_perplexity, perplexity, tokenize_corpus, windows
-from skiplm.prune import prune_blocks
+from skiplm.measure.perplexity import compare_perplexity, perplexity, tokenize_corpus, windows
+from skiplm.export.prune import prune_blocks
 
 from conftest import run_cli, tiny_model
 
@@ -59,7 +59,7 @@ def test_compare_perplexity_uses_the_decode_skip_set_for_every_token():
 
 
 def test_bootstrap_interval_brackets_the_median():
-    from skiplm.bench import bootstrap_median_ci
+    from skiplm.measure.speed import bootstrap_median_ci
 
     values = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6]
     low, high = bootstrap_median_ci(values)
@@ -187,7 +187,7 @@ def test_cli_bad_input_gets_clear_errors(tiny_folder, tmp_path):
 
 
 def test_main_turns_errors_into_messages_and_exit_code_2(tiny_folder, tmp_path, monkeypatch, capsys):
-    from skiplm import cli as cli_module
+    from skiplm.cli import core as cli_module
 
     monkeypatch.setattr("sys.argv", ["skiplm", "generate", str(tiny_folder), "--prompt", ""])
     with pytest.raises(SystemExit) as exit_info:

@@ -10,8 +10,8 @@ import torch
 
 import skiplm
 from skiplm import CostModel, DataError, PlanError, SkipPlan
-from skiplm.activations import trace_residuals
-from skiplm.metrics import cosine_similarity, skip_effect
+from skiplm.analysis.activations import trace_residuals
+from skiplm.analysis.metrics import cosine_similarity, skip_effect
 from skiplm.planners import PLANNERS, get_planner, load_calibration
 from skiplm.planners.common import Calibration, skip_set
 
@@ -354,7 +354,7 @@ def test_bad_arguments_get_clear_errors(deep):
 
 
 def test_load_calibration_from_a_text_file(tmp_path):
-    from skiplm.models import _converted_gguf, default_gguf_path
+    from skiplm.models.loading import _converted_gguf, default_gguf_path
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(_converted_gguf(default_gguf_path(), "smollm2-135m")))

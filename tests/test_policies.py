@@ -10,7 +10,7 @@ import torch
 
 import skiplm
 from skiplm.errors import PlanError, PlanMismatchError
-from skiplm.policies import (
+from skiplm.policies.core import (
     FFNSkip,
     HaltingPolicy,
     LAC,
@@ -18,13 +18,13 @@ from skiplm.policies import (
     apply_policy,
     best_last_check,
     calibrate,
-    load_skipper,
     make_policy,
     measure_skip_ratio,
     plot_activation_maps,
     skip_ratio_for_speedup,
 )
 
+from skiplm import load_skipper
 from conftest import FAMILIES, VOCAB, FixedMasks, cached_tiny_model, greedy_with_cache, plan_for, replay
 
 LAYERS = 8  # deeper than the default tiny model, so there is room between the protected layers
@@ -291,7 +291,7 @@ def test_calibration_refuses_an_unreachable_ratio():
 
 
 def test_skip_ratio_for_speedup_follows_the_latency_model():
-    from skiplm.latency import LatencyModel
+    from skiplm.measure.latency import LatencyModel
 
     latency = LatencyModel(fixed_s=0.010, attention_s=0.0005, mlp_s=0.001, num_layers=20, batch_size=1, context=64)
     ratio = skip_ratio_for_speedup(latency, 20, 1.25)

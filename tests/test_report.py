@@ -11,7 +11,7 @@ import pytest
 
 from skiplm.errors import ReportError
 from skiplm.plan import SkipPlan
-from skiplm.report import find_results, plan_grid, write_report
+from skiplm.report.html import find_results, plan_grid, write_report
 
 from conftest import run_cli
 

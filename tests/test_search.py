@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import skiplm
-from skiplm.latency import LatencyModel
+from skiplm.measure.latency import LatencyModel
 from skiplm.planners.search import KLScorer, SearchStep, _skips_of, plan_search, refine
 from skiplm.plan import SkipSet
 

@@ -7,12 +7,12 @@ import click
 import pytest
 
 import skiplm
-import skiplm.sweep
+import skiplm.sweep.core
 from skiplm.errors import SweepError
-from skiplm.evaluate import compare_perplexity, tokenize_corpus
-from skiplm.data import load_corpus
+from skiplm.measure.perplexity import compare_perplexity, tokenize_corpus
+from skiplm.models.data import load_corpus
 from skiplm.plan import SkipPlan
-from skiplm.sweep import append_point, differences, load_points
+from skiplm.sweep.core import append_point, differences, load_points
 
 from conftest import run_cli
 
@@ -90,8 +90,8 @@ def test_sweep_writes_one_record_per_point_plus_the_full_model(tiny_folder, tmp_
 
 def test_an_interrupted_sweep_keeps_finished_points_and_resumes_without_recomputing(tiny_folder, tmp_path,
                                                                                    monkeypatch):
-    speed = Counter(skiplm.sweep.measure_speed, interrupt_at=3)  # full model, uniform @ 1.005, then Ctrl-C
-    monkeypatch.setattr(skiplm.sweep, "measure_speed", speed)
+    speed = Counter(skiplm.sweep.core.measure_speed, interrupt_at=3)  # full model, uniform @ 1.005, then Ctrl-C
+    monkeypatch.setattr(skiplm.sweep.core, "measure_speed", speed)
     result = sweep(tiny_folder, tmp_path)
     assert isinstance(result.exception, (KeyboardInterrupt, click.exceptions.Abort))
     finished = [json.loads(line) for line in (tmp_path / "points.jsonl").read_text().splitlines()]
@@ -100,12 +100,12 @@ def test_an_interrupted_sweep_keeps_finished_points_and_resumes_without_recomput
         "greedy-loss-1.005.json", "greedy-loss-1.01.json", "uniform-1.005.json", "uniform-1.01.json"]
     assert not (tmp_path / "sweep.json").exists()
 
-    speed = Counter(skiplm.sweep.measure_speed.function)
-    perplexity = Counter(skiplm.sweep.measure_perplexity)
-    planned = Counter(skiplm.sweep.make_plans)
-    monkeypatch.setattr(skiplm.sweep, "measure_speed", speed)
-    monkeypatch.setattr(skiplm.sweep, "measure_perplexity", perplexity)
-    monkeypatch.setattr(skiplm.sweep, "make_plans", planned)
+    speed = Counter(skiplm.sweep.core.measure_speed.function)
+    perplexity = Counter(skiplm.sweep.core.measure_perplexity)
+    planned = Counter(skiplm.sweep.core.make_plans)
+    monkeypatch.setattr(skiplm.sweep.core, "measure_speed", speed)
+    monkeypatch.setattr(skiplm.sweep.core, "measure_perplexity", perplexity)
+    monkeypatch.setattr(skiplm.sweep.core, "make_plans", planned)
     result = sweep(tiny_folder, tmp_path)
     assert result.exception is None, result.output
     assert (speed.calls, perplexity.calls, planned.calls) == (3, 3, 0)  # only the three unfinished points
@@ -128,8 +128,8 @@ def test_a_changed_setting_is_refused_and_fresh_starts_over(tiny_folder, tmp_pat
     assert "--fresh" in message and "perplexity.tokens: 64 -> 48" in message
 
     # a setting only data-driven planners use does not invalidate a uniform plan, nor the full model
-    speed = Counter(skiplm.sweep.measure_speed)
-    monkeypatch.setattr(skiplm.sweep, "measure_speed", speed)
+    speed = Counter(skiplm.sweep.core.measure_speed)
+    monkeypatch.setattr(skiplm.sweep.core, "measure_speed", speed)
     result = sweep(tiny_folder, tmp_path, "--sequences", 3, methods="uniform", targets="1.005")
     assert result.exception is None, result.output
     assert speed.calls == 0
@@ -148,8 +148,8 @@ def test_a_changed_setting_is_refused_and_fresh_starts_over(tiny_folder, tmp_pat
 
 
 def test_a_plan_saved_with_other_settings_is_not_reused(tiny_folder, tmp_path, monkeypatch):
-    speed = Counter(skiplm.sweep.measure_speed, interrupt_at=2)  # the plan is saved, its point is not finished
-    monkeypatch.setattr(skiplm.sweep, "measure_speed", speed)
+    speed = Counter(skiplm.sweep.core.measure_speed, interrupt_at=2)  # the plan is saved, its point is not finished
+    monkeypatch.setattr(skiplm.sweep.core, "measure_speed", speed)
     result = sweep(tiny_folder, tmp_path, methods="greedy-loss", targets="1.005")
     assert isinstance(result.exception, (KeyboardInterrupt, click.exceptions.Abort))
     assert (tmp_path / "plans" / "greedy-loss-1.005.json").exists()
@@ -201,8 +201,8 @@ def test_sweep_options_are_checked(tiny_folder, tmp_path):
 
 
 def test_an_unreachable_target_is_a_finished_point_with_an_error(tiny_folder, tmp_path, monkeypatch):
-    speed = Counter(skiplm.sweep.measure_speed)
-    monkeypatch.setattr(skiplm.sweep, "measure_speed", speed)
+    speed = Counter(skiplm.sweep.core.measure_speed)
+    monkeypatch.setattr(skiplm.sweep.core, "measure_speed", speed)
     result = sweep(tiny_folder, tmp_path, methods="uniform", targets="1.005,5")
     assert result.exception is None, result.output
     data = json.loads((tmp_path / "sweep.json").read_text())
@@ -215,8 +215,9 @@ def test_an_unreachable_target_is_a_finished_point_with_an_error(tiny_folder, tm
 def test_policies_are_swept_like_plans(tiny_folder, tmp_path, monkeypatch):
     """ffn-skip and lac points: calibrated per target to the skip ratio a latency model gives (fixed here: timing
     the tiny model would be noise), saved as policy files, measured like plans, with what they skipped recorded."""
-    from skiplm.latency import LatencyModel
-    from skiplm.policies import HaltingPolicy, load_skipper
+    from skiplm.measure.latency import LatencyModel
+    from skiplm.policies.core import HaltingPolicy
+    from skiplm import load_skipper
 
     fixed = LatencyModel(fixed_s=0.004, attention_s=0.0005, mlp_s=0.001, num_layers=4, batch_size=1, context=64)
     monkeypatch.setattr(LatencyModel, "measure", classmethod(lambda cls, model, **kw: fixed))

@@ -24,12 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import get_adapter, model_type_of
+from .models.adapters import PARTS, get_adapter, model_type_of
 from .errors import PlanError, PlanMismatchError
+from .registry import SKIPPER_FILES, Spec
+from .runtime.static import SkipHandle, install_plan
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "skiplm.plan"
-PARTS = ("attention", "mlp")
 PHASES = ("prefill", "decode")
 
 
@@ -268,6 +269,10 @@ class SkipPlan:
         """Raise :class:`PlanMismatchError` unless this plan was made for ``model`` (a different dtype is fine)."""
         check_made_for(model, self.num_layers, self.model, what="plan", remedy="Make a plan for this model with `skiplm plan`")
 
+    def install(self, model: nn.Module, *, check_model: bool = True) -> SkipHandle:
+        """Apply this plan to ``model`` (the skipper protocol; :func:`skiplm.apply` calls this)."""
+        return install_plan(model, self, check_model=check_model)
+
     # -- files ---------------------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {
@@ -403,3 +408,7 @@ def _named(identity: ModelIdentity | None) -> str:
 
 def _ranges(indices: list[int]) -> str:
     return ",".join(str(i) for i in indices)
+
+
+SKIPPER_FILES.add(Spec(name=FORMAT_NAME, target=SkipPlan.from_json, kind=SKIPPER_FILES.kind,
+                       summary="a static skip plan (`skiplm plan`)", extra={"load": SkipPlan.load}))

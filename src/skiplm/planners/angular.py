@@ -1,7 +1,7 @@
 """Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers": remove a contiguous run of blocks.
 
 For a run of n blocks the start is l* = argmin over l of the angular distance arccos(cos(h_l, h_{l+n})) / pi between
-the residual stream entering layer l and entering layer l+n (:func:`skiplm.metrics.angular_distance`, averaged over
+the residual stream entering layer l and entering layer l+n (:func:`skiplm.analysis.metrics.angular_distance`, averaged over
 every calibration token; the paper measures it at the last token of each sequence, which needs many more sequences
 for a steady estimate), and blocks l*..l*+n-1 are removed. Layer protection, as in the paper: the last layer's
 block is never removed (a run ends at layer L-2 at the latest); the first may be. For a speedup target the smallest n
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..metrics import angular_distance
+from ..analysis.metrics import angular_distance
 from ..plan import SkipPlan
 from .common import (Progress, Target, Unit, as_calibration, calibrated, check_unplanned, count_layers, make_plan,
                      rounded, select, trace)

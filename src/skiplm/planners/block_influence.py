@@ -1,7 +1,7 @@
 """ShortGPT (Men et al. 2024, "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect").
 
 Block Influence of layer l is 1 - cos(block input, block output), averaged over calibration tokens
-(:func:`skiplm.metrics.block_influence`); the blocks with the lowest influence are removed, ranked once on the full
+(:func:`skiplm.analysis.metrics.block_influence`); the blocks with the lowest influence are removed, ranked once on the full
 model. Layer protection: none — as in the paper, any block may go, first and last included; the metric itself keeps
 them in practice (they change the representation most). A plan keeps at least one block.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..metrics import block_influence
+from ..analysis.metrics import block_influence
 from ..plan import SkipPlan
 from .common import (Progress, Target, as_calibration, calibrated, check_unplanned, count_layers, make_plan, prefixes,
                      rounded, select, trace)

@@ -4,7 +4,7 @@ A planner orders *units* — whole blocks, or attention / MLP sublayers — by i
 of its skip lists for 0, 1, 2, ... units to :func:`select`, which stops at the target:
 
 * ``skip=N`` — the list with N units;
-* ``speedup=X`` — the first list whose *ideal* decode speedup by :class:`~skiplm.costs.CostModel` is at least X.
+* ``speedup=X`` — the first list whose *ideal* decode speedup by :class:`~skiplm.measure.costs.CostModel` is at least X.
 
 The sequence is consumed lazily, so incremental planners (iterative similarity, greedy loss) only compute the steps
 the target needs. Lists are usually nested (each one the previous plus a unit) but need not be: an angular-distance
@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import count_layers
-from ..costs import CostModel
+from ..models.adapters import count_layers
+from ..measure.costs import CostModel
 from ..errors import DataError, PlanError
 from ..plan import SkipPlan, SkipSet, model_identity, provenance
-from ..runtime import _HANDLE_ATTRIBUTE
+from ..runtime import installed_handle
 
 Unit = tuple[str, int]  # ("block" | "attention" | "mlp", layer index)
 Progress = Callable[[int, int], None]  # (forward passes done, total or an upper bound of the total)
@@ -163,15 +163,15 @@ def make_plan(
 
 def check_unplanned(model: nn.Module) -> None:
     """Planners measure the model itself: refuse a model that has a skip plan applied."""
-    if getattr(model, _HANDLE_ATTRIBUTE, None) is not None:
+    if installed_handle(model) is not None:
         raise PlanError("this model has a skip plan applied; remove it (handle.remove()) before making a new plan.")
 
 
 def trace(model: nn.Module, calibration: Sequence[torch.Tensor], units: Sequence[Unit] = ()):
     """The residual trace of ``model`` on ``calibration`` with ``units`` skipped (the full model when empty). A
     skipped unit's output equals its input in the trace."""
-    from ..activations import trace_residuals
-    from ..runtime import apply
+    from ..analysis.activations import trace_residuals
+    from ..skipper import apply
 
     if not units:
         return trace_residuals(model, calibration)
@@ -217,9 +217,9 @@ def calibrated(sequences: int, length: int) -> Callable:
 def load_calibration(tokenizer, corpus: str = DEFAULT_CORPUS, sequences: int = 8, length: int = 256) -> Calibration:
     """``sequences`` consecutive chunks of ``length`` tokens from a shipped corpus (``gsm8k``, ``pydoc``) or a text
     file, as [1, length] batches. Pass the result as ``calibration=`` to a data-driven planner."""
-    from ..activations import calibration_batches
-    from ..data import corpus_label, load_corpus
-    from ..evaluate import tokenize_corpus
+    from ..analysis.activations import calibration_batches
+    from ..models.data import corpus_label, load_corpus
+    from ..measure.perplexity import tokenize_corpus
 
     for value, option in ((sequences, "sequences"), (length, "length")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

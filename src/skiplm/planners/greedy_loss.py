@@ -2,7 +2,7 @@
 Blocks"): greedy block removal by calibration loss.
 
 Each step removes the block whose removal — on top of the blocks already removed — gives the lowest next-token loss
-on the calibration text (:func:`skiplm.metrics.skip_effect`), so the redundancy of a block is judged in the pruned
+on the calibration text (:func:`skiplm.analysis.metrics.skip_effect`), so the redundancy of a block is judged in the pruned
 model it will live in. Cost: step s tries every one of the L - s remaining blocks, one forward pass over the
 calibration text each — O(L^2) passes in all — hence a small default calibration set (4 x 128 tokens; the paper uses
 128 x 2048) and a ``progress`` callback. Layer protection: none, as in the paper; a plan keeps at least one block.
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..metrics import next_token_loss, skip_effect
+from ..analysis.metrics import next_token_loss, skip_effect
 from ..plan import SkipPlan
 from .common import (Progress, Target, Unit, as_calibration, calibrated, check_unplanned, count_layers, make_plan,
                      max_units, prefixes, rounded, select, skip_set)

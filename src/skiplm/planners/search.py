@@ -1,7 +1,7 @@
 """``search``: skiplm's own planner — any mix of attention and MLP sublayers, chosen for a *measured* speedup at the
 least loss of quality.
 
-1. A latency model of a decode step is measured on this device (:class:`~skiplm.latency.LatencyModel`): what
+1. A latency model of a decode step is measured on this device (:class:`~skiplm.measure.latency.LatencyModel`): what
    skipping one attention or one MLP sublayer actually saves, and the fixed cost nothing removes.
 2. A greedy search with re-scoring: at every step each candidate — one attention or MLP sublayer, or a whole block
    (which saves more than its halves: norms, adds and call overhead go too) — is scored *on top of what is already
@@ -25,11 +25,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..activations import trace_residuals
-from ..adapters import count_layers
+from ..analysis.activations import trace_residuals
+from ..models.adapters import count_layers
 from ..errors import PlanError
-from ..latency import LatencyModel
-from ..metrics import skip_effect
+from ..measure.latency import LatencyModel
+from ..analysis.metrics import skip_effect
 from ..plan import PARTS, SkipPlan, SkipSet, model_identity, provenance
 from .common import calibrated
 

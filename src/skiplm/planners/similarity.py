@@ -1,7 +1,7 @@
 """LLM-Drop (He et al. 2024, "What Matters in Transformers? Not All Attention is Needed").
 
 A unit whose output is most similar to its input, cos(X, X + F(X)) averaged over calibration tokens
-(:func:`skiplm.metrics.cosine_similarity`), changes the representation least and is dropped first. ``unit``:
+(:func:`skiplm.analysis.metrics.cosine_similarity`), changes the representation least and is dropped first. ``unit``:
 
 * ``attention`` — Attention Drop: attention sublayers only (the paper's recommendation: many can go cheaply);
 * ``mlp`` — MLP Drop; ``block`` — Block Drop (one-shot, this is ShortGPT's ranking);
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from ..errors import PlanError
-from ..metrics import cosine_similarity
+from ..analysis.metrics import cosine_similarity
 from ..plan import SkipPlan
 from .common import (Progress, Target, Unit, as_calibration, calibrated, check_unplanned, count_layers, make_plan,
                      max_units, prefixes, rounded, select, trace, unit_label)

@@ -11,7 +11,7 @@ import math
 
 from torch import nn
 
-from ..adapters import get_adapter
+from ..models.adapters import get_adapter
 from ..errors import PlanError
 from ..plan import SkipPlan
 from .common import Target, make_plan, select

@@ -1,0 +1,1 @@
+"""Integrations with other tools: the `skiplm` model type of lm-evaluation-harness."""

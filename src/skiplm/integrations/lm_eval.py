@@ -1,0 +1,220 @@
+"""lm-evaluation-harness bridge: evaluate a model under a skip plan on any harness task, as model type ``skiplm``.
+
+:class:`SkipLM` subclasses the harness's own Hugging Face model class (``lm_eval.models.huggingface.HFLM``), so every
+request type (loglikelihood, rolling loglikelihood, generate_until), batching, chat templates and few-shot handling are
+the harness's. It only changes where the model comes from: :func:`skiplm.load_model` (so the shipped alias
+``smollm2-135m``, local folders and ``.gguf`` files work offline), with a plan applied by :func:`skiplm.apply` for the
+lifetime of the LM object. Importing this module registers the type::
+
+    import lm_eval, skiplm.integrations.lm_eval
+    lm_eval.simple_evaluate(model="skiplm", model_args="pretrained=smollm2-135m,plan=plan.json", tasks=["arc_easy"])
+
+Command line. lm-eval 0.4.13 finds model types only in its own registry, which it fills from a fixed table of its own
+modules; it reads no entry points and imports no plugins, so the plain ``lm_eval`` command cannot know ``skiplm``.
+``skiplm lm-eval ARGS`` and ``python -m skiplm.integrations.lm_eval ARGS`` import this module and then run lm-eval's own
+command line with ARGS unchanged::
+
+    skiplm lm-eval --model skiplm --model_args pretrained=smollm2-135m,plan=plan.json --tasks arc_easy
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+try:
+    import lm_eval  # noqa: F401
+    from lm_eval.api.registry import model_registry
+    from lm_eval.models.huggingface import HFLM
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"the lm-evaluation-harness bridge needs lm_eval ({exc}); install it with `pip install 'skiplm[lm-eval]'` "
+        "(or `pip install lm_eval==0.4.13`)."
+    ) from exc
+
+import torch
+
+from ..errors import ModelLoadError, PlanError
+from ..models.loading import DEFAULT_MODEL, load_model
+from ..plan import SkipPlan
+from ..runtime import SkipHandle
+from ..skipper import apply
+
+MODEL_TYPE = "skiplm"
+log = logging.getLogger(__name__)
+
+# HFLM arguments that only make sense when HFLM loads the weights itself (or splits them over devices).
+_LOADING_OPTIONS = ("parallelize", "tp_plan", "peft", "delta", "autogptq", "gptqmodel", "gguf_file", "subfolder",
+                    "max_memory_per_gpu", "max_cpu_memory", "trust_remote_code")
+
+
+class SkipLM(HFLM):
+    """HFLM over a model loaded by skiplm, with a skip plan applied.
+
+    Model args (``key=value`` pairs of ``--model_args``):
+
+    * ``pretrained`` — ``smollm2-135m`` (the shipped default), a local model folder, a local ``.gguf`` file, or a hub
+      id where a network exists; from Python also an already loaded model (then pass ``tokenizer`` too);
+    * ``plan`` — a plan file made by ``skiplm plan`` (or a :class:`~skiplm.SkipPlan`); omitted: the full model;
+    * ``force`` — apply the plan even if it was made for other weights;
+    * ``dtype`` — ``float32`` (default; also for ``auto``), ``bfloat16`` or ``float16``;
+    * ``device`` — ``cpu``, ``cuda``, ``cuda:1``, ... (default: ``cuda`` if available, else ``cpu``; a CUDA device
+      where torch sees none falls back to the CPU, as with the harness's ``hf`` type);
+    * everything else HFLM takes about evaluation: ``batch_size``, ``max_length``, ``add_bos_token``, ``truncation``,
+      ``softmax_dtype``, ``think_end_token``, ... Options about *loading* weights (``peft``, ``parallelize``,
+      ``gguf_file``, ...) are refused: skiplm loads the model.
+    """
+
+    def __init__(
+        self,
+        pretrained: Any = DEFAULT_MODEL,
+        plan: str | Path | SkipPlan | None = None,
+        *,
+        force: bool = False,
+        dtype: str | torch.dtype | None = None,
+        device: str | None = None,
+        tokenizer: Any = None,
+        revision: str | None = "main",
+        **kwargs: Any,
+    ) -> None:
+        used = sorted(name for name in _LOADING_OPTIONS if kwargs.get(name) not in (None, False, ""))
+        if used:
+            raise ModelLoadError(
+                f"model type {MODEL_TYPE!r} loads the model through skiplm and does not take {', '.join(used)}; use "
+                "the harness's 'hf' model type for those, or pass a model folder as pretrained=."
+            )
+        for name in _LOADING_OPTIONS:
+            kwargs.pop(name, None)
+        if revision not in (None, "main"):
+            raise ModelLoadError(f"model type {MODEL_TYPE!r} does not take revision={revision!r}; pass a local folder.")
+        skip_plan = _as_plan(plan)
+
+        if isinstance(pretrained, (str, Path)):
+            spec = str(pretrained)
+            device = _resolve_device(device)
+            model, loaded_tokenizer = load_model(spec, dtype="float32" if dtype in (None, "auto") else dtype,
+                                                 device=device)
+            tokenizer = tokenizer or loaded_tokenizer
+        elif isinstance(pretrained, torch.nn.Module):
+            if tokenizer is None:
+                raise ModelLoadError("pass tokenizer= with an already loaded model (skiplm.load_model returns both).")
+            model = pretrained
+            spec = getattr(model.config, "_name_or_path", None) or type(model).__name__
+        else:
+            raise ModelLoadError(
+                f"pretrained must be a model spec (the alias {DEFAULT_MODEL!r}, a folder, a .gguf file or a hub id) or "
+                f"a loaded model, got {type(pretrained).__name__}."
+            )
+
+        handle: SkipHandle | None = apply(model, skip_plan, check_model=not force) if skip_plan else None
+        try:
+            with _quiet_about_preloaded_models():
+                super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
+        except BaseException:
+            if handle is not None:
+                handle.remove()
+            raise
+        self.pretrained = spec  # what the harness reports as the model (HFLM keeps the object otherwise)
+        self.skip_plan = skip_plan
+        self.skip_handle = handle
+        log.info("skiplm: %s, %s", spec, skip_plan.describe() if skip_plan else "full model (no plan)")
+
+    def remove_plan(self) -> None:
+        """Take the plan off the model (the model is the full model afterwards). Safe to call twice."""
+        if self.skip_handle is not None:
+            self.skip_handle.remove()
+            self.skip_handle = None
+
+    def get_model_info(self) -> dict:
+        """The harness's model info, plus the plan; a hub lookup of the weights' revision only for hub ids."""
+        if _is_hub_id(self.pretrained):
+            info = super().get_model_info()
+        else:
+            parameters = list(self.model.parameters())
+            info = {
+                "model_num_parameters": sum(p.numel() for p in parameters),
+                "model_dtype": parameters[0].dtype if parameters else "",
+                "model_revision": "local",
+                "model_sha": "",
+            }
+        info["skiplm_model"] = self.pretrained
+        info["skiplm_plan"] = self.skip_plan.to_json() if self.skip_plan is not None else None
+        return info
+
+
+class _DropPreloadedModelWarnings(logging.Filter):
+    # HFLM warns that a model passed as an object makes "many other model arguments" ignored and skips distributed
+    # set-up; SkipLM handles those arguments itself (it consumes or refuses them), so the warnings would only mislead.
+    _PREFIXES = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self._PREFIXES)
+
+
+@contextlib.contextmanager
+def _quiet_about_preloaded_models() -> Iterator[None]:
+    logger = logging.getLogger(HFLM.__module__)
+    quiet = _DropPreloadedModelWarnings()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _as_plan(plan):
+    """A plan or an input-adaptive policy (a file made by `skiplm plan` / `skiplm policy`, or the object), or None."""
+    from ..policies.core import is_policy
+    from ..skipper import load_skipper
+
+    if plan is None or (isinstance(plan, str) and plan.strip().lower() in ("", "none")):
+        return None
+    if isinstance(plan, SkipPlan) or is_policy(plan):
+        return plan
+    if isinstance(plan, (str, Path)):
+        return load_skipper(plan)
+    raise PlanError(f"plan must be a plan or policy file path, a SkipPlan or a policy, got {type(plan).__name__}.")
+
+
+def _resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        # lm-eval's command line asks for cuda:0 unless told otherwise; like its hf model type, fall back to the CPU
+        log.warning("skiplm: device %r asked for, but torch sees no CUDA GPU: using the CPU.", device)
+        return "cpu"
+    return str(device)
+
+
+def _is_hub_id(spec: str) -> bool:
+    return spec != DEFAULT_MODEL and not Path(spec).expanduser().exists() and spec.count("/") == 1
+
+
+def register() -> None:
+    """Make ``skiplm`` a model type of the harness (done on import; safe to call again)."""
+    if MODEL_TYPE not in model_registry:
+        # by import path, so that running this file with ``python -m`` registers the class an import defines
+        model_registry.register(MODEL_TYPE, target="skiplm.integrations.lm_eval:SkipLM")
+
+
+register()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """lm-eval's own command line, with the ``skiplm`` model type registered. ``argv``: its arguments."""
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]  # lm-eval's parser reads sys.argv
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+
+
+if __name__ == "__main__":
+    main()

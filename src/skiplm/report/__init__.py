@@ -1,0 +1,1 @@
+"""Results: JSON / markdown files, plots and the offline HTML report."""

@@ -1,0 +1,84 @@
+"""The one protocol for everything that skips — static plans, input-adaptive policies, and the trained skippers to
+come — and the two calls that work on any of them: :func:`apply` and :func:`load_skipper`.
+
+A skipper is data that knows how to install itself on a model. ``skiplm.apply(model, skipper)`` asks it to; the handle
+it returns removes itself (``handle.remove()`` or the end of a ``with`` block). Every skipper builds its handle from
+the hook machinery in :mod:`skiplm.runtime`, so a model carries at most one at a time, and nothing is global.
+
+A skipper file is JSON whose ``"format"`` names its kind; each kind registers a reader in
+:data:`skiplm.registry.SKIPPER_FILES` (``skiplm.plan`` -> :class:`~skiplm.plan.SkipPlan`, ``skiplm.policy`` -> the
+policies). A file with no known format is read as a plan, whose reader says what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from torch import nn
+
+from .errors import PlanError
+from .registry import SKIPPER_FILES
+
+PLAN_FORMAT = "skiplm.plan"  # the format a file without a known one is read as
+
+
+@runtime_checkable
+class Skipper(Protocol):
+    """What ``skiplm.apply`` and the commands need of a skipper."""
+
+    num_layers: int
+    provenance: dict[str, Any]
+
+    def install(self, model: nn.Module, *, check_model: bool = True, **options: Any):
+        """Install on ``model``; return a handle with ``remove()`` that is also a context manager."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`~skiplm.errors.PlanMismatchError` unless made for ``model``."""
+
+    def describe(self) -> str:
+        """One line for people: what it skips."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The file form, with ``"format"`` naming a registered reader."""
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` to ``path``."""
+
+
+def apply(model: nn.Module, skipper: Skipper, *, check_model: bool = True, **options: Any):
+    """Apply ``skipper`` (a :class:`~skiplm.plan.SkipPlan`, a policy, ...) to ``model`` until the returned handle is
+    removed (or its ``with`` block ends).
+
+    While applied, ``model(...)`` and ``model.generate(...)`` run with it: greedy or sampling, batched with padding,
+    KV cache on. ``check_model=False`` skips the check that it was made for this model's weights. Other keywords go
+    to the skipper's ``install`` (a policy takes ``record=`` and ``dry_run=``).
+    """
+    if not isinstance(skipper, Skipper):
+        raise PlanError(f"apply() needs a SkipPlan, a policy or another skipper, got {type(skipper).__name__}; load one "
+                        "from a file with skiplm.load_skipper(path).")
+    return skipper.install(model, check_model=check_model, **options)
+
+
+def is_skipper(obj: Any) -> bool:
+    return isinstance(obj, Skipper)
+
+
+def load_skipper(path: str | Path) -> Skipper:
+    """The skipper a file holds (a plan from ``skiplm plan``, a policy from ``skiplm policy``, ...), by its format."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    fmt = data.get("format") if isinstance(data, dict) else None
+    if fmt in SKIPPER_FILES and fmt != PLAN_FORMAT:
+        try:
+            return SKIPPER_FILES.get(fmt).target(data)
+        except PlanError as exc:
+            raise PlanError(f"{path}: {exc}") from None
+    return SKIPPER_FILES.get(PLAN_FORMAT).extra["load"](path)  # its errors say what is wrong with the file
+
+
+__all__ = ["Skipper", "apply", "is_skipper", "load_skipper"]

@@ -1,0 +1,1 @@
+"""Sweeps (resumable method x target grids) and `compare` (planners side by side)."""
