@@ -227,6 +227,6 @@ def run_cli(*args):
     """Invoke the ``skiplm`` CLI in-process; the result's ``exception`` is the error a user would see."""
     from click.testing import CliRunner
 
-    from skiplm.cli.core import cli
+    from skiplm.cli import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], standalone_mode=False, catch_exceptions=True)

@@ -187,7 +187,7 @@ def test_cli_bad_input_gets_clear_errors(tiny_folder, tmp_path):
 
 
 def test_main_turns_errors_into_messages_and_exit_code_2(tiny_folder, tmp_path, monkeypatch, capsys):
-    from skiplm.cli import core as cli_module
+    from skiplm import cli as cli_module
 
     monkeypatch.setattr("sys.argv", ["skiplm", "generate", str(tiny_folder), "--prompt", ""])
     with pytest.raises(SystemExit) as exit_info:

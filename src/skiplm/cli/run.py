@@ -1,0 +1,256 @@
+"""`skiplm generate`, `export`, `info` and `demo`: run a plan or policy, save a pruned model, the main job."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from ..speculative.decoder import DEFAULT_MAX_DRAFT
+from .common import MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, cli, console
+from .measure import _print_quality, _print_speed, bench_and_report, evaluate_and_report
+
+
+@cli.command()
+@MODEL_ARGUMENT
+@click.option("--plan", "--draft-plan", "plan_path", type=click.Path(exists=True, dir_okay=False),
+              help="plan file (with --speculative: the draft's plan)")
+@click.option("--prompt", "-p", required=True, help="the user message")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--chat/--raw", default=True, show_default=True, help="wrap the prompt in the model's chat template")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="keep the k most likely tokens when sampling (0: off; without --speculative, 0 keeps the model's "
+                   "generation config)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--speculative", is_flag=True,
+              help="lossless self-speculative decoding: the model under --plan (and/or --draft-dtype) drafts, the full "
+                   "model verifies; the output is the full model's")
+@click.option("--max-draft", type=click.IntRange(min=1), default=DEFAULT_MAX_DRAFT, show_default=True,
+              help="--speculative: most tokens drafted per round (fewer when the draft is unsure)")
+@click.option("--adapt", is_flag=True,
+              help="--speculative: choose the draft's skip set on the fly (SWIFT-style) among the draft plan and the "
+                   "runner-ups `skiplm draft-search` recorded in it")
+@click.option("--draft-dtype", help="--speculative: draft with a copy of the weights in this precision: bfloat16, "
+                                    "float16, int8 (int8 weights, bfloat16 arithmetic) or int8-dynamic (int8 weights "
+                                    "and activations); default: the one a draft plan from `skiplm draft-search` "
+                                    "names, else the model's own weights")
+@click.option("--prompt-lookup", type=click.IntRange(min=0), default=3, show_default=True,
+              help="--speculative: when the last N tokens occurred earlier in the text, draft what followed them "
+                   "(n-gram prompt lookup, no draft forward), kept only while it pays; 0: off")
+@click.option("--draft-engine", type=click.Choice(["auto", "lean", "modules"]), default="auto", show_default=True,
+              help="--speculative with a draft precision: run the copy through skiplm's lean forward (fused "
+                   "products, in-place cache; Llama, Mistral, Qwen2/3) or through the model's own modules; auto: lean "
+                   "where the family allows")
+@click.option("--policy", "policy_path", help="input-adaptive policy file made by `skiplm policy` (ffn-skip, lac)")
+@click.option("--activation-map", type=click.Path(dir_okay=False),
+              help="--policy: write which layers ran for which tokens to this PNG (and a JSON next to it)")
+@click.option("--force", is_flag=True, help="apply the plan even if made for other weights")
+@_model_options
+def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p, top_k, seed, speculative, max_draft,
+             adapt, draft_dtype, prompt_lookup, draft_engine, policy_path, activation_map, force, dtype, device):
+    """Generate text with MODEL (under a plan if given, or speculatively with --speculative), streaming to stdout."""
+    import torch
+    from transformers import TextStreamer
+
+    from ..errors import DataError, PlanError
+    from ..skipper import apply
+
+    if not prompt.strip():
+        raise DataError("the prompt is empty: pass some text with --prompt.")
+    policy = None
+    if policy_path is not None:
+        policy = _policy_file(policy_path, plan_path, speculative)
+    elif activation_map:
+        raise PlanError("--activation-map records what a --policy decided; give a --policy.")
+    hf_model, tokenizer = _load(model, dtype, device)
+    skip_plan = _load_plan(plan_path, hf_model, force)
+    if policy is not None:
+        if not force:
+            policy.check_model(hf_model)
+        skip_plan = policy
+    if chat and tokenizer.chat_template:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    torch.manual_seed(seed)
+    if speculative:
+        from ..speculative.decoder import draft_alternatives, draft_precision
+        from ..speculative.decoder import generate as speculative_generate
+
+        if draft_dtype is None and skip_plan is None:
+            raise PlanError("--speculative needs a draft: a --plan (the layers the draft skips) and/or --draft-dtype.")
+        alternatives = draft_alternatives(skip_plan) if adapt else []
+        if adapt and not alternatives:
+            raise PlanError("--adapt needs a --plan made by `skiplm draft-search --alternatives N` (N >= 1); this plan "
+                            "records no runner-up skip sets.")
+        start = time.perf_counter()
+        result = speculative_generate(
+            hf_model, tokenizer, inputs["input_ids"], inputs.get("attention_mask"), plan=skip_plan,
+            draft_dtype=draft_dtype, alternatives=alternatives, draft_engine=draft_engine,
+            prompt_lookup=prompt_lookup or None,
+            max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0, top_k=top_k, top_p=top_p, max_draft=max_draft,
+            seed=seed, streamer=TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True), check_model=False)
+        elapsed = time.perf_counter() - start
+        new = len(result.tokens[0])
+        precision = draft_dtype or draft_precision(skip_plan)
+        draft = "; ".join(filter(None, [skip_plan.describe() if skip_plan else "",
+                                        f"{precision} copy" if precision else ""]))
+        console.print(f"[dim]{new} tokens in {elapsed:.2f} s ({new / elapsed:.1f} tokens/s, including prefill); "
+                      f"draft: {draft}[/dim]")
+        console.print(f"[dim]{result.stats.describe()}[/dim]")
+        return
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    if temperature > 0 and top_k:
+        sampling["top_k"] = top_k
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    handle = None
+    if policy is not None:
+        from ..policies.core import apply_policy
+
+        handle = apply_policy(hf_model, policy, check_model=False, record=bool(activation_map))
+    elif skip_plan is not None:
+        handle = apply(hf_model, skip_plan, check_model=False)
+    try:
+        start = time.perf_counter()
+        output = hf_model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
+                                   pad_token_id=tokenizer.pad_token_id, **sampling)
+        elapsed = time.perf_counter() - start
+    finally:
+        if handle:
+            handle.remove()
+    new = output.shape[1] - inputs["input_ids"].shape[1]
+    what = f"; {'policy' if policy else 'plan'}: {skip_plan.describe()}" if skip_plan else ""
+    console.print(f"[dim]{new} tokens in {elapsed:.2f} s ({new / elapsed:.1f} tokens/s, including prefill){what}[/dim]")
+    if policy is not None:
+        stats = handle.stats.to_json()
+        console.print("[dim]" + "; ".join(f"{phase}: {s['mlp_skip_ratio']:.0%} of MLPs skipped"
+                                          + (f", {s['attention_skip_ratio']:.0%} of attention contributions dropped"
+                                             if policy.skips_attention else "")
+                                          for phase, s in stats.items()) + "[/dim]")
+        if activation_map:
+            _write_activation_map(handle, activation_map, model)
+
+
+def _policy_file(path: str, plan_path: str | None, speculative: bool):
+    from ..errors import PlanError
+    from ..policies.core import POLICIES, is_policy
+    from ..skipper import load_skipper
+
+    if plan_path is not None or speculative:
+        raise PlanError("--policy runs the model under an input-adaptive policy; it does not combine with --plan or "
+                        "--speculative.")
+    if not Path(path).is_file():
+        hint = (f" `{path}` is a policy method: calibrate one for this model first, e.g. `skiplm policy --method "
+                f"{path} --skip-ratio 0.25 -o {path}.json`." if path in POLICIES else "")
+        raise PlanError(f"policy file {path} does not exist.{hint}")
+    policy = load_skipper(path)
+    if not is_policy(policy):
+        raise PlanError(f"{path} is a skip plan, not a policy: pass it with --plan.")
+    return policy
+
+
+def _write_activation_map(handle, path: str, model_name: str) -> None:
+    from ..policies.core import activation_summary, plot_activation_maps
+    from ..report.files import write_json
+
+    png = plot_activation_maps(handle.maps, handle.policy.num_layers, path, f"{model_name}: {handle.policy.method}")
+    summary = {"kind": "activation-map", "command": _command_line(), "model": model_name,
+               "policy": handle.policy.to_json(), "stats": handle.stats.to_json(),
+               "activations": activation_summary(handle.maps, handle.policy.num_layers)}
+    write_json(png.with_suffix(".json"), summary)
+    console.print(f"wrote {png} and {png.with_suffix('.json')}")
+
+
+@cli.command()
+@MODEL_ARGUMENT
+@click.option("--plan", "plan_path", required=True, type=click.Path(exists=True, dir_okay=False), help="plan file")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="folder to write the checkpoint to")
+@click.option("--zero-sublayers", is_flag=True,
+              help="for attention-/MLP-only skips: zero that branch's weights (same outputs, no speedup)")
+@click.option("--force", is_flag=True, help="export even if the plan was made for other weights")
+@_model_options
+def export(model, plan_path, out, zero_sublayers, force, dtype, device):
+    """Save MODEL with a plan baked in, as a checkpoint vanilla transformers loads (skipped blocks deleted)."""
+    from ..export.pruned import export_pruned
+
+    from ..errors import PlanError
+    from ..policies.core import is_policy
+
+    hf_model, tokenizer = _load(model, dtype, device)
+    skip_plan = _load_plan(plan_path, hf_model, force)
+    if is_policy(skip_plan):
+        raise PlanError(f"{plan_path} is an input-adaptive policy: which layers run depends on each token, so there is "
+                        "no fixed set of layers to delete. Export a static plan (skiplm plan).")
+    folder = export_pruned(hf_model, skip_plan, out, tokenizer=tokenizer, zero_sublayers=zero_sublayers,
+                           check_model=False)
+    console.print(f"wrote {folder}: {skip_plan.describe()}; load it with "
+                  f"AutoModelForCausalLM.from_pretrained({str(folder)!r})")
+
+
+@cli.command()
+@MODEL_ARGUMENT
+@_model_options
+def info(model, dtype, device):
+    """Show how skiplm sees MODEL: family, layers, and what each sublayer costs."""
+    from ..models.adapters import get_adapter, model_type_of
+    from ..measure.costs import CostModel
+
+    hf_model, _ = _load(model, dtype, device)
+    adapter = get_adapter(hf_model)
+    costs = CostModel.from_parameter_counts(hf_model)
+    console.print(f"model type {model_type_of(hf_model)}, {len(costs.attention)} decoder layers "
+                  f"(at `{adapter.layers}`), {sum(p.numel() for p in hf_model.parameters()) / 1e6:.1f}M parameters")
+    console.print(f"per layer: attention {costs.attention[0] / 1e6:.2f}M, MLP {costs.mlp[0] / 1e6:.2f}M parameters; "
+                  f"output head {costs.fixed / 1e6:.2f}M ({costs.fixed / costs.total:.0%} of a decode step by the cost model)")
+
+
+@cli.command()
+@click.option("--speedup", default=1.25, show_default=True, help="target ideal speedup of the uniform plan")
+@click.option("--tokens", default=4096, show_default=True, help="tokens scored per corpus")
+@click.option("--repeats", default=3, show_default=True, help="timed rounds per measure")
+@click.option("--out", "-o", type=click.Path(), default="results/demo", show_default=True, help="output folder")
+@_model_options
+def demo(speedup, tokens, repeats, out, dtype, device):
+    """The main job: on the default model, plan a uniform skip, evaluate and bench it against the full model."""
+    from ..measure.speed import BenchSettings
+    from ..models.loading import DEFAULT_MODEL
+    from ..planners import plan_uniform
+
+    out = Path(out)
+    hf_model, tokenizer = _load(DEFAULT_MODEL, dtype, device)
+    skip_plan = plan_uniform(hf_model, speedup=speedup, name=DEFAULT_MODEL)
+    plan_file = skip_plan.save(out / "plan.json")
+    console.print(f"[bold]plan[/bold] uniform {speedup}x: {skip_plan.describe()} -> {plan_file}")
+    name = f"uniform-{speedup}x"
+    quality = evaluate_and_report(hf_model, tokenizer, {"full": None, name: skip_plan}, ("gsm8k", "pydoc"), tokens,
+                                  1024, 512, out, DEFAULT_MODEL, device)
+    settings = BenchSettings(repeats=repeats)
+    speed = bench_and_report(hf_model, tokenizer, {name: skip_plan}, settings, True, out, DEFAULT_MODEL, device)
+    _print_quality(quality)
+    _print_speed(speed)
+    _write_demo_summary(out, skip_plan, quality, speed)
+    console.print(f"results in {out}/")
+
+
+def _write_demo_summary(out: Path, skip_plan, quality, speed):
+    from ..report.files import markdown_table, measure_label, settings_line
+
+    names = list(speed["speed"])
+    headers = ["config"] + [f"ppl {c}" for c in quality["perplexity"]] + [
+        measure_label(m, speed["settings"]) for m in speed["speed"]["full"]]
+    rows = []
+    for name in names:
+        plan_name = name.replace(" (layers deleted)", "")
+        ppl = [f"{quality['perplexity'][c][plan_name]['perplexity']:.2f}" for c in quality["perplexity"]]
+        times = [f"{r['tokens_per_s']:.1f} tok/s ({r['speedup']:.2f}x, ideal {r['ideal_speedup']:.2f}x)"
+                 for r in speed["speed"][name].values()]
+        rows.append([name] + ppl + times)
+    (out / "summary.md").write_text(
+        f"# skiplm demo: {skip_plan.describe()}\n\n{settings_line(speed['settings'])}.\n\n" + markdown_table(headers, rows)
+        + "\nThe layers-deleted copy has the same perplexity as the plan (same computation).\n")

@@ -1,0 +1,163 @@
+"""`skiplm bench-speculative` and `skiplm draft-search`: self-speculative decoding measured."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import click
+
+from ..speculative.decoder import DEFAULT_MAX_DRAFT
+from .common import MODEL_ARGUMENT, _command_line, _ints, _load, _load_plan, _model_options, cli, console
+
+
+@cli.command("bench-speculative")
+@MODEL_ARGUMENT
+@click.option("--draft-plan", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="a draft: the model under this plan (repeat for several)")
+@click.option("--draft-dtype", "dtypes", multiple=True,
+              help="a draft: a copy of the weights in this precision, full depth: bfloat16, float16, int8, "
+                   "int8-dynamic; PRECISION:modules drafts through the model's own modules instead of the lean "
+                   "engine (repeat for several)")
+@click.option("--adapt", is_flag=True,
+              help="also run each --draft-plan that records runner-up skip sets (from draft-search) with the skip set "
+                   "chosen on the fly among them (SWIFT-style), as a draft named NAME-adapt")
+@click.option("--prompt-lookup", "lookup", type=click.IntRange(min=1),
+              help="also run every draft combined with n-gram prompt lookup of this length, as NAME+lookup")
+@click.option("--prompts", "prompt_sets", default="gsm8k,pydoc", show_default=True,
+              help="prompt sets: gsm8k (questions in the chat template), pydoc (64-token text chunks to continue)")
+@click.option("--limit", default=8, show_default=True, type=click.IntRange(min=1), help="prompts per set")
+@click.option("--batch-sizes", default="1,4,8", show_default=True)
+@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-draft", default=DEFAULT_MAX_DRAFT, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="rounds over every batch")
+@click.option("--force", is_flag=True, help="use draft plans made for other weights")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="results/speculative", show_default=True)
+@_model_options
+def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, limit, batch_sizes, new_tokens, max_draft,
+                      repeats, force, out, dtype, device):
+    """Self-speculative decoding against plain greedy decoding in the same run: tokens/s, speedup, acceptance,
+    fallbacks and identical output, per prompt set, batch size and draft (JSON, markdown, plot in --out)."""
+    from ..errors import PlanError
+    from ..report.files import machine_info, write_json
+    from ..speculative.decoder import draft_alternatives
+    from ..speculative.bench import Draft, markdown, plot, prompt_set, run_speculative_bench
+
+    if not plan_paths and not dtypes:
+        raise PlanError("give a draft: --draft-plan PLAN (the layers it skips) and/or --draft-dtype DTYPE.")
+    batches = _ints(batch_sizes, "--batch-sizes")
+    hf_model, tokenizer = _load(model, dtype, device)
+    drafts = [Draft(Path(path).stem, plan=_load_plan(path, hf_model, force)) for path in plan_paths]
+    if adapt:
+        adaptive = [dataclasses.replace(d, name=f"{d.name}-adapt", alternatives=alternatives)
+                    for d in drafts if (alternatives := tuple(draft_alternatives(d.plan)))]
+        if not adaptive:
+            raise PlanError("--adapt needs a --draft-plan made by `skiplm draft-search --alternatives N` (N >= 1): "
+                            "none of the plans given records runner-up skip sets.")
+        drafts += adaptive
+    drafts += [Draft.from_spec(spec) for spec in dtypes]
+    if lookup:
+        drafts += [dataclasses.replace(d, name=f"{d.name}+lookup", lookup=lookup) for d in drafts]
+    prompts = {name: prompt_set(tokenizer, name, limit) for name in prompt_sets.split(",") if name.strip()}
+    with console.status("decoding") as status:
+        result = run_speculative_bench(hf_model, prompts, drafts, batch_sizes=batches, new_tokens=new_tokens,
+                                       repeats=repeats, max_draft=max_draft, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id or 0,
+                                       progress=lambda text: status.update(f"decoding: {text}"))
+    settings = {"model": model, "command": _command_line(), "machine": machine_info(device), "limit": limit,
+                "new_tokens": new_tokens, "max_draft": max_draft, "repeats": repeats, "batch_sizes": list(batches)}
+    out = Path(out)
+    write_json(out / "speculative.json", {"kind": "speculative-bench", "settings": settings, **result})
+    text = markdown(result, settings)
+    (out / "speculative.md").write_text(text)
+    plot(result, out / "speculative.png", f"self-speculative decoding, {model}")
+    console.print(text)
+    console.print(f"wrote {out}/speculative.json, speculative.md, speculative.png")
+
+
+@cli.command("draft-search")
+@MODEL_ARGUMENT
+@click.option("--max-blocks", default=6, show_default=True, type=click.IntRange(min=1),
+              help="candidates: skip the 1..N blocks of lowest Block Influence (ranked on gsm8k calibration text)")
+@click.option("--precisions", default="int8,int8-dynamic", show_default=True,
+              help="draft precisions to combine with each skip set: float32 (the model's own weights), bfloat16, "
+                   "float16, int8 (int8 weights, bfloat16 arithmetic), int8-dynamic (int8 weights and activations, "
+                   "CPU only: skipped elsewhere); a copy in another precision also drafts at full depth. On the "
+                   "default model every float32 skip set (1-4 blocks) was slower than plain decoding (0.74-0.87x), "
+                   "hence the int8 precisions by default")
+@click.option("--prompts", "prompt_source", default="gsm8k", show_default=True, type=click.Choice(["gsm8k", "pydoc"]),
+              help="calibration prompts the candidates are timed on")
+@click.option("--alternatives", default=2, show_default=True, type=click.IntRange(min=0),
+              help="runner-up skip sets (same precision) to record in the draft plan for on-the-fly selection")
+@click.option("--limit", default=3, show_default=True, type=click.IntRange(min=1), help="calibration prompts")
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
+              help="timing rounds per candidate (median); more rounds tell closer candidates apart, and take longer")
+@click.option("--max-draft", default=DEFAULT_MAX_DRAFT, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="draft plan file to write (JSON)")
+@_model_options
+def draft_search(model, max_blocks, precisions, prompt_source, alternatives, limit, new_tokens, repeats, max_draft, out,
+                 dtype, device):
+    """Choose a self-speculative draft for MODEL by measurement: each candidate (a skip set and a precision) drafts
+    whole generations on calibration prompts at batch 1, timed against plain greedy decoding; the fastest is saved
+    as a draft plan (its precision included) for `generate --speculative --plan` and `bench-speculative
+    --draft-plan`."""
+    from ..plan import SkipPlan
+    from ..planners import get_planner, load_calibration
+    from ..speculative.quantize import precision_name, precision_unavailable
+    from ..report.files import write_json
+    from ..speculative.bench import Draft, prompt_set, search_draft
+
+    precision_list = list(dict.fromkeys(precision_name(p.strip()) for p in precisions.split(",") if p.strip()))
+    if not precision_list:
+        raise click.UsageError("--precisions needs at least one precision, e.g. float32,int8.")
+    hf_model, tokenizer = _load(model, dtype, device)
+    model_device = next(hf_model.parameters()).device
+    for precision in list(precision_list):
+        reason = precision_unavailable(precision, model_device)
+        if reason is not None:
+            console.print(f"[yellow]not searching {precision} drafts: {reason}[/yellow]")
+            precision_list.remove(precision)
+    if not precision_list:
+        raise click.UsageError("none of --precisions can draft on this device; try --precisions int8.")
+    start = time.perf_counter()
+    with console.status("ranking blocks by Block Influence"):
+        calibration = load_calibration(tokenizer, "gsm8k", 2, 256)
+        layers = hf_model.config.num_hidden_layers
+        # one ranking: the plan for the most blocks lists them in order, and its prefixes are the smaller candidates
+        largest = get_planner("block-influence")(hf_model, skip=min(max_blocks, layers - 1), calibration=calibration,
+                                                 name=model)
+        order = largest.provenance["order"]
+        candidates = [Draft(f"skip-{k}-blocks" + ("" if precision == "float32" else f"-{precision}"),
+                            plan=SkipPlan.from_layers(layers, blocks=order[:k], model=largest.model, provenance={
+                                **largest.provenance, "target": {"skip": k}, "order": order[:k],
+                                "draft": {"precision": precision}}))
+                      for precision in precision_list
+                      for k in range(0 if precision != "float32" else 1, len(order) + 1)]
+    prompts = prompt_set(tokenizer, prompt_source, limit)
+    with console.status("timing candidates") as status:
+        found = search_draft(hf_model, prompts, candidates, new_tokens=new_tokens, max_draft=max_draft, repeats=repeats,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
+                             progress=lambda text: status.update(f"timing candidates: {text}"))
+    seconds = time.perf_counter() - start
+    best = found["best"]
+    # the runner-ups of the winner's precision, for on-the-fly selection (--adapt)
+    runner_ups = sorted((d for d in candidates if d is not best and d.precision == best.precision),
+                        key=lambda d: -found["speedups"][d.name])[:alternatives]
+    draft = {**best.plan.provenance["draft"], "alternatives": [d.plan.decode.blocks for d in runner_ups]}
+    plan = dataclasses.replace(best.plan, provenance={
+        **best.plan.provenance, "draft": draft, "draft_search": {"speedups": found["speedups"], "acceptance": found["acceptance"],
+                                                 "pays": found["pays"], "seconds": seconds, "prompts": prompt_source,
+                                                 "limit": limit, "new_tokens": new_tokens, "repeats": repeats}})
+    plan.save(out)
+    write_json(Path(out).with_suffix(".search.json"),
+               {"kind": "draft-search", "command": _command_line(), "best": best.name, "pays": found["pays"],
+                "seconds": seconds, "speedups": found["speedups"], "acceptance": found["acceptance"],
+                "measured": found["measured"]})
+    for name, speedup in found["speedups"].items():
+        console.print(f"{name}: {speedup:.3f}x, {found['acceptance'][name]:.0%} of drafts accepted")
+    verdict = ("beats plain decoding" if found["pays"] else
+               "does not beat plain decoding here: speculation with it will mostly fall back to plain steps")
+    console.print(f"best draft {best.name} ({plan.describe()}) {verdict}; search took {seconds:.1f} s")
+    console.print(f"wrote {out}")

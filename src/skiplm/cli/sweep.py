@@ -1,0 +1,240 @@
+"""`skiplm bench --sweep`, `skiplm compare` and `skiplm report`: methods x targets, side by side."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from .common import MODEL_ARGUMENT, _command_line, _floats, _ints, _load, _model_options, _set_threads, cli, console
+
+
+
+_SWEEP_OPTIONS = [
+    click.option("--fresh", is_flag=True, help="--sweep: discard the finished points and plans in -o and start over"),
+    click.option("--seed", type=int, default=0, show_default=True, help="--sweep: torch seed"),
+    click.option("--length", type=click.IntRange(min=1), default=512, show_default=True,
+                 help="--sweep: tokens per calibration sequence"),
+    click.option("--sequences", type=click.IntRange(min=1), default=2, show_default=True,
+                 help="--sweep: calibration sequences of the data-driven planners"),
+    click.option("--calibration-corpus", default="gsm8k", show_default=True,
+                 help="--sweep: text the data-driven planners are fitted on"),
+    click.option("--chat/--raw", default=True, show_default=True,
+                 help="--sweep: wrap agreement prompts in the model's chat template"),
+    click.option("--agree-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+                 help="--sweep: greedy tokens generated per agreement prompt (--new-tokens is the timed decode steps)"),
+    click.option("--limit", type=click.IntRange(min=1), default=16, show_default=True,
+                 help="--sweep: agreement on the first N prompts"),
+    click.option("--prompts", default="gsm8k", show_default=True,
+                 help="--sweep: agreement prompts: gsm8k, or a file (one per line, or JSON Lines)"),
+    click.option("--stride", type=click.IntRange(min=1), default=512, show_default=True,
+                 help="--sweep: perplexity window advance"),
+    click.option("--context", type=click.IntRange(min=2), default=1024, show_default=True,
+                 help="--sweep: perplexity window length"),
+    click.option("--tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+                 help="--sweep: perplexity tokens scored"),
+    click.option("--corpus", default="pydoc", show_default=True,
+                 help="--sweep: held-out perplexity text: gsm8k, pydoc, or a text file"),
+    click.option("--targets", default="1.1,1.2,1.3", show_default=True, help="--sweep: comma-separated target speedups"),
+    click.option("--methods", default=",".join(["uniform", "block-influence", "angular", "similarity-block",
+                 "similarity-attention", "similarity-mlp", "similarity-joint", "greedy-loss", "search"]),
+                 show_default=True, help="--sweep: comma-separated methods (see skiplm.sweep.compare.METHODS); the policies "
+                 "ffn-skip, lac, lac-mlp are calibrated per target"),
+    click.option("--sweep", is_flag=True,
+                 help="the scoreboard: plan every method at every target and measure quality and speed against the "
+                      "full model, resumable (results in -o, default results/sweep)"),
+]
+
+
+def _sweep_options(function):
+    for option in _SWEEP_OPTIONS:
+        function = option(function)
+    return function
+
+
+def _given(ctx, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+
+_SWEEP_PARAMS = ("methods", "targets", "corpus", "tokens", "context", "stride", "prompts", "limit", "agree_tokens",
+                 "chat", "calibration_corpus", "sequences", "length", "seed", "fresh")
+
+
+def _check_sweep_options(ctx, sweep: bool) -> None:
+    """Sweep options only with --sweep; options of a plain bench that a sweep does not take, refused with it."""
+    if not sweep:
+        given = [p.opts[0] for p in ctx.command.params if p.name in _SWEEP_PARAMS and _given(ctx, p.name)]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --sweep.")
+        return
+    for name, option, why in (("plan_paths", "--plan", "a sweep makes its own plans (see --methods, --targets)"),
+                              ("compare_pruned", "--compare-pruned", "a sweep times each plan against the full model"),
+                              ("force", "--force", "a sweep's plans are made for the model"),
+                              ("decode_prompts", "--decode-prompts", "a sweep decodes after chunks of GSM8K text")):
+        if _given(ctx, name):
+            raise click.UsageError(f"{option} does not apply with --sweep: {why}.")
+
+
+def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup, threads, out,
+           dtype, device, *, methods, targets, corpus, tokens, context, stride, prompts, limit, agree_tokens, chat,
+           calibration_corpus, sequences, length, seed, fresh):
+    import datetime
+
+    from ..measure.agreement import load_prompts
+    from ..measure.speed import BenchSettings
+    from ..sweep.core import SweepProgress, SweepSettings, compact_table, run_sweep
+
+    out = Path("results/sweep" if not _given(ctx, "out") else out)
+    settings = SweepSettings(
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        targets=_floats(targets, "--targets"),
+        corpus=corpus, tokens=tokens, context=context, stride=stride, prompts=prompts, limit=limit,
+        agree_tokens=agree_tokens, chat=chat, calibration_corpus=calibration_corpus, sequences=sequences,
+        length=length, seed=seed,
+        bench=BenchSettings(_ints(batch_sizes, "--batch-sizes"), prompt_tokens, decode_prompt_tokens, new_tokens,
+                            repeats, warmup),
+    )
+    settings.check()  # bad settings fail before the model loads
+    load_prompts(prompts, limit)
+    _set_threads(threads)
+    hf_model, tokenizer = _load(model, dtype, device)
+    command = _command_line()
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+                  speed_estimate_period=24 * 3600) as bar:  # the ETA averages over the whole run, not the last 30 s
+
+        class Report(SweepProgress):
+            def __init__(self):
+                self.planning_task = self.task = None
+                self.done = self.points = 0
+
+            def planning(self, text):
+                if self.planning_task is None:
+                    self.planning_task = bar.add_task(text, total=None)
+                if text.startswith("planning ") and not console.is_terminal:
+                    console.print(text)  # no live display (e.g. output to a file): say what takes the time
+                bar.update(self.planning_task, description=text)
+
+            def start(self, total_steps, points, resumed):
+                if self.planning_task is not None:
+                    bar.update(self.planning_task, description="planning done", total=1, completed=1)
+                if resumed:
+                    console.print(f"resuming: {resumed} finished point(s) loaded from {out}/points.jsonl")
+                self.points = points
+                self.task = bar.add_task(f"{points} point(s) to measure", total=max(total_steps, 1))
+
+            def step(self, description, steps=1):
+                bar.update(self.task, advance=steps, description=description)
+
+            def finished(self, record):
+                # also a line per point, with the ETA: a log file (no live display) shows the run's progress too
+                self.done += 1
+                target = "" if record["method"] == "full" else f" @ {record['target']:g}"
+                remaining = bar.tasks[self.task].time_remaining
+                eta = "" if remaining is None else f", eta {datetime.timedelta(seconds=round(remaining))}"
+                console.print(f"finished {record['method']}{target} ({self.done} of {self.points}{eta}); saved to "
+                              f"{out}/points.jsonl")
+
+        try:
+            result = run_sweep(hf_model, tokenizer, settings, out, model_name=model, dtype=dtype, device=device,
+                               command=command, fresh=fresh, progress=Report())
+        except KeyboardInterrupt:
+            bar.stop()
+            console.print(f"interrupted: the finished points are saved in {out}/points.jsonl; run the same command "
+                          "again to resume.")
+            raise
+    headers, rows = compact_table(result)
+    table = Table(title=f"scoreboard: {model}", caption="speed: full time / plan time, paired per round (the full "
+                  "model's row: against itself); intervals and more in sweep.md")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    console.print(f"wrote {out}/sweep.json, {out}/sweep.md, {out}/pareto.png "
+                  f"({result['resumed_points']} point(s) resumed)")
+
+
+@cli.command()
+@MODEL_ARGUMENT
+@click.option("--methods", default=",".join(["uniform", "block-influence", "angular", "similarity-block",
+              "similarity-attention", "similarity-mlp", "similarity-joint", "greedy-loss", "search"]), show_default=True,
+              help="comma-separated methods (see skiplm.sweep.compare.METHODS; policies: ffn-skip, lac, lac-mlp)")
+@click.option("--targets", default="1.1,1.2,1.3,1.5", show_default=True, help="comma-separated target speedups")
+@click.option("--calibration-corpus", default="gsm8k", show_default=True, help="text the planners are fitted on")
+@click.option("--eval-corpus", default="pydoc", show_default=True, help="held-out text for perplexity")
+@click.option("--sequences", default=1, show_default=True, help="calibration sequences")
+@click.option("--length", default=1024, show_default=True, help="tokens per calibration sequence (default: the held-out context)")
+@click.option("--tokens", default=4096, show_default=True, help="held-out tokens scored")
+@click.option("--context", default=1024, show_default=True)
+@click.option("--stride", default=512, show_default=True)
+@click.option("--repeats", default=5, show_default=True, help="paired timing rounds per plan")
+@click.option("--new-tokens", default=32, show_default=True, help="decode steps per timing")
+@click.option("--out", "-o", type=click.Path(), default="results/compare", show_default=True, help="output folder")
+@_model_options
+def compare(model, methods, targets, calibration_corpus, eval_corpus, sequences, length, tokens, context, stride,
+            repeats, new_tokens, out, dtype, device):
+    """Every planner at every target: held-out perplexity vs measured decode speedup, one run (table + Pareto plot)."""
+    from ..analysis.activations import calibration_batches
+    from ..measure.speed import BenchSettings
+    from ..sweep.compare import evaluate_points, make_plans, pareto_table, plot_pareto
+    from ..models.data import corpus_label, load_corpus
+    from ..measure.perplexity import tokenize_corpus
+    from ..report.files import machine_info, markdown_table, write_json
+
+    out = Path(out)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    target_list = [float(t) for t in targets.split(",")]
+    hf_model, tokenizer = _load(model, dtype, device)
+    calibration = calibration_batches(tokenize_corpus(tokenizer, load_corpus(calibration_corpus), sequences * length),
+                                      sequences, length)
+    eval_ids = tokenize_corpus(tokenizer, load_corpus(eval_corpus), tokens)
+    corpus_ids = tokenize_corpus(tokenizer, load_corpus("gsm8k"), 4096)
+    settings = BenchSettings(batch_sizes=(1,), decode_prompt_tokens=64, new_tokens=new_tokens, repeats=repeats,
+                             warmup=1)
+    started = time.perf_counter()
+    with console.status("planning") as status:
+        points = make_plans(hf_model, method_list, target_list, calibration, progress=status.update)
+        result = evaluate_points(hf_model, points, eval_ids, corpus_ids, context=context, stride=stride,
+                                 bench=settings, progress=status.update)
+    result.update({
+        "kind": "planner-comparison",
+        "command": _command_line(),
+        "model": model,
+        "machine": machine_info(device),
+        "settings": {"methods": method_list, "targets": target_list, "calibration": corpus_label(calibration_corpus),
+                     "calibration_tokens": sequences * length, "eval": corpus_label(eval_corpus), "eval_tokens": tokens,
+                     "context": context, "stride": stride, "timing": dataclasses.asdict(settings)},
+        "seconds": time.perf_counter() - started,
+    })
+    write_json(out / "compare.json", result)
+    headers, rows = pareto_table(result, target_list)
+    table = markdown_table(headers, rows)
+    (out / "compare.md").write_text(
+        f"# Planners compared, {model}\n\nCalibration: {sequences} x {length} tokens of {calibration_corpus}. "
+        f"Held-out perplexity: {tokens} tokens of {eval_corpus}, context {context}, stride {stride}. Measured decode "
+        f"speedup: batch 1, {new_tokens} steps, paired with the full model over {repeats} rounds. Targets are each "
+        "method's own (ideal by the cost model; `search`: predicted by its measured latency model).\n\n"
+        + table + "\n![pareto](pareto.png)\n")
+    plot_pareto(result, out / "pareto.png", f"{model}: held-out perplexity vs measured decode speedup")
+    console.print(table)
+    console.print(f"results in {out}/")
+
+
+@cli.command("report")
+@click.argument("results", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default="report.html", show_default=True,
+              help="HTML file to write")
+@click.option("--title", default="skiplm report", show_default=True, help="page title")
+def report_command(results, out, title):
+    """One self-contained HTML page (tables, embedded plots, plan grids, commands, machine) from RESULTS: folders or
+    JSON files written by bench --sweep, compare, bench, eval and agree."""
+    from ..report.html import write_report
+
+    path = write_report(results, out, title)
+    console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB, no external references)")
