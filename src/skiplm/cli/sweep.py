@@ -2,52 +2,47 @@
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from ..registry import PLANNERS, POLICIES
+from ..sweep.compare import default_methods
+from ..sweep.settings import SweepSettings
 from .common import MODEL_ARGUMENT, _command_line, _floats, _ints, _load, _model_options, _set_threads, cli, console
 
+
+def _methods_help(what: str) -> str:
+    policies = ", ".join(POLICIES.names()) or "none registered"
+    return (f"{what}comma-separated methods: any of {', '.join(PLANNERS.names())}; the policies {policies} are "
+            "calibrated per target")
+
+
+DEFAULT_METHODS = ",".join(default_methods())
+
+
+def _setting_option(field) -> click.Option:
+    """The ``bench --sweep`` option of one :class:`~skiplm.sweep.settings.SweepSettings` field."""
+    flag = field.metadata["flag"] or f"--{field.name.replace('_', '-')}"
+    kind = click.IntRange(min=field.metadata["minimum"]) if field.metadata["minimum"] is not None else None
+    return click.option(flag, field.name, type=kind, default=field.default, show_default=True,
+                        help=f"--sweep: {field.metadata['help']}")
 
 
 _SWEEP_OPTIONS = [
     click.option("--fresh", is_flag=True, help="--sweep: discard the finished points and plans in -o and start over"),
-    click.option("--seed", type=int, default=0, show_default=True, help="--sweep: torch seed"),
-    click.option("--length", type=click.IntRange(min=1), default=512, show_default=True,
-                 help="--sweep: tokens per calibration sequence"),
-    click.option("--sequences", type=click.IntRange(min=1), default=2, show_default=True,
-                 help="--sweep: calibration sequences of the data-driven planners"),
-    click.option("--calibration-corpus", default="gsm8k", show_default=True,
-                 help="--sweep: text the data-driven planners are fitted on"),
-    click.option("--chat/--raw", default=True, show_default=True,
-                 help="--sweep: wrap agreement prompts in the model's chat template"),
-    click.option("--agree-tokens", type=click.IntRange(min=1), default=64, show_default=True,
-                 help="--sweep: greedy tokens generated per agreement prompt (--new-tokens is the timed decode steps)"),
-    click.option("--limit", type=click.IntRange(min=1), default=16, show_default=True,
-                 help="--sweep: agreement on the first N prompts"),
-    click.option("--prompts", default="gsm8k", show_default=True,
-                 help="--sweep: agreement prompts: gsm8k, or a file (one per line, or JSON Lines)"),
-    click.option("--stride", type=click.IntRange(min=1), default=512, show_default=True,
-                 help="--sweep: perplexity window advance"),
-    click.option("--context", type=click.IntRange(min=2), default=1024, show_default=True,
-                 help="--sweep: perplexity window length"),
-    click.option("--tokens", type=click.IntRange(min=1), default=4096, show_default=True,
-                 help="--sweep: perplexity tokens scored"),
-    click.option("--corpus", default="pydoc", show_default=True,
-                 help="--sweep: held-out perplexity text: gsm8k, pydoc, or a text file"),
+    *[_setting_option(field) for field in reversed(SweepSettings.options())],
     click.option("--targets", default="1.1,1.2,1.3", show_default=True, help="--sweep: comma-separated target speedups"),
-    click.option("--methods", default=",".join(["uniform", "block-influence", "angular", "similarity-block",
-                 "similarity-attention", "similarity-mlp", "similarity-joint", "greedy-loss", "search"]),
-                 show_default=True, help="--sweep: comma-separated methods (see skiplm.sweep.compare.METHODS); the policies "
-                 "ffn-skip, lac, lac-mlp are calibrated per target"),
+    click.option("--methods", default=DEFAULT_METHODS, show_default=True, help=_methods_help("--sweep: ")),
     click.option("--sweep", is_flag=True,
                  help="the scoreboard: plan every method at every target and measure quality and speed against the "
                       "full model, resumable (results in -o, default results/sweep)"),
 ]
+# the options only a sweep takes (a plain bench refuses them)
+_SWEEP_PARAMS = ("methods", "targets", "fresh", *(field.name for field in SweepSettings.options()))
 
 
 def _sweep_options(function):
@@ -58,10 +53,6 @@ def _sweep_options(function):
 
 def _given(ctx, name: str) -> bool:
     return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
-
-
-_SWEEP_PARAMS = ("methods", "targets", "corpus", "tokens", "context", "stride", "prompts", "limit", "agree_tokens",
-                 "chat", "calibration_corpus", "sequences", "length", "seed", "fresh")
 
 
 def _check_sweep_options(ctx, sweep: bool) -> None:
@@ -80,26 +71,25 @@ def _check_sweep_options(ctx, sweep: bool) -> None:
 
 
 def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup, threads, out,
-           dtype, device, *, methods, targets, corpus, tokens, context, stride, prompts, limit, agree_tokens, chat,
-           calibration_corpus, sequences, length, seed, fresh):
+           dtype, device, *, methods, targets, fresh, **settings):
     import datetime
 
     from ..measure.agreement import load_prompts
     from ..measure.speed import BenchSettings
-    from ..sweep.core import SweepProgress, SweepSettings, compact_table, run_sweep
+    from ..sweep.core import SweepProgress, run_sweep
+    from ..sweep.settings import is_full_model
+    from ..sweep.tables import compact_table
 
     out = Path("results/sweep" if not _given(ctx, "out") else out)
     settings = SweepSettings(
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
         targets=_floats(targets, "--targets"),
-        corpus=corpus, tokens=tokens, context=context, stride=stride, prompts=prompts, limit=limit,
-        agree_tokens=agree_tokens, chat=chat, calibration_corpus=calibration_corpus, sequences=sequences,
-        length=length, seed=seed,
         bench=BenchSettings(_ints(batch_sizes, "--batch-sizes"), prompt_tokens, decode_prompt_tokens, new_tokens,
                             repeats, warmup),
+        **settings,
     )
     settings.check()  # bad settings fail before the model loads
-    load_prompts(prompts, limit)
+    load_prompts(settings.prompts, settings.limit)
     _set_threads(threads)
     hf_model, tokenizer = _load(model, dtype, device)
     command = _command_line()
@@ -134,7 +124,7 @@ def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tok
             def finished(self, record):
                 # also a line per point, with the ETA: a log file (no live display) shows the run's progress too
                 self.done += 1
-                target = "" if record["method"] == "full" else f" @ {record['target']:g}"
+                target = "" if is_full_model(record) else f" @ {record['target']:g}"
                 remaining = bar.tasks[self.task].time_remaining
                 eta = "" if remaining is None else f", eta {datetime.timedelta(seconds=round(remaining))}"
                 console.print(f"finished {record['method']}{target} ({self.done} of {self.points}{eta}); saved to "
@@ -162,9 +152,7 @@ def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tok
 
 @cli.command()
 @MODEL_ARGUMENT
-@click.option("--methods", default=",".join(["uniform", "block-influence", "angular", "similarity-block",
-              "similarity-attention", "similarity-mlp", "similarity-joint", "greedy-loss", "search"]), show_default=True,
-              help="comma-separated methods (see skiplm.sweep.compare.METHODS; policies: ffn-skip, lac, lac-mlp)")
+@click.option("--methods", default=DEFAULT_METHODS, show_default=True, help=_methods_help(""))
 @click.option("--targets", default="1.1,1.2,1.3,1.5", show_default=True, help="comma-separated target speedups")
 @click.option("--calibration-corpus", default="gsm8k", show_default=True, help="text the planners are fitted on")
 @click.option("--eval-corpus", default="pydoc", show_default=True, help="held-out text for perplexity")
@@ -180,50 +168,19 @@ def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tok
 def compare(model, methods, targets, calibration_corpus, eval_corpus, sequences, length, tokens, context, stride,
             repeats, new_tokens, out, dtype, device):
     """Every planner at every target: held-out perplexity vs measured decode speedup, one run (table + Pareto plot)."""
-    from ..analysis.activations import calibration_batches
-    from ..measure.speed import BenchSettings
-    from ..sweep.compare import evaluate_points, make_plans, pareto_table, plot_pareto
-    from ..models.data import corpus_label, load_corpus
-    from ..measure.perplexity import tokenize_corpus
-    from ..report.files import machine_info, markdown_table, write_json
+    from ..sweep.compare import run_compare, write_compare
 
-    out = Path(out)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     target_list = [float(t) for t in targets.split(",")]
     hf_model, tokenizer = _load(model, dtype, device)
-    calibration = calibration_batches(tokenize_corpus(tokenizer, load_corpus(calibration_corpus), sequences * length),
-                                      sequences, length)
-    eval_ids = tokenize_corpus(tokenizer, load_corpus(eval_corpus), tokens)
-    corpus_ids = tokenize_corpus(tokenizer, load_corpus("gsm8k"), 4096)
-    settings = BenchSettings(batch_sizes=(1,), decode_prompt_tokens=64, new_tokens=new_tokens, repeats=repeats,
-                             warmup=1)
-    started = time.perf_counter()
     with console.status("planning") as status:
-        points = make_plans(hf_model, method_list, target_list, calibration, progress=status.update)
-        result = evaluate_points(hf_model, points, eval_ids, corpus_ids, context=context, stride=stride,
-                                 bench=settings, progress=status.update)
-    result.update({
-        "kind": "planner-comparison",
-        "command": _command_line(),
-        "model": model,
-        "machine": machine_info(device),
-        "settings": {"methods": method_list, "targets": target_list, "calibration": corpus_label(calibration_corpus),
-                     "calibration_tokens": sequences * length, "eval": corpus_label(eval_corpus), "eval_tokens": tokens,
-                     "context": context, "stride": stride, "timing": dataclasses.asdict(settings)},
-        "seconds": time.perf_counter() - started,
-    })
-    write_json(out / "compare.json", result)
-    headers, rows = pareto_table(result, target_list)
-    table = markdown_table(headers, rows)
-    (out / "compare.md").write_text(
-        f"# Planners compared, {model}\n\nCalibration: {sequences} x {length} tokens of {calibration_corpus}. "
-        f"Held-out perplexity: {tokens} tokens of {eval_corpus}, context {context}, stride {stride}. Measured decode "
-        f"speedup: batch 1, {new_tokens} steps, paired with the full model over {repeats} rounds. Targets are each "
-        "method's own (ideal by the cost model; `search`: predicted by its measured latency model).\n\n"
-        + table + "\n![pareto](pareto.png)\n")
-    plot_pareto(result, out / "pareto.png", f"{model}: held-out perplexity vs measured decode speedup")
+        result = run_compare(hf_model, tokenizer, method_list, target_list, model_name=model,
+                             calibration_corpus=calibration_corpus, eval_corpus=eval_corpus, sequences=sequences,
+                             length=length, tokens=tokens, context=context, stride=stride, repeats=repeats,
+                             new_tokens=new_tokens, device=device, command=_command_line(), progress=status.update)
+    table = write_compare(result, out)
     console.print(table)
-    console.print(f"results in {out}/")
+    console.print(f"results in {Path(out)}/")
 
 
 @cli.command("report")

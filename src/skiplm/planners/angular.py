@@ -15,10 +15,8 @@ from torch import nn
 
 from ..analysis.metrics import angular_distance
 from ..plan import SkipPlan
-from .common import (Progress, Target, Unit, as_calibration, calibrated, check_unplanned, count_layers, make_plan,
-                     rounded, select, trace)
-
-METHOD = "angular"
+from ..registry import PLANNERS
+from .common import Planning, Progress, Unit, rounded, trace
 
 
 def best_runs(residuals, num_layers: int):
@@ -28,30 +26,23 @@ def best_runs(residuals, num_layers: int):
         yield int(torch.argmin(distances)), distances  # argmin: the first start on ties
 
 
-@calibrated(sequences=8, length=256)
-def plan_angular(
-    model: nn.Module,
-    *,
-    speedup: float | None = None,
-    skip: int | None = None,
-    prefill: str = "same",
-    name: str | None = None,
-    calibration=None,
-    progress: Progress | None = None,
-) -> SkipPlan:
+@PLANNERS.register("angular", paper="Gromov et al. 2024, The Unreasonable Ineffectiveness of the Deeper Layers",
+                   needs={"calibration"}, calibration=(8, 256),
+                   summary="the contiguous run of blocks whose input and output are closest in angular distance")
+def plan_angular(model: nn.Module, *, speedup: float | None = None, skip: int | None = None, prefill: str = "same",
+                 name: str | None = None, calibration=None, progress: Progress | None = None) -> SkipPlan:
     """Skip the contiguous run of ``skip`` blocks (or the shortest run reaching an ideal ``speedup``) whose input and
     output are closest in angular distance.
 
     ``calibration``: [1, T] token-id batches (:func:`skiplm.planners.load_calibration`).
     """
-    target = Target.of(speedup, skip)
-    batches = as_calibration(calibration, model, METHOD)
-    check_unplanned(model)
-    num_layers = count_layers(model)
+    job = Planning.start(model, "angular", speedup=speedup, skip=skip, prefill=prefill, name=name,
+                         calibration=calibration, progress=progress)
+    num_layers = job.num_layers
     chosen: dict[str, object] = {}
 
     def sequence():  # runs only once select() has checked that the target is in reach
-        residuals = trace(model, batches)
+        residuals = trace(model, job.batches)
         if progress:
             progress(1, 1)
         yield []
@@ -60,15 +51,9 @@ def plan_angular(
             yield [("block", layer) for layer in range(start, start + span)]
 
     pool: list[Unit] = [("block", layer) for layer in range(num_layers - 1)]
-    units = select(model, target, sequence(), pool=pool, limit=num_layers - 1, what="blocks before the last one")
+    units = job.select(sequence(), pool=pool, limit=num_layers - 1, what="blocks before the last one")
     fields = {}
     if units:
         fields = {"start": chosen["start"], "length": len(units),
                   "scores": {"angular_distance": rounded(chosen["distances"])}}
-    return make_plan(
-        model, units, method=METHOD, target=target, prefill=prefill, name=name,
-        paper="Gromov et al. 2024, The Unreasonable Ineffectiveness of the Deeper Layers",
-        protection="the last layer's block is never removed, as in the paper",
-        calibration=batches.describe(),
-        **fields,
-    )
+    return job.plan(units, protection="the last layer's block is never removed, as in the paper", **fields)

@@ -9,11 +9,17 @@ of its skip lists for 0, 1, 2, ... units to :func:`select`, which stops at the t
 The sequence is consumed lazily, so incremental planners (iterative similarity, greedy loss) only compute the steps
 the target needs. Lists are usually nested (each one the previous plus a unit) but need not be: an angular-distance
 cut of n blocks is a different run for every n.
+
+A planner's first line is :meth:`Planning.start` (the target and, for a data-driven planner, the checked calibration
+batches) and its last two :meth:`Planning.select` and :meth:`Planning.plan` (stamped with the paper of its spec in
+:data:`~skiplm.registry.PLANNERS`). :func:`plan_each` plans many targets by calling a planner once per target; a
+nested planner offers its own ``plan_targets`` in its spec, serving them all from one run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -24,6 +30,7 @@ from ..models.adapters import count_layers
 from ..measure.costs import CostModel
 from ..errors import DataError, PlanError
 from ..plan import SkipPlan, SkipSet, model_identity, provenance
+from ..registry import PLANNERS
 from ..runtime import installed_handle
 
 Unit = tuple[str, int]  # ("block" | "attention" | "mlp", layer index)
@@ -187,6 +194,73 @@ def rounded(values: Iterable[float] | torch.Tensor, digits: int = 6) -> list[flo
     return [None if v is None else float(f"{v:.{digits}g}") for v in values]
 
 
+# -- one planner call -------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Planning:
+    """One call of a registered planner, after the checks every planner makes: the target, and for a data-driven one
+    (its spec ``needs`` calibration) the checked calibration batches and a model with nothing applied. Its
+    :meth:`select` and :meth:`plan` are the planner's last two steps; the plan is stamped with the spec's paper."""
+
+    model: nn.Module
+    method: str
+    target: Target
+    prefill: str = "same"
+    name: str | None = None
+    batches: Calibration | None = None
+    progress: Progress | None = None
+
+    @classmethod
+    def start(cls, model: nn.Module, method: str, *, speedup: float | None, skip: int | None, prefill: str = "same",
+              name: str | None = None, calibration: Any = None, progress: Progress | None = None,
+              min_length: int = 1) -> Planning:
+        target = Target.of(speedup, skip)
+        batches = None
+        if PLANNERS.get(method).data_driven:
+            batches = as_calibration(calibration, model, method, min_length=min_length)
+            check_unplanned(model)
+        return cls(model, method, target, prefill, name, batches, progress)
+
+    @property
+    def num_layers(self) -> int:
+        return count_layers(self.model)
+
+    def select(self, sequence: Iterable[list[Unit]], *, pool: Sequence[Unit], limit: int, what: str) -> list[Unit]:
+        """:func:`select` for this call's target."""
+        return select(self.model, self.target, sequence, pool=pool, limit=limit, what=what)
+
+    def plan(self, units: Sequence[Unit], **fields: Any) -> SkipPlan:
+        """The plan skipping ``units``; its provenance: the method, target, prefill, paper, calibration and ``fields``."""
+        if self.batches is not None:
+            fields = {"calibration": self.batches.describe(), **fields}
+        return make_plan(self.model, units, method=self.method, target=self.target, prefill=self.prefill,
+                         name=self.name, paper=PLANNERS.get(self.method).paper, **fields)
+
+
+# -- many targets from one call ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Planned:
+    """A planner's outcome for one of many targets (:func:`plan_each`, or a nested planner's ``plan_targets``)."""
+
+    target: float
+    plan: SkipPlan | None
+    seconds: float  # to make it (a nested planner: its one run, plus what this target added)
+    error: str | None = None
+
+
+def plan_each(planner: Callable[..., SkipPlan], model: nn.Module, targets: Sequence[float],
+              **options: Any) -> list[Planned]:
+    """A plan per target speedup, one planner call each; a target out of reach is an error, not an exception.
+    (A ``nested`` planner's spec offers ``plan_targets``, which serves every target from one run.)"""
+    planned = []
+    for target in targets:
+        start = time.perf_counter()
+        try:
+            planned.append(Planned(target, planner(model, speedup=target, **options), time.perf_counter() - start))
+        except PlanError as exc:
+            planned.append(Planned(target, None, time.perf_counter() - start, str(exc)))
+    return planned
+
+
 # -- calibration data -------------------------------------------------------------------------------------------
 class Calibration(list):
     """A list of [batch, tokens] token-id tensors (no padding) that also says where they came from."""
@@ -203,15 +277,6 @@ class Calibration(list):
             "length": lengths[0] if len(lengths) == 1 else lengths,
             "tokens": sum(b.numel() for b in self),
         }
-
-
-def calibrated(sequences: int, length: int) -> Callable:
-    """Mark a planner as data-driven, with its default calibration size (the CLI builds that much text). A marked
-    planner takes ``calibration=`` (token-id batches) and ``progress=`` called as ``progress(done, total)``."""
-    def mark(planner: Callable) -> Callable:
-        planner.calibration_defaults = (sequences, length)
-        return planner
-    return mark
 
 
 def load_calibration(tokenizer, corpus: str = DEFAULT_CORPUS, sequences: int = 8, length: int = 256) -> Calibration:
@@ -261,6 +326,7 @@ def as_calibration(calibration: Any, model: nn.Module, method: str, *, min_lengt
 
 
 __all__ = [
-    "Calibration", "Target", "Unit", "as_calibration", "calibrated", "check_unplanned", "load_calibration",
-    "make_plan", "max_units", "prefixes", "rounded", "select", "skip_set", "trace", "unit_cost", "unit_label",
+    "Calibration", "Planned", "Planning", "Target", "Unit", "as_calibration", "check_unplanned", "load_calibration",
+    "make_plan", "max_units", "plan_each", "prefixes", "rounded", "select", "skip_set", "trace", "unit_cost",
+    "unit_label",
 ]

@@ -10,14 +10,18 @@ calibration text each — O(L^2) passes in all — hence a small default calibra
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from ..errors import PlanError
 from ..analysis.metrics import next_token_loss, skip_effect
 from ..plan import SkipPlan
-from .common import (Progress, Target, Unit, as_calibration, calibrated, check_unplanned, count_layers, make_plan,
-                     max_units, prefixes, rounded, select, skip_set)
+from ..registry import PLANNERS
+from .common import (Planned, Planning, Progress, Target, Unit, count_layers, make_plan, max_units, prefixes, rounded,
+                     select, skip_set)
 
 METHOD = "greedy-loss"
 
@@ -29,29 +33,20 @@ def _full_logits(model: nn.Module, batches) -> torch.Tensor:
     return torch.cat([out.reshape(-1, out.shape[-1]).float().cpu() for out in logits])
 
 
-@calibrated(sequences=4, length=128)
-def plan_greedy_loss(
-    model: nn.Module,
-    *,
-    speedup: float | None = None,
-    skip: int | None = None,
-    prefill: str = "same",
-    name: str | None = None,
-    calibration=None,
-    progress: Progress | None = None,
-) -> SkipPlan:
+def plan_greedy_loss(model: nn.Module, *, speedup: float | None = None, skip: int | None = None,
+                     prefill: str = "same", name: str | None = None, calibration=None,
+                     progress: Progress | None = None) -> SkipPlan:
     """Remove blocks one at a time, each the one whose removal raises calibration loss least.
 
     ``calibration``: [1, T] token-id batches, T >= 2 (:func:`skiplm.planners.load_calibration`);
     ``progress(done, total)``: after each forward pass (total: an upper bound for a speedup target).
     """
-    target = Target.of(speedup, skip)
-    batches = as_calibration(calibration, model, METHOD, min_length=2)
-    check_unplanned(model)
-    num_layers = count_layers(model)
+    job = Planning.start(model, METHOD, speedup=speedup, skip=skip, prefill=prefill, name=name,
+                         calibration=calibration, progress=progress, min_length=2)
+    batches, num_layers = job.batches, job.num_layers
     pool: list[Unit] = [("block", layer) for layer in range(num_layers)]
     limit = num_layers - 1
-    steps = max_units(model, target, pool, limit)
+    steps = max_units(model, job.target, pool, limit)
     total = 1 + sum(num_layers - s for s in range(steps))
     history: list[dict] = []
     baseline: list[float] = []
@@ -84,16 +79,10 @@ def plan_greedy_loss(
             })
             yield [("block", b) for b in removed]
 
-    units = select(model, target, sequence(), pool=pool, limit=limit, what="blocks but one (a plan keeps at least one)")
-    return make_plan(
-        model, units, method=METHOD, target=target, prefill=prefill, name=name,
-        paper="Song et al. 2024, SLEB (greedy removal by calibration loss)",
-        protection="none: any block may be removed, as in the paper",
-        calibration=batches.describe(),
-        order=[layer for _, layer in units],
-        baseline_loss=rounded(baseline)[0] if baseline else None,
-        steps=history[: len(units)],
-    )
+    units = job.select(sequence(), pool=pool, limit=limit, what="blocks but one (a plan keeps at least one)")
+    return job.plan(units, protection="none: any block may be removed, as in the paper",
+                    order=[layer for _, layer in units], baseline_loss=rounded(baseline)[0] if baseline else None,
+                    steps=history[: len(units)])
 
 
 def cut_plan(model: nn.Module, plan: SkipPlan, speedup: float) -> SkipPlan:
@@ -117,3 +106,28 @@ def cut_plan(model: nn.Module, plan: SkipPlan, speedup: float) -> SkipPlan:
         name=plan.model.name if plan.model else None, **fields,
         order=[layer for _, layer in units], steps=record["steps"][: len(units)],
     )
+
+
+def plan_targets(model: nn.Module, targets: Sequence[float], **options) -> list[Planned]:
+    """Greedy removal is nested: plan once for the largest reachable target and cut that plan for the others
+    (every target's ``seconds`` is that one run's)."""
+    planned: dict[float, Planned] = {}
+    largest, seconds = None, 0.0
+    for target in sorted(targets, reverse=True):
+        start = time.perf_counter()
+        try:
+            if largest is None:
+                largest = plan_greedy_loss(model, speedup=target, **options)
+                seconds = time.perf_counter() - start
+                planned[target] = Planned(target, largest, seconds)
+            else:
+                planned[target] = Planned(target, cut_plan(model, largest, target), seconds)
+        except PlanError as exc:
+            planned[target] = Planned(target, None, time.perf_counter() - start, str(exc))
+    return [planned[target] for target in targets]
+
+
+PLANNERS.register(METHOD, paper="Song et al. 2024, SLEB (greedy removal by calibration loss)", needs={"calibration"},
+                  calibration=(4, 128), nested=True, extra={"plan_targets": plan_targets},
+                  summary="removes blocks one at a time, each the one that raises calibration loss least")(
+    plan_greedy_loss)

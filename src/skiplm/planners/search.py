@@ -20,7 +20,8 @@ model's output distribution given everything skipped before it, and by its real 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -31,7 +32,8 @@ from ..errors import PlanError
 from ..measure.latency import LatencyModel
 from ..analysis.metrics import skip_effect
 from ..plan import PARTS, SkipPlan, SkipSet, model_identity, provenance
-from .common import calibrated
+from ..registry import PLANNERS, Option
+from .common import Planned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +164,6 @@ def refine(
     return skips, record
 
 
-@calibrated(sequences=1, length=1024)  # long sequences: skipped attention hurts more the more context there is
 def plan_search(
     model: nn.Module,
     *,
@@ -231,6 +232,43 @@ def plan_from_search(scorer: KLScorer, path: list[SearchStep], latency: LatencyM
             refinement=refinement,
         ),
     )
+
+
+def plan_targets(model: nn.Module, targets: Sequence[float], *, calibration: list[torch.Tensor],
+                 latency_model: LatencyModel | None = None, candidates: int = 12, refine_budget: int = 48,
+                 prefill: str = "same", name: str | None = None) -> list[Planned]:
+    """A plan per target speedup from one search: the path is searched once, to the largest target, and each target
+    takes the shortest prefix that reaches it, refined within ``refine_budget`` forward passes (its ``seconds``: the
+    one search's, plus its own refinement)."""
+    latency = latency_model or LatencyModel.measure(model)
+    start = time.perf_counter()
+    scorer, scores = KLScorer(model, calibration), {}
+    path = search_path(scorer, latency, stop=lambda skips, kl: latency.speedup(skips) >= max(targets),
+                       candidates=candidates, scores=scores)
+    path_seconds = time.perf_counter() - start  # of the one run that serves every target
+    planned = []
+    for target in targets:
+        prefix = prefix_for_speedup(path, target)
+        if prefix is None:
+            planned.append(Planned(target, None, path_seconds, "unreachable"))
+            continue
+        start = time.perf_counter()
+        plan = plan_from_search(scorer, prefix, latency, {"speedup": target}, scores=scores,
+                                meets=lambda skips, t=target: latency.speedup(skips) >= t,
+                                refine_budget=refine_budget, prefill=prefill, name=name)
+        planned.append(Planned(target, plan, path_seconds + time.perf_counter() - start))
+    return planned
+
+
+PLANNERS.register(
+    "search", paper="skiplm's own (no paper): a KL-greedy search for a measured speedup", nested=True,
+    needs={"calibration", "latency"}, calibration=(1, 1024),  # long: skipped attention hurts more with more context
+    summary="any mix of attention and MLP sublayers, chosen for a measured speedup at the least KL to the full model",
+    options=[Option("latency_ms", float, None, "target decode step time on this device (ms), instead of a speedup"),
+             Option("max_kl", float, None, "quality budget: the largest mean KL to the full model allowed"),
+             Option("candidates", int, 12, "units re-scored per step"),
+             Option("refine_budget", int, 48, "forward passes of the local refinement")],
+    extra={"plan_targets": plan_targets, "highlight": True})(plan_search)
 
 
 def prefix_for_speedup(path: list[SearchStep], speedup: float) -> list[SearchStep] | None:

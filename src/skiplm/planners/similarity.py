@@ -21,12 +21,13 @@ from torch import nn
 from ..errors import PlanError
 from ..analysis.metrics import cosine_similarity
 from ..plan import SkipPlan
-from .common import (Progress, Target, Unit, as_calibration, calibrated, check_unplanned, count_layers, make_plan,
-                     max_units, prefixes, rounded, select, trace, unit_label)
+from ..registry import PLANNERS, Option
+from .common import Planning, Progress, Unit, max_units, prefixes, rounded, trace, unit_label
 
-METHOD = "similarity"
 UNITS = ("attention", "mlp", "block", "joint")
 _PARTS = {"attention": ("attention",), "mlp": ("mlp",), "block": ("block",), "joint": ("attention", "mlp")}
+_WHAT = {"attention": "attention sublayers", "mlp": "MLP sublayers", "block": "blocks but one",
+         "joint": "sublayers but one"}
 
 
 def _scores(residuals, parts) -> dict[Unit, float]:
@@ -39,19 +40,16 @@ def _most_similar(scores: dict[Unit, float], exclude=()) -> list[Unit]:
     return sorted((u for u in scores if u not in exclude), key=lambda u: (-scores[u], u[1], u[0]))
 
 
-@calibrated(sequences=8, length=256)
-def plan_similarity(
-    model: nn.Module,
-    *,
-    speedup: float | None = None,
-    skip: int | None = None,
-    prefill: str = "same",
-    name: str | None = None,
-    calibration=None,
-    unit: str = "block",
-    iterative: bool = False,
-    progress: Progress | None = None,
-) -> SkipPlan:
+@PLANNERS.register(
+    "similarity", paper="He et al. 2024, What Matters in Transformers? Not All Attention is Needed (LLM-Drop)",
+    needs={"calibration"}, calibration=(8, 256),
+    summary="the units whose output is most similar to their input (LLM-Drop)",
+    options=[Option("unit", str, "block", "attention, mlp, block or joint (attention and MLP ranked together)",
+                    choices=UNITS),
+             Option("iterative", bool, False, "re-score the remaining units after each drop")])
+def plan_similarity(model: nn.Module, *, speedup: float | None = None, skip: int | None = None, prefill: str = "same",
+                    name: str | None = None, calibration=None, unit: str = "block", iterative: bool = False,
+                    progress: Progress | None = None) -> SkipPlan:
     """Drop the ``skip`` most input/output-similar units (or as many as an ideal ``speedup`` needs).
 
     ``unit``: attention, mlp, block or joint (``skip`` then counts sublayers for attention / mlp / joint);
@@ -60,15 +58,11 @@ def plan_similarity(
     """
     if unit not in UNITS:
         raise PlanError(f"unknown unit {unit!r} for the similarity planner; use one of {', '.join(UNITS)}.")
-    target = Target.of(speedup, skip)
-    batches = as_calibration(calibration, model, METHOD)
-    check_unplanned(model)
-    num_layers = count_layers(model)
-    parts = _PARTS[unit]
+    job = Planning.start(model, "similarity", speedup=speedup, skip=skip, prefill=prefill, name=name,
+                         calibration=calibration, progress=progress)
+    batches, num_layers, parts = job.batches, job.num_layers, _PARTS[unit]
     pool: list[Unit] = [(part, layer) for part in parts for layer in range(num_layers)]
     limit = len(pool) - 1 if unit in ("block", "joint") else len(pool)  # skipping all of them would skip every block
-    what = {"attention": "attention sublayers", "mlp": "MLP sublayers", "block": "blocks but one",
-            "joint": "sublayers but one"}[unit]
     steps: list[dict] = []
 
     scores: dict[Unit, float] = {}
@@ -81,7 +75,7 @@ def plan_similarity(
 
         sequence = rank()
     else:
-        total = max(1, max_units(model, target, pool, limit))  # passes at most: one per drop
+        total = max(1, max_units(model, job.target, pool, limit))  # passes at most: one per drop
 
         def iterate() -> Iterator[list[Unit]]:
             dropped: list[Unit] = []
@@ -98,18 +92,19 @@ def plan_similarity(
 
         sequence = iterate()
 
-    units = select(model, target, sequence, pool=pool, limit=limit, what=what)
+    units = job.select(sequence, pool=pool, limit=limit, what=_WHAT[unit])
     order = [unit_label(u) if unit == "joint" else u[1] for u in units]
     if iterative:
         record = {"steps": steps[: len(units)]}
     else:
         record = {"scores": {f"cosine_{p}": rounded([scores[(p, l)] for l in range(num_layers)]) for p in parts}}
-    return make_plan(
-        model, units, method=METHOD, target=target, prefill=prefill, name=name,
-        paper="He et al. 2024, What Matters in Transformers? Not All Attention is Needed (LLM-Drop)",
-        unit=unit, iterative=bool(iterative),
-        protection="none: any unit may be dropped, as in the paper",
-        calibration=batches.describe(),
-        order=order,
-        **record,
-    )
+    return job.plan(units, unit=unit, iterative=bool(iterative),
+                    protection="none: any unit may be dropped, as in the paper", order=order, **record)
+
+
+# LLM-Drop's four variants, each compared as a method of its own
+PLANNERS.preset("similarity-block", "similarity", unit="block", summary="Block Drop (LLM-Drop), one-shot")
+PLANNERS.preset("similarity-attention", "similarity", unit="attention", summary="Attention Drop (LLM-Drop), one-shot")
+PLANNERS.preset("similarity-mlp", "similarity", unit="mlp", summary="MLP Drop (LLM-Drop), one-shot")
+PLANNERS.preset("similarity-joint", "similarity", unit="joint",
+                summary="Joint Layer Drop (LLM-Drop): attention and MLP ranked together, one-shot")

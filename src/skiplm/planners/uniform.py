@@ -11,10 +11,10 @@ import math
 
 from torch import nn
 
-from ..models.adapters import get_adapter
 from ..errors import PlanError
 from ..plan import SkipPlan
-from .common import Target, make_plan, select
+from ..registry import PLANNERS
+from .common import Planning
 
 
 def balanced_positions(num_layers: int, count: int) -> list[int]:
@@ -25,20 +25,13 @@ def balanced_positions(num_layers: int, count: int) -> list[int]:
     return [1 + math.floor((k + 0.5) * middle / count) for k in range(count)]
 
 
-def plan_uniform(
-    model: nn.Module,
-    *,
-    speedup: float | None = None,
-    skip: int | None = None,
-    prefill: str = "same",
-    name: str | None = None,
-) -> SkipPlan:
+@PLANNERS.register("uniform", paper="Liu et al. 2024, Unified Layer Skipping",
+                   summary="evenly spaced intermediate blocks; no calibration")
+def plan_uniform(model: nn.Module, *, speedup: float | None = None, skip: int | None = None, prefill: str = "same",
+                 name: str | None = None) -> SkipPlan:
     """A Unified Layer Skipping plan for ``model``: give exactly one of ``speedup`` (ideal, >1) or ``skip`` (blocks)."""
-    target = Target.of(speedup, skip)
-    num_layers = len(get_adapter(model).decoder_layers(model))
-    middle = list(range(1, num_layers - 1))
-    sequence = ([("block", b) for b in balanced_positions(num_layers, count)] for count in range(len(middle) + 1))
-    units = select(model, target, sequence, pool=[("block", b) for b in middle], limit=len(middle),
-                   what="intermediate layers")
-    return make_plan(model, units, method="uniform", target=target, prefill=prefill, name=name,
-                     paper="Liu et al. 2024, Unified Layer Skipping")
+    job = Planning.start(model, "uniform", speedup=speedup, skip=skip, prefill=prefill, name=name)
+    middle = list(range(1, job.num_layers - 1))
+    sequence = ([("block", b) for b in balanced_positions(job.num_layers, count)] for count in range(len(middle) + 1))
+    units = job.select(sequence, pool=[("block", b) for b in middle], limit=len(middle), what="intermediate layers")
+    return job.plan(units)

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ReportError
+from ..plan import FORMAT_NAME as PLAN_FORMAT
+from ..registry import PLANNERS, POLICIES
+from ..sweep.settings import is_full_model, target_label
+from ..sweep.tables import settings_text, sweep_table
 
 # file name -> kind written in it
 RESULT_FILES = {
@@ -156,16 +160,31 @@ def _percent(value: Any) -> str:
 
 
 # -- per kind: tables and plans -----------------------------------------------------------------------------------------
-def _sweep_body(data: dict[str, Any]) -> tuple[str, list[tuple[str, dict]]]:
-    from ..sweep.core import FULL, settings_text, sweep_table, target_label
+def methods_table(names: Iterable[str]) -> str:
+    """What each method of a result is, as the planner and policy registries describe it: its kind, paper, what it
+    does and what it needs (a method no longer registered is said to be so)."""
+    rows = []
+    for name in dict.fromkeys(names):
+        registry = next((r for r in (PLANNERS, POLICIES) if name in r), None)
+        if registry is None:
+            rows.append([name, "—", "—", "not registered in this skiplm", "—"])
+            continue
+        spec = registry.get(name)
+        fixed = ", ".join(f"{key}={value}" for key, value in spec.defaults.items())
+        rows.append([name, spec.kind, spec.paper or "—", spec.summary + (f" ({fixed})" if fixed else ""),
+                     ", ".join(sorted(spec.needs)) or "—"])
+    return _details("methods", html_table(["method", "kind", "paper", "what it does", "needs"], rows))
 
+
+def _sweep_body(data: dict[str, Any]) -> tuple[str, list[tuple[str, dict]]]:
     headers, rows = sweep_table(data)
     body = f"<p>{_e(settings_text(data))}</p>" + html_table(headers, rows)
+    body += methods_table(p["method"] for p in data["points"] if not is_full_model(p))
     if data.get("resumed_points"):
         body += (f'<p class="muted">{data["resumed_points"]} of these points were measured by an earlier run of '
                  "the same command (same settings) and loaded from its points.jsonl.</p>")
     plans = [(f"{p['method']} @ {target_label(p['target'])}", p["plan"]) for p in data["points"]
-             if p["method"] != FULL and p.get("plan")]
+             if not is_full_model(p) and p.get("plan")]
     return body, plans
 
 
@@ -182,7 +201,7 @@ def _compare_body(data: dict[str, Any]) -> tuple[str, list[tuple[str, dict]]]:
             rows.append([p["method"], f"{p['target']:g}", "—", "—", "—", "—", p.get("error") or "not run"])
         if p.get("plan_json"):
             plans.append((f"{p['method']} @ {p['target']:g}", p["plan_json"]))
-    return html_table(headers, rows), plans
+    return html_table(headers, rows) + methods_table(p["method"] for p in data["points"]), plans
 
 
 def _bench_body(data: dict[str, Any]) -> tuple[str, list[tuple[str, dict]]]:
@@ -256,7 +275,7 @@ def render(results: Sequence[Result], title: str = "skiplm report") -> str:
     for i, result in enumerate(results):
         data = result.data
         body, plans = BODIES[result.kind](data)
-        plans = [(name, plan) for name, plan in plans if plan.get("format") != "skiplm.policy"]  # grids: static plans
+        plans = [(name, plan) for name, plan in plans if plan.get("format") == PLAN_FORMAT]  # grids: static plans
         images = "".join(embedded_png(result.path.parent / name, f"{result.title}: {name}")
                          for name in PLOTS.get(result.kind, ()) if (result.path.parent / name).is_file())
         grids = ""

@@ -1,7 +1,11 @@
-"""Planners side by side: for each method and target, the plan, its held-out perplexity and its measured decode
-speedup against the full model — one run, one machine, one JSON + markdown table + Pareto plot.
+"""Planners and policies side by side: for each method and target, the plan, its held-out perplexity and its measured
+decode speedup against the full model — one run, one machine, one JSON + markdown table + Pareto plot.
 
-Calibration text (for the data-driven planners) and evaluation text are different corpora (by default GSM8K and
+A *method* here is any name in :data:`~skiplm.registry.PLANNERS` (presets included) or
+:data:`~skiplm.registry.POLICIES`; what it needs (calibration text, a latency model) and whether one run serves
+every target (``nested``) come from its spec, so a newly registered method is compared with no change here.
+
+Calibration text (for the data-driven methods) and evaluation text are different corpora (by default GSM8K and
 pydoc), so no planner is scored on the text it was fitted to. Speed is decode at batch 1, each plan paired with the
 full model round by round (see :mod:`skiplm.measure.speed`).
 """
@@ -11,47 +15,64 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..measure.speed import BenchSettings, Config, run_bench
-from ..measure.costs import CostModel
+from ..analysis.activations import calibration_batches
 from ..errors import PlanError
-from ..measure.perplexity import perplexity
 from ..measure.latency import LatencyModel
-from ..plan import SkipPlan
-from ..planners import get_planner
-from ..planners.greedy_loss import cut_plan
-from ..planners.search import KLScorer, plan_from_search, prefix_for_speedup, search_path
-from ..policies.core import is_policy
-from ..skipper import apply
+from ..measure.perplexity import perplexity, tokenize_corpus
+from ..measure.speed import BenchSettings, Config, run_bench
+from ..models.data import corpus_label, load_corpus
+from ..planners.common import Planned, plan_each
+from ..policies import calibrate, skip_ratio_for_speedup
+from ..registry import PLANNERS, POLICIES, Spec
+from ..report.files import machine_info, markdown_table, write_json
+from ..report.plots.sweep import plot_pareto
+from ..skipper import Skipper, apply
+from .measurements import ideal_speedups
 
-# name -> (planner, options)
-METHODS: dict[str, tuple[str, dict]] = {
-    "uniform": ("uniform", {}),
-    "block-influence": ("block-influence", {}),
-    "angular": ("angular", {}),
-    "similarity-block": ("similarity", {"unit": "block"}),
-    "similarity-attention": ("similarity", {"unit": "attention"}),
-    "similarity-mlp": ("similarity", {"unit": "mlp"}),
-    "similarity-joint": ("similarity", {"unit": "joint"}),
-    "greedy-loss": ("greedy-loss", {}),
-    "search": ("search", {}),
-}
-# Input-adaptive policies (skiplm.policies), calibrated per target: name -> (policy method, settings)
-POLICY_METHODS: dict[str, tuple[str, dict]] = {
-    "ffn-skip": ("ffn-skip", {}),
-    "lac": ("lac", {"parts": "layer"}),
-    "lac-mlp": ("lac", {"parts": "mlp"}),
-}
+RESULT_JSON = "compare.json"
+RESULT_MARKDOWN = "compare.md"
+RESULT_PLOT = "pareto.png"
 
 
+# -- the methods ----------------------------------------------------------------------------------------------------
+def method_names() -> list[str]:
+    """Every name :func:`make_plans` takes: the planners (presets included), then the policies."""
+    return [*PLANNERS.names(), *POLICIES.names()]
+
+
+def default_methods() -> list[str]:
+    """The planners compared when none are named: each once — a planner with presets by its presets (``similarity``
+    by ``similarity-block``, ``-attention``, ...), which are its variants worth comparing."""
+    with_presets = {spec.target for spec in PLANNERS if spec.defaults}
+    return [spec.name for spec in PLANNERS if spec.defaults or spec.target not in with_presets]
+
+
+def method_spec(name: str) -> Spec:
+    """The spec of a planner or policy ``name``; unknown names are a :class:`PlanError` listing the known ones."""
+    for registry in (PLANNERS, POLICIES):
+        if name in registry:
+            return registry.get(name)
+    raise PlanError(f"unknown method {name!r}; available: {', '.join(method_names())}.")
+
+
+def is_data_driven(name: str) -> bool:
+    """Whether ``name`` is fitted on calibration text here (every policy is: it is calibrated per target)."""
+    spec = method_spec(name)
+    return spec.data_driven or spec.kind == POLICIES.kind
+
+
+# -- planning -------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Point:
     method: str
     target: float
-    plan: SkipPlan | None
+    plan: Skipper | None
     seconds_to_plan: float
     error: str | None = None
 
@@ -66,91 +87,65 @@ def make_plans(
     refine_budget: int = 48,
     progress: Callable[[str], None] | None = None,
 ) -> list[Point]:
-    """One plan per (method, target). ``search`` and ``greedy-loss`` choose nested sets, so each runs once, to the
-    largest target, and is cut for the others (``seconds_to_plan`` is that one run's; for ``search``, plus the
-    refinement of that target's cut, within ``refine_budget`` forward passes)."""
+    """One plan (or policy) per (method, target). A ``nested`` planner (``search``, ``greedy-loss``) runs once, to
+    the largest target, and serves the others from that run (``seconds_to_plan`` is that one run's; for ``search``,
+    plus the refinement of that target's cut, within ``refine_budget`` forward passes). ``latency``: the latency
+    model the methods that need one share (measured once, when first needed)."""
+    specs = [method_spec(method) for method in methods]
+    measured = [latency]
+
+    def latency_model() -> LatencyModel:
+        if measured[0] is None:
+            measured[0] = LatencyModel.measure(model)
+        return measured[0]
+
     points = []
-    for method in methods:
-        if method not in METHODS and method not in POLICY_METHODS:
-            raise PlanError(f"unknown method {method!r}; available: {', '.join([*METHODS, *POLICY_METHODS])}.")
+    for spec in specs:
         if progress:
-            progress(f"planning: {method}")
-        if method in POLICY_METHODS:
-            latency = latency or LatencyModel.measure(model)
-            points += _policy_points(model, method, targets, calibration, latency)
-            continue
-        if method == "search":
-            latency = latency or LatencyModel.measure(model)
-            start = time.perf_counter()
-            scorer, scores = KLScorer(model, calibration), {}
-            path = search_path(scorer, latency, stop=lambda skips, kl: latency.speedup(skips) >= max(targets),
-                               scores=scores)
-            path_seconds = time.perf_counter() - start  # of the one run that serves every target
-            for target in targets:
-                prefix = prefix_for_speedup(path, target)
-                if prefix is None:
-                    points.append(Point(method, target, None, path_seconds, "unreachable"))
-                    continue
-                start = time.perf_counter()
-                plan = plan_from_search(scorer, prefix, latency, {"speedup": target}, scores=scores,
-                                        meets=lambda skips, t=target: latency.speedup(skips) >= t,
-                                        refine_budget=refine_budget, name="search")
-                points.append(Point(method, target, plan, path_seconds + time.perf_counter() - start))
-            continue
-        planner_name, options = METHODS[method]
-        planner = get_planner(planner_name)
-        if getattr(planner, "calibration_defaults", None) is not None:  # data-driven planners
-            options = {**options, "calibration": calibration}
-        if method == "greedy-loss":
-            points += _greedy_loss_points(model, planner, targets, options)
-            continue
-        for target in targets:
-            start = time.perf_counter()
-            try:
-                plan = planner(model, speedup=target, **options)
-                points.append(Point(method, target, plan, time.perf_counter() - start))
-            except PlanError as exc:
-                points.append(Point(method, target, None, time.perf_counter() - start, str(exc)))
+            progress(f"planning: {spec.name}")
+        planned = _POINTS[spec.kind](model, spec, targets, calibration, latency_model, refine_budget)
+        points += [Point(spec.name, p.target, p.plan, p.seconds, p.error) for p in planned]
     return points
 
 
-def _policy_points(model, method, targets, calibration, latency: LatencyModel) -> list[Point]:
+def _planner_points(model, spec: Spec, targets, calibration, latency_model, refine_budget) -> list[Planned]:
+    """A planner's plans for every target: from its ``plan_targets`` if it offers one (a nested planner), else one
+    call per target. It is given what its spec needs, and a preset's fixed options."""
+    options: dict[str, Any] = dict(spec.defaults)
+    if spec.data_driven:
+        options["calibration"] = calibration
+    if "latency" in spec.needs:
+        options["latency_model"] = latency_model()
+    plan_targets = spec.extra.get("plan_targets")
+    if plan_targets is None:
+        return plan_each(spec.target, model, targets, **options)
+    if "refine_budget" in {option.name for option in spec.options}:
+        options["refine_budget"] = refine_budget
+    return plan_targets(model, targets, **options)
+
+
+def _policy_points(model, spec: Spec, targets, calibration, latency_model, refine_budget) -> list[Planned]:
     """A policy per target: the share of token-MLPs the latency model says reaches the target decode speedup,
     calibrated on the calibration text (the policy then decides per token; its measured speed is what counts)."""
-    from ..policies.core import calibrate, skip_ratio_for_speedup
-
-    policy_method, settings = POLICY_METHODS[method]
-    points = []
+    latency = latency_model()
+    planned = []
     for target in targets:
         start = time.perf_counter()
         try:
             ratio = skip_ratio_for_speedup(latency, latency.num_layers, target)
-            policy = calibrate(model, policy_method, calibration, ratio, **settings)
-            policy.provenance.update({"target_speedup": target, "name": method})
-            points.append(Point(method, target, policy, time.perf_counter() - start))
+            policy = calibrate(model, spec.name, calibration, ratio)
+            policy.provenance.update({"target_speedup": target, "name": spec.name})
+            planned.append(Planned(target, policy, time.perf_counter() - start))
         except PlanError as exc:
-            points.append(Point(method, target, None, time.perf_counter() - start, str(exc)))
-    return points
+            planned.append(Planned(target, None, time.perf_counter() - start, str(exc)))
+    return planned
 
 
-def _greedy_loss_points(model, planner, targets, options) -> list[Point]:
-    """Greedy removal is nested: plan once for the largest reachable target and cut that plan for the others."""
-    points: dict[float, Point] = {}
-    largest, seconds = None, 0.0
-    for target in sorted(targets, reverse=True):
-        start = time.perf_counter()
-        try:
-            if largest is None:
-                largest = planner(model, speedup=target, **options)
-                seconds = time.perf_counter() - start
-                points[target] = Point("greedy-loss", target, largest, seconds)
-            else:
-                points[target] = Point("greedy-loss", target, cut_plan(model, largest, target), seconds)
-        except PlanError as exc:
-            points[target] = Point("greedy-loss", target, None, time.perf_counter() - start, str(exc))
-    return [points[target] for target in targets]
+# how each kind of method makes its points
+_POINTS = {PLANNERS.kind: _planner_points, POLICIES.kind: _policy_points}
 
 
+# -- measuring and reporting ----------------------------------------------------------------------------------------
 def evaluate_points(
     model: nn.Module,
     points: list[Point],
@@ -164,7 +159,6 @@ def evaluate_points(
 ) -> dict:
     """Held-out perplexity and measured decode speedup of every planned point, plus the full model's."""
     full_ppl = perplexity(model, eval_ids, context=context, stride=stride).perplexity
-    costs = CostModel.from_parameter_counts(model)
     rows = []
     for point in points:
         row = {"method": point.method, "target": point.target, "seconds_to_plan": point.seconds_to_plan,
@@ -177,8 +171,8 @@ def evaluate_points(
             speed = run_bench([Config("full", model), Config("plan", model, point.plan)], corpus_ids, bench)
             row["decode_speedup"] = speed["plan"]["decode_b1"]["speedup"]
             row["decode_speedup_ci95"] = speed["plan"]["decode_b1"]["speedup_ci95"]
-            row["ideal_speedup"] = (speed["plan"]["decode_b1"]["ideal_speedup"] if is_policy(point.plan)
-                                    else costs.ideal_speedup(point.plan.decode))
+            ideal = ideal_speedups(model, point.plan)  # None: it decides per input; its ideal was measured
+            row["ideal_speedup"] = speed["plan"]["decode_b1"]["ideal_speedup"] if ideal is None else ideal[0]
             row["plan"] = point.plan.describe()
             row["plan_json"] = point.plan.to_json()
         rows.append(row)
@@ -204,29 +198,60 @@ def pareto_table(result: dict, targets: list[float]) -> tuple[list[str], list[li
     return headers, rows
 
 
-def plot_pareto(result: dict, path, title: str):
-    import matplotlib
+def run_compare(model: nn.Module, tokenizer, methods: list[str], targets: list[float], *, model_name: str,
+                calibration_corpus: str = "gsm8k", eval_corpus: str = "pydoc", sequences: int = 1, length: int = 1024,
+                tokens: int = 4096, context: int = 1024, stride: int = 512, repeats: int = 5, new_tokens: int = 32,
+                device: str = "cpu", command: str | None = None,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`skiplm compare`: plan every method at every target on ``calibration_corpus`` and measure each plan's held-out
+    perplexity on ``eval_corpus`` and its decode speedup; returns the result :func:`write_compare` writes."""
+    method_spec_list = [method_spec(method) for method in methods]  # unknown names fail before anything runs
+    calibration = calibration_batches(tokenize_corpus(tokenizer, load_corpus(calibration_corpus), sequences * length),
+                                      sequences, length)
+    eval_ids = tokenize_corpus(tokenizer, load_corpus(eval_corpus), tokens)
+    corpus_ids = tokenize_corpus(tokenizer, load_corpus("gsm8k"), 4096)
+    bench = BenchSettings(batch_sizes=(1,), decode_prompt_tokens=64, new_tokens=new_tokens, repeats=repeats, warmup=1)
+    started = time.perf_counter()
+    points = make_plans(model, [spec.name for spec in method_spec_list], targets, calibration, progress=progress)
+    result = evaluate_points(model, points, eval_ids, corpus_ids, context=context, stride=stride, bench=bench,
+                             progress=progress)
+    result.update({
+        "kind": "planner-comparison",
+        "command": command,
+        "model": model_name,
+        "machine": machine_info(device),
+        "settings": {"methods": list(methods), "targets": list(targets), "calibration": corpus_label(calibration_corpus),
+                     "calibration_tokens": sequences * length, "eval": corpus_label(eval_corpus),
+                     "eval_tokens": tokens, "context": context, "stride": stride,
+                     "timing": dataclasses.asdict(bench), "sequences": sequences, "length": length},
+        "seconds": time.perf_counter() - started,
+    })
+    return result
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_method: dict[str, list[dict]] = {}
-    for row in result["points"]:
-        if "perplexity" in row:
-            by_method.setdefault(row["method"], []).append(row)
-    for method, rows in by_method.items():
-        rows.sort(key=lambda r: r["target"])  # in target order: measured speedups are noisy
-        ax.plot([r["decode_speedup"] for r in rows], [r["perplexity"] for r in rows], marker="o",
-                linewidth=2.5 if method == "search" else 1, label=method)
-    ax.scatter([1.0], [result["full_perplexity"]], marker="*", s=150, color="black", label="full model", zorder=3)
-    ax.set_yscale("log")
-    ax.set_xlabel("measured decode speedup, batch 1 (x)")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def highlighted_methods() -> list[str]:
+    """The methods a plot draws bold: those whose spec asks for it (skiplm's own ``search``)."""
+    return [spec.name for spec in PLANNERS if spec.extra.get("highlight")]
+
+
+def write_compare(result: dict[str, Any], out: str | Path) -> str:
+    """``compare.json``, ``compare.md`` (the table, with what was measured how) and ``pareto.png`` in ``out``;
+    returns the markdown table."""
+    out = Path(out)
+    s = result["settings"]
+    write_json(out / RESULT_JSON, result)
+    table = markdown_table(*pareto_table(result, s["targets"]))
+    timing = s["timing"]
+    (out / RESULT_MARKDOWN).write_text(
+        f"# Planners compared, {result['model']}\n\nCalibration: {s['sequences']} x {s['length']} tokens of "
+        f"{s['calibration']}. Held-out perplexity: {s['eval_tokens']} tokens of {s['eval']}, context "
+        f"{s['context']}, stride {s['stride']}. Measured decode speedup: batch 1, {timing['new_tokens']} steps, paired "
+        f"with the full model over {timing['repeats']} rounds. Targets are each method's own (ideal by the cost "
+        "model; `search`: predicted by its measured latency model).\n\n" + table + f"\n![pareto]({RESULT_PLOT})\n")
+    plot_pareto(result, out / RESULT_PLOT, f"{result['model']}: held-out perplexity vs measured decode speedup",
+                highlight=highlighted_methods())
+    return table
+
+
+__all__ = ["Point", "default_methods", "evaluate_points", "highlighted_methods", "is_data_driven", "make_plans",
+           "method_names", "method_spec", "pareto_table", "run_compare", "write_compare"]

@@ -350,7 +350,7 @@ def test_bad_arguments_get_clear_errors(deep):
     with skiplm.apply(deep, SkipPlan.from_layers(DEEP, blocks=[2]), check_model=False):
         with pytest.raises(PlanError, match="has a skip plan applied"):
             run_planner("block-influence", deep, skip=1)
-    assert {"uniform", "block-influence", "angular", "similarity", "greedy-loss"} <= set(PLANNERS)
+    assert {"uniform", "block-influence", "angular", "similarity", "greedy-loss"} <= set(PLANNERS.names())
 
 
 def test_load_calibration_from_a_text_file(tmp_path):

@@ -12,7 +12,7 @@ from skiplm.errors import SweepError
 from skiplm.measure.perplexity import compare_perplexity, tokenize_corpus
 from skiplm.models.data import load_corpus
 from skiplm.plan import SkipPlan
-from skiplm.sweep.core import append_point, differences, load_points
+from skiplm.sweep.settings import append_point, differences, load_points
 
 from conftest import run_cli
 
@@ -216,7 +216,7 @@ def test_policies_are_swept_like_plans(tiny_folder, tmp_path, monkeypatch):
     """ffn-skip and lac points: calibrated per target to the skip ratio a latency model gives (fixed here: timing
     the tiny model would be noise), saved as policy files, measured like plans, with what they skipped recorded."""
     from skiplm.measure.latency import LatencyModel
-    from skiplm.policies.core import HaltingPolicy
+    from skiplm.policies import HaltingPolicy
     from skiplm import load_skipper
 
     fixed = LatencyModel(fixed_s=0.004, attention_s=0.0005, mlp_s=0.001, num_layers=4, batch_size=1, context=64)
