@@ -115,7 +115,7 @@ def plan_for(model, **layers):
 def _fixed_masks_class():
     import dataclasses
 
-    from skiplm.policies.core import HaltingPolicy
+    from skiplm.policies import HaltingPolicy
 
     @dataclasses.dataclass
     class FixedMasks(HaltingPolicy):

@@ -176,6 +176,8 @@ class SkipPlan:
     model: ModelIdentity | None = None
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
+    input_adaptive = False  # the skipper protocol: what it skips is fixed (prefill, decode), whatever the input
+
     def __post_init__(self):
         object.__setattr__(self, "provenance", dict(self.provenance))
         if not isinstance(self.num_layers, int) or self.num_layers < 1:

@@ -5,6 +5,16 @@ A skipper is data that knows how to install itself on a model. ``skiplm.apply(mo
 it returns removes itself (``handle.remove()`` or the end of a ``with`` block). Every skipper builds its handle from
 the hook machinery in :mod:`skiplm.runtime`, so a model carries at most one at a time, and nothing is global.
 
+Callers ask a skipper, never its type, what they would branch on:
+
+* ``input_adaptive``: whether what it skips depends on the input. False (a plan): its skips are fixed sets, so its
+  ideal speedup comes from the cost model, it can be exported as a smaller checkpoint and can draft for speculative
+  decoding. True (a policy): only a run shows what it skipped — its handle counts it in ``handle.stats``.
+* ``handle.stats``: None for a fixed skipper; for an input-adaptive one, what it skipped while installed
+  (``stats.to_json()``: per phase, the share of token-MLPs and attention contributions skipped, ...).
+* ``teacher_forced()`` and ``is_empty()``: what perplexity scoring applies (every token as in decode), and whether
+  there is anything to apply at all.
+
 A skipper file is JSON whose ``"format"`` names its kind; each kind registers a reader in
 :data:`skiplm.registry.SKIPPER_FILES` (``skiplm.plan`` -> :class:`~skiplm.plan.SkipPlan`, ``skiplm.policy`` -> the
 policies). A file with no known format is read as a plan, whose reader says what is wrong with it.
@@ -24,14 +34,28 @@ from .registry import SKIPPER_FILES
 PLAN_FORMAT = "skiplm.plan"  # the format a file without a known one is read as
 
 
+class Handle(Protocol):
+    """What installing a skipper returns (built on :class:`skiplm.runtime.Installed`)."""
+
+    stats: Any  # None where what runs is fixed; else what was skipped while installed, with to_json()
+
+    def remove(self) -> None:
+        """Take the skipper off the model (safe to call twice)."""
+
+    def __enter__(self) -> Handle: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+
 @runtime_checkable
 class Skipper(Protocol):
     """What ``skiplm.apply`` and the commands need of a skipper."""
 
     num_layers: int
     provenance: dict[str, Any]
+    input_adaptive: bool  # does what it skips depend on the input? (see the module docstring)
 
-    def install(self, model: nn.Module, *, check_model: bool = True, **options: Any):
+    def install(self, model: nn.Module, *, check_model: bool = True, **options: Any) -> Handle:
         """Install on ``model``; return a handle with ``remove()`` that is also a context manager."""
 
     def check_model(self, model: nn.Module) -> None:
@@ -40,6 +64,12 @@ class Skipper(Protocol):
     def describe(self) -> str:
         """One line for people: what it skips."""
 
+    def teacher_forced(self) -> Skipper:
+        """The skipper for scoring text in one forward (perplexity): every token treated as decode treats it."""
+
+    def is_empty(self) -> bool:
+        """Whether it skips nothing at all (applying it would run the full model)."""
+
     def to_json(self) -> dict[str, Any]:
         """The file form, with ``"format"`` naming a registered reader."""
 
@@ -47,7 +77,7 @@ class Skipper(Protocol):
         """Write :meth:`to_json` to ``path``."""
 
 
-def apply(model: nn.Module, skipper: Skipper, *, check_model: bool = True, **options: Any):
+def apply(model: nn.Module, skipper: Skipper, *, check_model: bool = True, **options: Any) -> Handle:
     """Apply ``skipper`` (a :class:`~skiplm.plan.SkipPlan`, a policy, ...) to ``model`` until the returned handle is
     removed (or its ``with`` block ends).
 
@@ -62,6 +92,7 @@ def apply(model: nn.Module, skipper: Skipper, *, check_model: bool = True, **opt
 
 
 def is_skipper(obj: Any) -> bool:
+    """Whether ``obj`` is a skipper (a plan, a policy, ...): has what :class:`Skipper` lists."""
     return isinstance(obj, Skipper)
 
 
@@ -81,4 +112,4 @@ def load_skipper(path: str | Path) -> Skipper:
     return SKIPPER_FILES.get(PLAN_FORMAT).extra["load"](path)  # its errors say what is wrong with the file
 
 
-__all__ = ["Skipper", "apply", "is_skipper", "load_skipper"]
+__all__ = ["Handle", "Skipper", "apply", "is_skipper", "load_skipper"]

@@ -1,25 +1,52 @@
-"""`skiplm policy`: calibrate an input-adaptive policy and save it."""
+"""`skiplm policy`: calibrate an input-adaptive policy and save it.
+
+The methods are the registered policies (:data:`skiplm.registry.POLICIES`); a method's own options come from its
+spec: ``--option key=value`` for any of them, and the flags ``--window`` (ffn-skip) and ``--parts`` (lac) for the
+built-in ones.
+"""
 
 from __future__ import annotations
 
 import time
 
 import click
+
+from ..errors import PlanError
+from ..registry import POLICIES, Registry, Spec
 from .common import MODEL_ARGUMENT, _load, _model_options, _progress, cli, console
 
+
+class RegistryChoice(click.Choice):
+    """A choice among a registry's names, read when a value is checked or help is shown: the command line imports
+    no method to start, and an entry registered later is a choice too."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self.registry.names())
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ sets it; the registry is the source
+        pass
 
 
 @cli.command("policy")
 @MODEL_ARGUMENT
-@click.option("--method", required=True, type=click.Choice(["ffn-skip", "lac"]),
-              help="ffn-skip (FFN-SkipLLM: MLP saturation) or lac (L2 Adaptive Computation: residual norm change)")
+@click.option("--method", required=True, type=RegistryChoice(POLICIES),
+              help="a registered policy: ffn-skip (FFN-SkipLLM: MLP saturation), lac (L2 Adaptive Computation: "
+                   "residual norm change), lac-mlp (lac, halted tokens skipping only their MLPs)")
 @click.option("--skip-ratio", type=float, help="target share of all token-MLPs skipped on the calibration text")
 @click.option("--speedup", type=float,
               help="target decode speedup at batch 1; the skip ratio comes from a latency model measured now")
-@click.option("--parts", type=click.Choice(["layer", "mlp"]), default="layer", show_default=True,
-              help="lac: what a halted token skips (layer: attention contribution and MLP)")
-@click.option("--window", type=click.IntRange(min=1), default=2, show_default=True,
-              help="ffn-skip: consecutive saturated layers before a token halts")
+@click.option("--parts", type=click.Choice(["layer", "mlp"]),
+              help="lac: what a halted token skips (layer: attention contribution and MLP)  [default: layer]")
+@click.option("--window", type=click.IntRange(min=1),
+              help="ffn-skip: consecutive saturated layers before a token halts  [default: 2]")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="an option of the chosen policy (repeatable), e.g. --option window=3")
 @click.option("--protect-first", type=click.IntRange(min=1),
               help="first layers that always run  [default: layers / 8, rounded up]")
 @click.option("--protect-last", type=click.IntRange(min=0),
@@ -32,22 +59,21 @@ from .common import MODEL_ARGUMENT, _load, _model_options, _progress, cli, conso
               help="last layer whose signal may halt a token: a layer index, 'all' (every layer that can), or 'auto' "
                    "(the horizon where later halts stop paying for the checks on the calibration text)")
 @click.option("--corpus", default="gsm8k", show_default=True, help="calibration text: gsm8k, pydoc, or a text file")
-@click.option("--sequences", default=4, show_default=True, type=click.IntRange(min=1), help="calibration sequences")
-@click.option("--length", default=256, show_default=True, type=click.IntRange(min=2), help="tokens per sequence")
+@click.option("--sequences", type=click.IntRange(min=1), help="calibration sequences  [default: per policy; 4]")
+@click.option("--length", type=click.IntRange(min=2), help="tokens per sequence  [default: per policy; 256]")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="policy file to write (JSON)")
 @_model_options
-def policy_command(model, method, skip_ratio, speedup, parts, window, protect_first, protect_last, warmup, prefill,
-                   last_check, corpus, sequences, length, out, dtype, device):
+def policy_command(model, method, skip_ratio, speedup, parts, window, options, protect_first, protect_last, warmup,
+                   prefill, last_check, corpus, sequences, length, out, dtype, device):
     """Calibrate an input-adaptive skipping policy for MODEL and save it.
 
     The threshold is set so that the policy skips --skip-ratio of all token-MLPs on the calibration text (or the
     ratio a measured latency model says reaches --speedup). Use the file with `generate --policy`, `eval --policy`,
     `bench --policy`, `agree --policy`.
     """
-    from ..errors import PlanError
     from ..measure.latency import LatencyModel
     from ..planners import load_calibration
-    from ..policies.core import calibrate, skip_ratio_for_speedup
+    from ..policies import calibrate, policy_spec, skip_ratio_for_speedup
 
     if (skip_ratio is None) == (speedup is None):
         raise PlanError("give exactly one of --skip-ratio (e.g. 0.25) or --speedup (e.g. 1.2).")
@@ -55,8 +81,11 @@ def policy_command(model, method, skip_ratio, speedup, parts, window, protect_fi
     if last_check not in named and not last_check.isdigit():
         raise PlanError(f"--last-check must be a layer index, 'all' or 'auto', got {last_check!r}.")
     last_check = named[last_check] if last_check in named else int(last_check)
-    settings = {"protect_first": protect_first, "protect_last": protect_last, "warmup": warmup}
-    settings.update({"window": window} if method == "ffn-skip" else {"parts": parts})
+    spec = policy_spec(method)
+    settings = {"protect_first": protect_first, "protect_last": protect_last, "warmup": warmup,
+                **_method_options(spec, {"window": window, "parts": parts}, options)}
+    default_sequences, default_length = spec.calibration or (4, 256)
+    sequences, length = sequences or default_sequences, length or default_length
     hf_model, tokenizer = _load(model, dtype, device)
     calibration = load_calibration(tokenizer, corpus, sequences, length)
     start = time.perf_counter()
@@ -76,3 +105,19 @@ def policy_command(model, method, skip_ratio, speedup, parts, window, protect_fi
     policy.save(out)
     console.print(f"{policy.describe()} ({time.perf_counter() - start:.1f} s)")
     console.print(f"wrote {out}")
+
+
+def _method_options(spec: Spec, flags: dict, pairs: tuple[str, ...]) -> dict:
+    """The chosen policy's own settings: the flags given (``--window``, ``--parts``), then ``--option key=value``
+    (unset ones keep the policy's defaults). A flag for an option the policy does not have is an error."""
+    names = {option.name for option in spec.options}
+    values = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name not in names:
+            fixed = f" ({spec.name} fixes {name}={spec.defaults[name]!r})" if name in spec.defaults else ""
+            raise PlanError(f"--{name} is not an option of the {spec.name!r} policy{fixed}; its options: "
+                            f"{', '.join(sorted(names)) or 'none'}.")
+        values[name] = value
+    return {**values, **spec.parse_options(pairs)}

@@ -1,10 +1,11 @@
-"""lm-evaluation-harness bridge: evaluate a model under a skip plan on any harness task, as model type ``skiplm``.
+"""lm-evaluation-harness bridge: evaluate a model under a skipper (a skip plan or an input-adaptive policy) on any
+harness task, as model type ``skiplm``.
 
 :class:`SkipLM` subclasses the harness's own Hugging Face model class (``lm_eval.models.huggingface.HFLM``), so every
 request type (loglikelihood, rolling loglikelihood, generate_until), batching, chat templates and few-shot handling are
 the harness's. It only changes where the model comes from: :func:`skiplm.load_model` (so the shipped alias
-``smollm2-135m``, local folders and ``.gguf`` files work offline), with a plan applied by :func:`skiplm.apply` for the
-lifetime of the LM object. Importing this module registers the type::
+``smollm2-135m``, local folders and ``.gguf`` files work offline), with a skipper applied by :func:`skiplm.apply` for
+the lifetime of the LM object. Importing this module registers the type::
 
     import lm_eval, skiplm.integrations.lm_eval
     lm_eval.simple_evaluate(model="skiplm", model_args="pretrained=smollm2-135m,plan=plan.json", tasks=["arc_easy"])
@@ -40,9 +41,7 @@ import torch
 
 from ..errors import ModelLoadError, PlanError
 from ..models.loading import DEFAULT_MODEL, load_model
-from ..plan import SkipPlan
-from ..runtime import SkipHandle
-from ..skipper import apply
+from ..skipper import Handle, Skipper, apply, is_skipper, load_skipper
 
 MODEL_TYPE = "skiplm"
 log = logging.getLogger(__name__)
@@ -53,14 +52,15 @@ _LOADING_OPTIONS = ("parallelize", "tp_plan", "peft", "delta", "autogptq", "gptq
 
 
 class SkipLM(HFLM):
-    """HFLM over a model loaded by skiplm, with a skip plan applied.
+    """HFLM over a model loaded by skiplm, with a skip plan (or a policy) applied.
 
     Model args (``key=value`` pairs of ``--model_args``):
 
     * ``pretrained`` — ``smollm2-135m`` (the shipped default), a local model folder, a local ``.gguf`` file, or a hub
       id where a network exists; from Python also an already loaded model (then pass ``tokenizer`` too);
-    * ``plan`` — a plan file made by ``skiplm plan`` (or a :class:`~skiplm.SkipPlan`); omitted: the full model;
-    * ``force`` — apply the plan even if it was made for other weights;
+    * ``plan`` — a plan file made by ``skiplm plan`` or a policy file made by ``skiplm policy`` (from Python also the
+      object: a :class:`~skiplm.SkipPlan`, a policy, any skipper); omitted: the full model;
+    * ``force`` — apply it even if it was made for other weights;
     * ``dtype`` — ``float32`` (default; also for ``auto``), ``bfloat16`` or ``float16``;
     * ``device`` — ``cpu``, ``cuda``, ``cuda:1``, ... (default: ``cuda`` if available, else ``cpu``; a CUDA device
       where torch sees none falls back to the CPU, as with the harness's ``hf`` type);
@@ -72,7 +72,7 @@ class SkipLM(HFLM):
     def __init__(
         self,
         pretrained: Any = DEFAULT_MODEL,
-        plan: str | Path | SkipPlan | None = None,
+        plan: str | Path | Skipper | None = None,
         *,
         force: bool = False,
         dtype: str | torch.dtype | None = None,
@@ -91,7 +91,7 @@ class SkipLM(HFLM):
             kwargs.pop(name, None)
         if revision not in (None, "main"):
             raise ModelLoadError(f"model type {MODEL_TYPE!r} does not take revision={revision!r}; pass a local folder.")
-        skip_plan = _as_plan(plan)
+        skip_plan = _as_skipper(plan)
 
         if isinstance(pretrained, (str, Path)):
             spec = str(pretrained)
@@ -110,7 +110,7 @@ class SkipLM(HFLM):
                 f"a loaded model, got {type(pretrained).__name__}."
             )
 
-        handle: SkipHandle | None = apply(model, skip_plan, check_model=not force) if skip_plan else None
+        handle: Handle | None = apply(model, skip_plan, check_model=not force) if skip_plan else None
         try:
             with _quiet_about_preloaded_models():
                 super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
@@ -166,14 +166,11 @@ def _quiet_about_preloaded_models() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
-def _as_plan(plan):
-    """A plan or an input-adaptive policy (a file made by `skiplm plan` / `skiplm policy`, or the object), or None."""
-    from ..policies.core import is_policy
-    from ..skipper import load_skipper
-
+def _as_skipper(plan) -> Skipper | None:
+    """A skipper (a file made by `skiplm plan` / `skiplm policy`, or the object), or None for the full model."""
     if plan is None or (isinstance(plan, str) and plan.strip().lower() in ("", "none")):
         return None
-    if isinstance(plan, SkipPlan) or is_policy(plan):
+    if is_skipper(plan):
         return plan
     if isinstance(plan, (str, Path)):
         return load_skipper(plan)

@@ -1,8 +1,13 @@
 """The hook machinery every skipper uses: swapped instance forwards and module hooks, undone on ``remove()``; the one
-handle a model may carry at a time; the phase of a forward; and cache placeholders for skipped attention.
+handle a model may carry at a time (:func:`install_handle`); the phase of a forward; and cache placeholders for
+skipped attention.
 
-Nothing here knows what a plan or a policy is: :mod:`skiplm.runtime.static` (plans) and the policies' runtime build on
-these pieces, and so do the trained skippers to come.
+Nothing here knows what a plan or a policy is: :mod:`skiplm.runtime.static` (plans) and
+:mod:`skiplm.policies.runtime` (policies) build on these pieces, and so do the trained skippers to come. A skipper's
+``install`` is one call::
+
+    def install(self, model, *, check_model=True):
+        return install_handle(self, model, lambda: MyHandle(model, self), check_model=check_model, what="my skipper")
 """
 
 from __future__ import annotations
@@ -21,11 +26,27 @@ _NO_ATTRIBUTE = object()
 
 
 class Installed:
-    """Forwards swapped and hooks added on a model, undone by :meth:`remove` (or at the end of a ``with`` block)."""
+    """Forwards swapped and hooks added on a model, undone by :meth:`remove` (or at the end of a ``with`` block).
+
+    A subclass sets what its forwards read, then calls ``super().__init__(model)``, which runs its :meth:`_install`
+    (swapping forwards with :meth:`swap`, adding hooks with :meth:`hook`) and undoes everything if that fails part-way.
+    """
+
+    # What the skipper skipped while installed, for skippers whose skips depend on the input (a policy's
+    # PolicyStats, with ``to_json()``); None where what runs is fixed in advance (a plan says it).
+    stats = None
 
     def __init__(self, model: nn.Module):
         self.model = model
         self._restore: list[Callable[[], None]] = []
+        try:
+            self._install()
+        except BaseException:
+            self.remove()
+            raise
+
+    def _install(self) -> None:
+        """Swap the forwards and add the hooks this skipper needs."""
 
     def remove(self) -> None:
         """Restore every swapped forward and hook. Safe to call twice."""
@@ -83,6 +104,15 @@ def attach(model: nn.Module, handle: Installed) -> Installed:
     """Record ``handle`` as the model's installed skipper (removed with the handle)."""
     setattr(model, HANDLE_ATTRIBUTE, handle)
     return handle
+
+
+def install_handle(skipper, model: nn.Module, make_handle: Callable[[], Installed], *, check_model: bool,
+                   what: str) -> Installed:
+    """What every skipper's ``install`` does: refuse a model that already carries one, check the model (``what``
+    names the skipper in errors: "plan", "policy"), build the handle and record it on the model."""
+    check_free(model)
+    check_layers(skipper, model, check_model, what)
+    return attach(model, make_handle())
 
 
 def decoder_stack(model: nn.Module) -> nn.Module:

@@ -27,10 +27,12 @@ from collections.abc import Callable, Iterator
 from torch import nn
 
 from ..models.adapters import PARTS, get_adapter
-from .hooks import Installed, advance_cache, attach, cache_from, check_free, check_layers, decoder_stack, phase_of
+from .hooks import Installed, advance_cache, cache_from, decoder_stack, install_handle, phase_of
+
 
 class SkipState:
-    """What the swapped forwards consult at call time: the plan, the current phase, and an on/off switch.
+    """What the swapped forwards consult at call time: the plan (a :class:`~skiplm.plan.SkipPlan`; this module does
+    not import it, :mod:`skiplm.plan` imports this one), the current phase, and an on/off switch.
 
     One instance per application; nothing is global, so two models (or two views) can carry different plans.
     """
@@ -51,9 +53,8 @@ class SkipHandle(Installed):
     """A plan applied to a model. Use as a context manager, or call :meth:`remove` when done."""
 
     def __init__(self, model: nn.Module, plan):
-        super().__init__(model)
         self.state = SkipState(plan)
-        self._install()
+        super().__init__(model)  # swaps the forwards (_install)
 
     @property
     def plan(self):
@@ -72,26 +73,24 @@ class SkipHandle(Installed):
     def _install(self) -> None:
         adapter = get_adapter(self.model)
         layers = adapter.decoder_layers(self.model)
-        try:
-            self.hook(decoder_stack(self.model).register_forward_pre_hook(self._set_phase, with_kwargs=True))
-            plan = self.plan
-            for index, layer in enumerate(layers):
-                skipped = {part: any(plan.phase(p).skips(index, part) for p in ("prefill", "decode")) for part in PARTS}
-                if not any(skipped.values()):
-                    continue
-                attention, _ = adapter.branch_modules(layer, "attention")
-                cache_index = getattr(attention, "layer_idx", index)
-                if skipped["attention"] and skipped["mlp"]:
-                    self.swap(layer, self._block_forward(layer.forward, index, cache_index))
-                for part in PARTS:
-                    if skipped[part]:
-                        core, norms = adapter.branch_modules(layer, part)
-                        self.swap(core, self._branch_forward(core.forward, index, part, cache_index, adapter.attention_outputs))
-                        for norm in norms:
-                            self.swap(norm, self._norm_forward(norm.forward, index, part))
-        except BaseException:
-            self.remove()
-            raise
+        self.hook(decoder_stack(self.model).register_forward_pre_hook(self._set_phase, with_kwargs=True))
+        plan = self.plan
+        for index, layer in enumerate(layers):
+            # a sublayer skipped in either phase gets a swapped forward; SkipState says per forward whether it skips
+            skipped = {part: any(plan.phase(p).skips(index, part) for p in ("prefill", "decode")) for part in PARTS}
+            if not any(skipped.values()):
+                continue
+            attention, _ = adapter.branch_modules(layer, "attention")
+            cache_index = getattr(attention, "layer_idx", index)
+            if skipped["attention"] and skipped["mlp"]:
+                self.swap(layer, self._block_forward(layer.forward, index, cache_index))
+            for part in PARTS:
+                if skipped[part]:
+                    core, norms = adapter.branch_modules(layer, part)
+                    self.swap(core, self._branch_forward(core.forward, index, part, cache_index,
+                                                         adapter.attention_outputs))
+                    for norm in norms:
+                        self.swap(norm, self._norm_forward(norm.forward, index, part))
 
     def _set_phase(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.state.phase = phase_of(kwargs)
@@ -137,6 +136,4 @@ class SkipHandle(Installed):
 def install_plan(model: nn.Module, plan, *, check_model: bool = True) -> SkipHandle:
     """Install a static plan (what :meth:`skiplm.plan.SkipPlan.install` does): check the model, swap the forwards,
     and record the handle on the model."""
-    check_free(model)
-    check_layers(plan, model, check_model, "plan")
-    return attach(model, SkipHandle(model, plan))
+    return install_handle(plan, model, lambda: SkipHandle(model, plan), check_model=check_model, what="plan")

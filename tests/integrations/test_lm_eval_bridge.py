@@ -19,7 +19,7 @@ from skiplm.integrations.lm_eval import SkipLM  # noqa: E402
 
 from conftest import run_cli  # noqa: E402
 
-TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
+TASKS = Path(__file__).parents[1] / "data" / "lm_eval_tasks"  # tests/data
 TASK = "skiplm_tiny_mc"
 QUESTIONS = 12
 

@@ -10,7 +10,7 @@ import torch
 
 import skiplm
 from skiplm.errors import PlanError, PlanMismatchError
-from skiplm.policies.core import (
+from skiplm.policies import (
     FFNSkip,
     HaltingPolicy,
     LAC,
