@@ -387,3 +387,28 @@ def test_apply_rejects_what_is_not_a_plan(llama):
     with pytest.raises(skiplm.PlanError, match="needs a SkipPlan"):
         skiplm.apply(llama, {"blocks": [1]})
     assert not hasattr(llama, "_skiplm_handle")
+
+
+def test_copying_a_model_under_a_plan_is_refused_and_leaves_the_original_as_it_was(llama):
+    import copy
+
+    plan = plan_for(llama, blocks=[1])
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        vanilla = llama(ids).logits
+    with skiplm.apply(llama, plan) as handle:
+        with torch.no_grad():
+            planned = llama(ids).logits
+        with pytest.raises(skiplm.PlanError, match="cannot copy a model while a skip plan"):
+            copy.deepcopy(llama)
+        assert getattr(llama, "_skiplm_handle", None) is handle  # the refused copy changed nothing
+        with torch.no_grad():
+            assert torch.equal(llama(ids).logits, planned)
+    copied = copy.deepcopy(llama)  # after removal: an ordinary, independent copy without a plan
+    assert getattr(copied, "_skiplm_handle", None) is None
+    with torch.no_grad():
+        assert torch.equal(copied(ids).logits, vanilla)
+    with skiplm.apply(copied, plan):  # same weights: the plan made for the original fits the copy
+        with torch.no_grad():
+            assert torch.allclose(copied(ids).logits, planned)
+        assert getattr(llama, "_skiplm_handle", None) is None  # a plan on the copy is not on the original

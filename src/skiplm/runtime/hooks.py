@@ -61,6 +61,13 @@ class Installed:
     def __exit__(self, *exc_info) -> None:
         self.remove()
 
+    def __deepcopy__(self, memo):
+        # copy.deepcopy(model) reaches the handle through the model's attribute. A copy cannot carry it: the swapped
+        # forwards are closures over the original's modules (the copy would run the original's weights) and the
+        # copied handle's remove() would restore the original. Refused, before anything is copied.
+        raise PlanError("cannot copy a model while a skip plan or policy is applied to it: copy it first and apply "
+                        "the plan to the copy, or remove the plan (handle.remove()) before copying.")
+
     def hook(self, handle) -> None:
         """Keep a torch hook handle (``register_forward_pre_hook(...)``) to remove with the rest."""
         self._restore.append(handle.remove)
