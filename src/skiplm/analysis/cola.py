@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -29,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.adapters import count_layers, get_adapter, _get_path
 from ..errors import DataError, PlanError
+from ..models.adapters import count_layers, get_adapter, _get_path
+from ..models.data import gsm8k_prompts
 
 ACTIONS = (0, 1, 2)  # how many times a layer runs: skip, once, twice
 
@@ -226,10 +228,6 @@ class Sample:
 def gsm8k_final_answer_samples(tokenizer, limit: int, *, chat: bool = True) -> list[Sample]:
     """GSM8K problems with their worked solution given: the model must state the final number after "#### ".
     The reasoning is in the prompt, so the answer is short (a few tokens) and right or wrong."""
-    import re
-
-    from ..measure.agreement import gsm8k_prompts
-
     samples = []
     for prompt in gsm8k_prompts(None):
         if len(samples) == limit:
@@ -252,3 +250,41 @@ def gsm8k_final_answer_samples(tokenizer, limit: int, *, chat: bool = True) -> l
     if not samples:
         raise DataError("no GSM8K problem with a '#### answer' solution was found in the shipped data.")
     return samples
+
+
+# -- a search per problem, and what they add up to -----------------------------------------------------------------------
+def search_problems(model: nn.Module, samples: Sequence[Sample], *, iterations: int = 300, seed: int = 0,
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """:func:`search` on every sample; returns ``{"summary": ..., "problems": [...]}`` (JSON-ready): per problem its
+    question, answer and search result, and over all problems how often the full model was right, how often a
+    shorter chain kept a right answer, and how often a chain fixed a wrong one. ``progress(done, total)`` counts
+    MCTS iterations over all samples."""
+    problems = []
+    started = time.perf_counter()
+    for index, sample in enumerate(samples):
+        def report(done: int, _: int, index: int = index) -> None:
+            if progress:
+                progress(index * iterations + done, len(samples) * iterations)
+
+        result = search(model, sample.prompt_ids, sample.answer_ids, iterations=iterations, seed=seed,
+                        progress=report)
+        problems.append({"question": sample.question, "answer": sample.answer,
+                         "prompt_tokens": len(sample.prompt_ids), **result.to_json()})
+    return {"summary": summarize_problems(problems, time.perf_counter() - started), "problems": problems}
+
+
+def summarize_problems(problems: Sequence[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """What the per-problem searches (their JSON records) add up to."""
+    right = [p for p in problems if p["full"]["kept"]]
+    wrong = [p for p in problems if not p["full"]["kept"]]
+    found = [p["shortest_kept"] for p in problems if p["shortest_kept"] is not None]
+    return {
+        "problems": len(problems),
+        "full_model_right": len(right),
+        "right_with_a_shorter_chain": sum(p["shortest_kept"] is not None and p["shortest_kept"]["layers"] < p["num_layers"]
+                                          for p in right),
+        "wrong_fixed_by_a_chain": sum(p["fixed"] for p in wrong),
+        "mean_layers_of_shortest_chain": sum(s["layers"] for s in found) / max(1, len(found)),
+        "evaluations": sum(p["evaluations"] for p in problems),
+        "seconds": seconds,
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -10,6 +11,7 @@ import sys
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from ..errors import SkipLMError
 
@@ -25,6 +27,34 @@ def _progress() -> Progress:
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
     )
+
+
+@contextlib.contextmanager
+def _reporting():
+    """A progress display and the callback the library's workflows report to, ``progress(description, done, total)``
+    (:mod:`skiplm.measure.workflows`): a new bar for each stage, i.e. each new total."""
+    with _progress() as progress:
+        task, stage_total = None, None
+
+        def report(description: str, done: int, total: int) -> None:
+            nonlocal task, stage_total
+            if task is None or total != stage_total:
+                task, stage_total = progress.add_task(description, total=total), total
+            progress.update(task, completed=done, description=description)
+
+        yield report
+
+
+def _print_table(headers: list[str], rows: list[list[str]], *, left_columns: int = 1, min_width: int | None = None,
+                 **table_options) -> None:
+    """A result table on stdout (the progress and messages go to stderr): the first ``left_columns`` columns left
+    aligned, the numbers right aligned; ``table_options`` go to rich's Table (title, caption, box, ...)."""
+    table = Table(**table_options)
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i < left_columns else "right", min_width=min_width)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
 
 
 def _load(model: str, dtype: str, device: str):

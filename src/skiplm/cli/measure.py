@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
-from .common import MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, _progress, _set_threads, cli, console
-from .sweep import _check_sweep_options, _sweep, _sweep_options
 
+from .common import (MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, _print_table, _reporting,
+                     _set_threads, cli, console)
+from .sweep import _check_sweep_options, _sweep, _sweep_options
 
 
 @cli.command("eval")
@@ -27,9 +26,13 @@ from .sweep import _check_sweep_options, _sweep, _sweep_options
 @_model_options
 def eval_command(model, plan_paths, corpora, tokens, context, stride, out, force, dtype, device):
     """Perplexity of the full model and of each plan, side by side."""
+    from ..measure.workflows import evaluate_and_report
+
     hf_model, tokenizer = _load(model, dtype, device)
     plans = {"full": None} | {Path(p).stem: _load_plan(p, hf_model, force) for p in plan_paths}
-    result = evaluate_and_report(hf_model, tokenizer, plans, corpora, tokens, context, stride, Path(out), model, device)
+    with _reporting() as progress:
+        result = evaluate_and_report(hf_model, tokenizer, plans, corpora, tokens, context, stride, Path(out), model,
+                                     device, command=_command_line(), progress=progress)
     _print_quality(result)
 
 
@@ -65,6 +68,7 @@ def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_toke
     against the full model — perplexity, generation agreement, prefill and decode speed — in one resumable run.
     """
     from ..measure.speed import BenchSettings
+    from ..measure.workflows import bench_and_report
 
     _check_sweep_options(ctx, sweep)
     if sweep:
@@ -75,7 +79,9 @@ def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_toke
     plans = {Path(p).stem: _load_plan(p, hf_model, force) for p in plan_paths}
     settings = BenchSettings(tuple(int(b) for b in batch_sizes.split(",")), prompt_tokens, decode_prompt_tokens,
                              new_tokens, repeats, warmup, decode_prompts)
-    result = bench_and_report(hf_model, tokenizer, plans, settings, compare_pruned, Path(out), model, device)
+    with _reporting() as progress:
+        result = bench_and_report(hf_model, tokenizer, plans, settings, compare_pruned, Path(out), model, device,
+                                  command=_command_line(), progress=progress)
     _print_speed(result)
 
 
@@ -97,9 +103,10 @@ def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_toke
 @_model_options
 def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, force, dtype, device):
     """Greedy generation agreement of each plan with the full model (and GSM8K answer accuracy)."""
-    from ..measure.agreement import FULL, load_prompts, measure_agreement, summary_rows, write_agreement
-    from ..models.data import corpus_label
-    from ..report.files import machine_info
+    from ..measure.agreement import FULL
+    from ..measure.workflows import agree_and_report
+    from ..models.data import corpus_label, load_prompts
+    from ..report.files import agreement_rows
 
     prompt_list = load_prompts(prompts, limit)  # bad prompts fail before the model loads
     hf_model, tokenizer = _load(model, dtype, device)
@@ -107,23 +114,12 @@ def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, 
     if FULL in plans:
         raise click.BadParameter(f"a plan file may not be named {FULL}.json: that name is the full model's.",
                                  param_hint="--plan")
-    with _progress() as progress:
-        task = progress.add_task("generating", total=len(prompt_list) * (1 + len(plans)))
-        result = measure_agreement(
-            hf_model, tokenizer, prompt_list, plans, new_tokens=new_tokens, batch_size=batch_size, chat=chat,
-            source=corpus_label(prompts), check_model=False,
-            progress=lambda name, rows: progress.update(task, advance=rows, description=f"generating ({name})"))
-    result = {"kind": result.pop("kind"), "command": _command_line(), "model": model, "machine": machine_info(device),
-              **result}
-    paths = write_agreement(result, Path(out), model)
-    headers, rows = summary_rows(result)
-    table = Table(title=f"agreement with the full model's greedy output ({len(prompt_list)} prompts, "
-                        f"<= {new_tokens} tokens)")
-    for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+    with _reporting() as progress:
+        result, paths = agree_and_report(hf_model, tokenizer, prompt_list, plans, new_tokens=new_tokens,
+                                         batch_size=batch_size, chat=chat, source=corpus_label(prompts), out=Path(out),
+                                         model_name=model, device=device, command=_command_line(), progress=progress)
+    _print_table(*agreement_rows(result), title=f"agreement with the full model's greedy output ({len(prompt_list)} "
+                                                f"prompts, <= {new_tokens} tokens)")
     if not plans:
         console.print("no --plan given: only the full model was run.")
     console.print(f"wrote {paths['json']}, {paths['markdown']}")
@@ -144,110 +140,19 @@ def lm_eval_command(args):
     lm_eval_main(list(args))
 
 
-# -- shared by the commands ------------------------------------------------------------------------------------------
-
-
-def evaluate_and_report(model, tokenizer, plans, corpora, tokens, context, stride, out: Path, model_name, device):
-    from ..models.data import corpus_label, load_corpus
-    from ..measure.perplexity import compare_perplexity, tokenize_corpus
-    from ..report.files import machine_info, markdown_table, write_json
-
-    texts = {corpus_label(c): tokenize_corpus(tokenizer, load_corpus(c), tokens) for c in corpora}
-    per_corpus = {}
-    with _progress() as progress:
-        task = progress.add_task("perplexity", total=sum((ids.numel() - 1) * len(plans) for ids in texts.values()))
-        for label, ids in texts.items():
-            progress.update(task, description=f"perplexity on {label}")
-            per_corpus[label] = compare_perplexity(model, ids, plans, context=context, stride=stride,
-                                                   progress=lambda n: progress.advance(task, n))
-    result = {
-        "kind": "perplexity",
-        "command": _command_line(),
-        "model": model_name,
-        "machine": machine_info(device),
-        "settings": {"tokens": tokens, "context": context, "stride": stride, "corpora": list(texts)},
-        "plans": {name: (p.to_json() if p else None) for name, p in plans.items()},
-        "perplexity": {c: {n: r.to_json() for n, r in rs.items()} for c, rs in per_corpus.items()},
-    }
-    write_json(out / "eval.json", result)
-    headers = ["config"] + [f"ppl {c} ({tokens} tok)" for c in texts]
-    rows = [[name] + [f"{per_corpus[c][name].perplexity:.3f}" for c in texts] for name in plans]
-    (out / "eval.md").write_text(f"# Perplexity, {model_name}\n\ncontext {context}, stride {stride}; plans' decode skip "
-                                 f"set applied to every token.\n\n" + markdown_table(headers, rows))
-    return result
-
-
-def bench_and_report(model, tokenizer, plans, settings, compare_pruned, out: Path, model_name, device):
-    import dataclasses
-
-    from ..measure.speed import make_configs, run_bench, total_work
-    from ..models.data import load_corpus
-    from ..measure.perplexity import tokenize_corpus
-    from ..report.files import (machine_info, markdown_table, plot_speedups, policy_rows, settings_line, speed_rows,
-                            write_json)
-
-    corpus_ids = tokenize_corpus(tokenizer, load_corpus("gsm8k"), 8 * max(settings.prompt_tokens, settings.decode_prompt_tokens))
-    configs = make_configs(model, plans, compare_pruned=compare_pruned)
-    chat_prompts = None
-    if settings.decode_prompts == "gsm8k-chat":
-        from ..measure.agreement import encode_prompts, gsm8k_prompts
-
-        chat_prompts = encode_prompts(tokenizer, gsm8k_prompts(200), chat=True)
-    with _progress() as progress:
-        task = progress.add_task("bench", total=total_work(configs, settings))
-        speed = run_bench(configs, corpus_ids, settings,
-                          progress=lambda what: progress.update(task, advance=1, description=f"bench {what}"),
-                          chat_prompts=chat_prompts)
-    result = {
-        "kind": "speed",
-        "command": _command_line(),
-        "model": model_name,
-        "machine": machine_info(device),
-        "settings": dataclasses.asdict(settings),
-        "plans": {name: p.to_json() for name, p in plans.items()},
-        "speed": speed,
-    }
-    write_json(out / "bench.json", result)
-    headers, rows = speed_rows(speed, result["settings"])
-    policy_headers, policy_table = policy_rows(speed, result["settings"])
-    policy_text = ""
-    if policy_table:
-        policy_text = ("\n## Input-adaptive policies\n\nMLP time: (full - static probe) / skippable layers, per token. "
-                       "Saved: (full - policy) per token. Decision overhead: (decisions only - full) per token.\n\n"
-                       + markdown_table(policy_headers, policy_table))
-    (out / "bench.md").write_text(
-        f"# Speed, {model_name}\n\n{result['machine']['cpu']}, {result['machine']['torch_threads']} threads, "
-        f"torch {result['machine']['torch']}; medians of {settings.repeats} interleaved rounds after "
-        f"{settings.warmup} warm-up. {settings_line(result['settings'])}.\n\n" + markdown_table(headers, rows)
-        + policy_text + "\n![speedups](bench.png)\n")
-    if len(configs) > 1:
-        plot_speedups(speed, result["settings"], out / "bench.png", f"{model_name}: measured vs ideal speedup")
-    return result
+# -- what eval, bench and demo print ------------------------------------------------------------------------------
 
 
 def _print_quality(result):
-    table = Table(title=f"perplexity ({result['settings']['tokens']} tokens, context {result['settings']['context']})")
-    table.add_column("config")
-    corpora = list(result["perplexity"])
-    for corpus in corpora:
-        table.add_column(corpus, justify="right")
-    for name in result["plans"]:
-        full = [result["perplexity"][c]["full"]["perplexity"] for c in corpora] if "full" in result["plans"] else None
-        cells = []
-        for i, corpus in enumerate(corpora):
-            value = result["perplexity"][corpus][name]["perplexity"]
-            cells.append(f"{value:.2f}" + (f" ({value / full[i]:.2f}x)" if full and name != "full" else ""))
-        table.add_row(name, *cells)
-    Console().print(table)
+    from ..report.files import perplexity_rows
+
+    settings = result["settings"]
+    _print_table(*perplexity_rows(result, ratios=True),
+                 title=f"perplexity ({settings['tokens']} tokens, context {settings['context']})")
 
 
 def _print_speed(result):
     from ..report.files import settings_line, speed_rows
 
-    headers, rows = speed_rows(result["speed"], result["settings"])
-    table = Table(title="speed (medians; speedup = full time / config time)", caption=settings_line(result["settings"]))
-    for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i < 2 else "right")
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+    _print_table(*speed_rows(result["speed"], result["settings"]), left_columns=2,
+                 title="speed (medians; speedup = full time / config time)", caption=settings_line(result["settings"]))

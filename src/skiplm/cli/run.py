@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from ..speculative.decoder import DEFAULT_MAX_DRAFT
-from .common import MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, cli, console
-from .measure import _print_quality, _print_speed, bench_and_report, evaluate_and_report
+from .common import MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, _reporting, cli, console
+from .measure import _print_quality, _print_speed
 
 
 @cli.command()
@@ -79,7 +79,7 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
     inputs = {k: v.to(device) for k, v in inputs.items()}
     torch.manual_seed(seed)
     if speculative:
-        from ..speculative.decoder import draft_alternatives, draft_precision
+        from ..speculative import draft_alternatives, draft_precision
         from ..speculative.decoder import generate as speculative_generate
 
         if draft_dtype is None and skip_plan is None:
@@ -109,13 +109,8 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
     if temperature > 0 and top_k:
         sampling["top_k"] = top_k
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    handle = None
-    if policy is not None:
-        from ..policies.core import apply_policy
-
-        handle = apply_policy(hf_model, policy, check_model=False, record=bool(activation_map))
-    elif skip_plan is not None:
-        handle = apply(hf_model, skip_plan, check_model=False)
+    options = {"record": True} if activation_map else {}  # (a policy's option: keep which layers ran for which tokens)
+    handle = apply(hf_model, skip_plan, check_model=False, **options) if skip_plan is not None else None
     try:
         start = time.perf_counter()
         output = hf_model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
@@ -128,7 +123,7 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
     what = f"; {'policy' if policy else 'plan'}: {skip_plan.describe()}" if skip_plan else ""
     console.print(f"[dim]{new} tokens in {elapsed:.2f} s ({new / elapsed:.1f} tokens/s, including prefill){what}[/dim]")
     if policy is not None:
-        stats = handle.stats.to_json()
+        stats = handle.stats.to_json()  # a policy's handle counts what it skipped
         console.print("[dim]" + "; ".join(f"{phase}: {s['mlp_skip_ratio']:.0%} of MLPs skipped"
                                           + (f", {s['attention_skip_ratio']:.0%} of attention contributions dropped"
                                              if policy.skips_attention else "")
@@ -139,7 +134,7 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
 
 def _policy_file(path: str, plan_path: str | None, speculative: bool):
     from ..errors import PlanError
-    from ..policies.core import POLICIES, is_policy
+    from ..registry import POLICIES
     from ..skipper import load_skipper
 
     if plan_path is not None or speculative:
@@ -150,13 +145,13 @@ def _policy_file(path: str, plan_path: str | None, speculative: bool):
                 f"{path} --skip-ratio 0.25 -o {path}.json`." if path in POLICIES else "")
         raise PlanError(f"policy file {path} does not exist.{hint}")
     policy = load_skipper(path)
-    if not is_policy(policy):
+    if not getattr(policy, "input_adaptive", False):
         raise PlanError(f"{path} is a skip plan, not a policy: pass it with --plan.")
     return policy
 
 
 def _write_activation_map(handle, path: str, model_name: str) -> None:
-    from ..policies.core import activation_summary, plot_activation_maps
+    from ..policies import activation_summary, plot_activation_maps
     from ..report.files import write_json
 
     png = plot_activation_maps(handle.maps, handle.policy.num_layers, path, f"{model_name}: {handle.policy.method}")
@@ -179,14 +174,8 @@ def export(model, plan_path, out, zero_sublayers, force, dtype, device):
     """Save MODEL with a plan baked in, as a checkpoint vanilla transformers loads (skipped blocks deleted)."""
     from ..export.pruned import export_pruned
 
-    from ..errors import PlanError
-    from ..policies.core import is_policy
-
     hf_model, tokenizer = _load(model, dtype, device)
     skip_plan = _load_plan(plan_path, hf_model, force)
-    if is_policy(skip_plan):
-        raise PlanError(f"{plan_path} is an input-adaptive policy: which layers run depends on each token, so there is "
-                        "no fixed set of layers to delete. Export a static plan (skiplm plan).")
     folder = export_pruned(hf_model, skip_plan, out, tokenizer=tokenizer, zero_sublayers=zero_sublayers,
                            check_model=False)
     console.print(f"wrote {folder}: {skip_plan.describe()}; load it with "
@@ -198,8 +187,8 @@ def export(model, plan_path, out, zero_sublayers, force, dtype, device):
 @_model_options
 def info(model, dtype, device):
     """Show how skiplm sees MODEL: family, layers, and what each sublayer costs."""
-    from ..models.adapters import get_adapter, model_type_of
     from ..measure.costs import CostModel
+    from ..models.adapters import get_adapter, model_type_of
 
     hf_model, _ = _load(model, dtype, device)
     adapter = get_adapter(hf_model)
@@ -219,6 +208,7 @@ def info(model, dtype, device):
 def demo(speedup, tokens, repeats, out, dtype, device):
     """The main job: on the default model, plan a uniform skip, evaluate and bench it against the full model."""
     from ..measure.speed import BenchSettings
+    from ..measure.workflows import bench_and_report, evaluate_and_report, write_demo_summary
     from ..models.loading import DEFAULT_MODEL
     from ..planners import plan_uniform
 
@@ -228,29 +218,12 @@ def demo(speedup, tokens, repeats, out, dtype, device):
     plan_file = skip_plan.save(out / "plan.json")
     console.print(f"[bold]plan[/bold] uniform {speedup}x: {skip_plan.describe()} -> {plan_file}")
     name = f"uniform-{speedup}x"
-    quality = evaluate_and_report(hf_model, tokenizer, {"full": None, name: skip_plan}, ("gsm8k", "pydoc"), tokens,
-                                  1024, 512, out, DEFAULT_MODEL, device)
-    settings = BenchSettings(repeats=repeats)
-    speed = bench_and_report(hf_model, tokenizer, {name: skip_plan}, settings, True, out, DEFAULT_MODEL, device)
+    with _reporting() as progress:
+        quality = evaluate_and_report(hf_model, tokenizer, {"full": None, name: skip_plan}, ("gsm8k", "pydoc"), tokens,
+                                      1024, 512, out, DEFAULT_MODEL, device, command=_command_line(), progress=progress)
+        speed = bench_and_report(hf_model, tokenizer, {name: skip_plan}, BenchSettings(repeats=repeats), True, out,
+                                 DEFAULT_MODEL, device, command=_command_line(), progress=progress)
     _print_quality(quality)
     _print_speed(speed)
-    _write_demo_summary(out, skip_plan, quality, speed)
+    write_demo_summary(out, skip_plan, quality, speed)
     console.print(f"results in {out}/")
-
-
-def _write_demo_summary(out: Path, skip_plan, quality, speed):
-    from ..report.files import markdown_table, measure_label, settings_line
-
-    names = list(speed["speed"])
-    headers = ["config"] + [f"ppl {c}" for c in quality["perplexity"]] + [
-        measure_label(m, speed["settings"]) for m in speed["speed"]["full"]]
-    rows = []
-    for name in names:
-        plan_name = name.replace(" (layers deleted)", "")
-        ppl = [f"{quality['perplexity'][c][plan_name]['perplexity']:.2f}" for c in quality["perplexity"]]
-        times = [f"{r['tokens_per_s']:.1f} tok/s ({r['speedup']:.2f}x, ideal {r['ideal_speedup']:.2f}x)"
-                 for r in speed["speed"][name].values()]
-        rows.append([name] + ppl + times)
-    (out / "summary.md").write_text(
-        f"# skiplm demo: {skip_plan.describe()}\n\n{settings_line(speed['settings'])}.\n\n" + markdown_table(headers, rows)
-        + "\nThe layers-deleted copy has the same perplexity as the plan (same computation).\n")

@@ -34,6 +34,9 @@ def export_pruned(
     check_model: bool = True,
 ) -> Path:
     """Write ``model`` with ``plan`` baked in to folder ``out`` (safetensors + config [+ tokenizer])."""
+    if getattr(plan, "input_adaptive", False):
+        raise PlanError("an input-adaptive policy cannot be exported: which layers run depends on each token, so there "
+                        "is no fixed set of layers to delete. Export a static plan (skiplm plan).")
     if check_model:
         plan.check_model(model)
     if plan.prefill != plan.decode:

@@ -29,19 +29,18 @@ reference answer where a configuration's answer equals it.
 from __future__ import annotations
 
 import dataclasses
-import decimal
-import json
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..errors import DataError
+from ..models.data import (Prompt, encode_prompts, extract_answer, gsm8k_prompts, load_prompts, normalize_number,
+                           read_prompt_file, reference_answer)
+from ..models.generation import eos_token_ids, greedy_continuations, greedy_decode, left_pad, truncate_at_eos
 from ..plan import SkipPlan
+from ..report.files import agreement_rows as summary_rows
 from ..skipper import apply
 
 FULL = "full"
@@ -121,30 +120,7 @@ def summarize(agreements: Sequence[TokenAgreement]) -> dict[str, float | int]:
     }
 
 
-# -- numeric answers ---------------------------------------------------------------------------------------------------
-# An optional minus sign (not a hyphen between two numbers), digits with optional thousands separators, a decimal part.
-_NUMBER = re.compile(r"(?:(?<![\d\w])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-
-
-def normalize_number(text: str) -> str | None:
-    """A canonical spelling of a number: commas removed, ``18.00`` -> ``18``, ``0.50`` -> ``0.5``; None if not one."""
-    try:
-        value = decimal.Decimal(text.replace(",", "").strip())
-    except decimal.InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def extract_answer(text: str) -> str | None:
-    """The last number in a model's output, normalized (see :func:`normalize_number`); None if it has no number."""
-    numbers = _NUMBER.findall(text)
-    return normalize_number(numbers[-1]) if numbers else None
-
-
+# -- numeric answers (read by skiplm.models.data) -----------------------------------------------------------------
 def answers_agree(candidate: str | None, reference: str | None) -> bool:
     """Whether an extracted answer is the same number as a reference answer (no answer never is)."""
     return candidate is not None and candidate == reference
@@ -159,199 +135,7 @@ def answer_agreement(candidate: Sequence[str | None], reference: Sequence[str | 
     return sum(candidate[i] == reference[i] for i in answered) / len(answered), len(answered)
 
 
-def reference_answer(solution: str) -> str | None:
-    """The final answer of a reference solution: the number after its last ``####`` (GSM8K), else its last number."""
-    if "####" in solution:
-        tail = solution.rsplit("####", 1)[1]
-        numbers = _NUMBER.findall(tail)
-        return normalize_number(numbers[0]) if numbers else None
-    return extract_answer(solution)
-
-
-# -- prompts ----------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """A user message, and optionally the reference solution its answer is checked against."""
-
-    text: str
-    reference: str | None = None
-
-    @property
-    def answer(self) -> str | None:
-        return reference_answer(self.reference) if self.reference is not None else None
-
-
-def gsm8k_prompts(limit: int | None = None) -> list[Prompt]:
-    """GSM8K test questions (in file order) with their reference solutions."""
-    from ..models.data import gsm8k_records
-
-    return [Prompt(r["question"], r["answer"]) for r in gsm8k_records()[:limit]]
-
-
-def read_prompt_file(path: str | Path) -> list[Prompt]:
-    """Prompts from a file: JSON Lines (``.jsonl``, or a first line that is a JSON object) with a ``"prompt"`` field
-    and an optional ``"answer"`` (a reference solution or number), otherwise one prompt per line. Blank lines are
-    skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"prompt file {path} does not exist; pass `gsm8k` or a file with one prompt per line.")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"prompt file {path} is not UTF-8 text.") from None
-    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
-    if not numbered:
-        raise DataError(f"prompt file {path} is empty: write one prompt per line, or JSON Lines with a \"prompt\" field.")
-    if path.suffix.lower() != ".jsonl" and not numbered[0][1].lstrip().startswith("{"):
-        return [Prompt(line.strip()) for _, line in numbered]
-    prompts = []
-    for number, line in numbered:
-        where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where} is not valid JSON ({exc.msg}); each line of a JSON Lines prompt file must be an "
-                            "object such as {\"prompt\": \"...\"}.") from None
-        if not isinstance(record, dict) or "prompt" not in record:
-            raise DataError(f"{where} has no \"prompt\" field; each line must be an object such as {{\"prompt\": \"...\"}}.")
-        text, answer = record["prompt"], record.get("answer")
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}: \"prompt\" must be a non-empty string, got {text!r}.")
-        if answer is not None and not isinstance(answer, (str, int, float)):
-            raise DataError(f"{where}: \"answer\" must be a string or a number, got {answer!r}.")
-        prompts.append(Prompt(text, None if answer is None else str(answer)))
-    return prompts
-
-
-def load_prompts(source: str, limit: int | None = None) -> list[Prompt]:
-    """``"gsm8k"`` (the shipped GSM8K test split) or a prompt file (see :func:`read_prompt_file`); the first ``limit``."""
-    if limit is not None and limit < 1:
-        raise DataError(f"limit must be at least 1, got {limit}.")
-    prompts = gsm8k_prompts(limit) if source == "gsm8k" else read_prompt_file(source)[:limit]
-    for i, prompt in enumerate(prompts):
-        if not prompt.text.strip():
-            raise DataError(f"prompt {i} of {source} is empty.")
-    return prompts
-
-
-def encode_prompts(tokenizer, prompts: Sequence[Prompt], *, chat: bool = True) -> list[list[int]]:
-    """Token ids of each prompt: wrapped as a user message in the tokenizer's chat template (with the assistant turn
-    opened) when ``chat`` and the tokenizer has one, else the raw text with the tokenizer's usual special tokens."""
-    if not prompts:
-        raise DataError("there are no prompts.")
-    encoded = []
-    for prompt in prompts:
-        if not prompt.text.strip():
-            raise DataError("a prompt is empty.")
-        if chat and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}], add_generation_prompt=True,
-                                                 tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-        else:
-            ids = tokenizer(prompt.text).input_ids
-        if not ids:
-            raise DataError(f"prompt {prompt.text!r} encodes to no tokens.")
-        encoded.append(list(ids))
-    return encoded
-
-
-# -- greedy generation -------------------------------------------------------------------------------------------------
-def eos_token_ids(model: nn.Module, tokenizer=None) -> list[int]:
-    """The ids that end a generation: the model's generation config's, else the tokenizer's end-of-sequence token."""
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is None and tokenizer is not None:
-        configured = tokenizer.eos_token_id
-    if configured is None:
-        raise DataError("the model has no end-of-sequence token id (generation_config.eos_token_id); set one.")
-    return [int(i) for i in (configured if isinstance(configured, (list, tuple)) else [configured])]
-
-
-def truncate_at_eos(tokens: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
-    """``tokens`` up to and including the first end-of-sequence token."""
-    out = []
-    for token in tokens:
-        out.append(int(token))
-        if token in eos_ids:
-            break
-    return out
-
-
-@torch.inference_mode()
-def greedy_continuations(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    *,
-    new_tokens: int,
-    eos_ids: Sequence[int],
-    pad_token_id: int,
-    batch_size: int = 8,
-    progress: Callable[[int], None] | None = None,
-) -> list[list[int]]:
-    """Greedy continuations of token-id prompts (the model as it is: apply a plan around this call), each at most
-    ``new_tokens`` long and ending at its first end-of-sequence token. Prompts are batched in the order given, left
-    padded with ``pad_token_id``; ``progress(rows)`` is called after each batch."""
-    if new_tokens < 1:
-        raise DataError(f"new_tokens must be at least 1, got {new_tokens}.")
-    if batch_size < 1:
-        raise DataError(f"batch_size must be at least 1, got {batch_size}.")
-    if any(len(p) == 0 for p in prompts):
-        raise DataError("a prompt has no tokens.")
-    outputs: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        outputs.extend(_greedy_batch(model, batch, new_tokens, eos_ids, pad_token_id))
-        if progress:
-            progress(len(batch))
-    return outputs
-
-
-def _greedy_batch(model: nn.Module, batch: Sequence[Sequence[int]], new_tokens: int, eos_ids: Sequence[int],
-                  pad_token_id: int) -> list[list[int]]:
-    """Plain greedy decoding of one left-padded batch: argmax of the logits, nothing else (no sampling, penalties or
-    other logits processing a checkpoint's generation_config might ask for), with the KV cache."""
-    device = next(model.parameters()).device
-    ids, mask = left_pad(batch, pad_token_id)
-    return greedy_decode(model, ids.to(device), mask.to(device), new_tokens, eos_ids, pad_token_id)
-
-
-def left_pad(batch: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists as one left-padded [rows, width] batch and its attention mask (1 = token): every row's last
-    prompt token is at position -1."""
-    width = max(len(p) for p in batch)
-    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, prompt in enumerate(batch):
-        ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
-
-
-@torch.inference_mode()
-def greedy_decode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, eos_ids: Sequence[int],
-                  pad_token_id: int) -> list[list[int]]:
-    """Plain greedy decoding of left-padded ``ids`` [batch, width] with ``mask`` (1 = token), on the model's device:
-    argmax of the logits, nothing else, with the KV cache; each row ends at its first end-of-sequence token (kept)."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, width]: a row's first real token is at position 0
-    eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=ids.device)
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    # logits_to_keep=1: only the last position's logits are needed ([batch, 1, vocab], not [batch, width, vocab])
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    steps = []
-    for step in range(new_tokens):
-        token = out.logits[:, -1].argmax(-1)  # [batch]
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        steps.append(token)
-        finished |= torch.isin(token, eos)
-        if step == new_tokens - 1 or bool(finished.all()):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [batch, width + step + 1]
-        positions = positions[:, -1:] + 1  # [batch, 1]
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
-                    use_cache=True)
-    generated = torch.stack(steps, dim=1).tolist()  # [batch, <= new_tokens]; rows that finished early are padded
-    return [truncate_at_eos(row, eos_ids) for row in generated]
-
-
+# -- the generations, compared ------------------------------------------------------------------------------------
 def compare_generations(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -472,78 +256,16 @@ def measure_agreement(
     }
 
 
-# -- reporting ---------------------------------------------------------------------------------------------------------
-def _percent(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
-
-
-def summary_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """One row per configuration: agreement with the full model, and accuracy where there are reference answers."""
-    has_answers = any("accuracy" in s for s in result["summary"].values())
-    headers = ["config", "prefix agreement", "prefix (pooled)", "positional match", "exact match",
-               "mean matched prefix", "mean length", "stopped at EOS"]
-    headers.append("answer agreement")
-    if has_answers:
-        headers.append("accuracy")
-    rows = []
-    for name, s in result["summary"].items():
-        full = name == FULL
-        row = [name] + (["(reference)"] * 5 if full else [
-            _percent(s["prefix_agreement"]), _percent(s["prefix_agreement_pooled"]), _percent(s["positional_match"]),
-            _percent(s["exact_match"]), f"{s['mean_matched_prefix']:.1f}"])
-        row += [f"{s['mean_length'] if full else s['mean_candidate_length']:.1f}", _percent(s["stopped_at_eos"])]
-        row += ["(reference)" if full else _percent(s["answer_agreement"])]
-        if has_answers:
-            row.append(_percent(s.get("accuracy")))
-        rows.append(row)
-    return headers, rows
-
-
-def write_agreement(result: Mapping[str, Any], out: Path, model_name: str) -> dict[str, Path]:
-    """``agreement.json`` (everything, incl. every output's tokens and text) and ``agreement.md`` (tables)."""
-    from ..report.files import markdown_table, write_json
-
-    out = Path(out)
-    json_path = write_json(out / "agreement.json", dict(result))
-    s = result["settings"]
-    headers, rows = summary_rows(result)
-    plan_names = [name for name in result["summary"] if name != FULL]
-    has_answers = any("reference_answer" in r for r in result["per_prompt"])
-    prompt_headers = ["#", "prompt tokens", "full length"]
-    for name in plan_names:
-        prompt_headers += [f"{name}: first divergence", f"{name}: prefix agreement", f"{name}: exact"]
-    prompt_headers += (["reference"] if has_answers else []) + ["full answer"] + [f"{name} answer" for name in plan_names]
-    prompt_rows = []
-    for record in result["per_prompt"]:
-        row = [record["index"], record["prompt_tokens"], len(record[FULL]["tokens"])]
-        for name in plan_names:
-            o = record[name]
-            row += ["—" if o["first_divergence"] is None else o["first_divergence"], _percent(o["prefix_agreement"]),
-                    "yes" if o["exact_match"] else "no"]
-        if has_answers:
-            row.append(record.get("reference_answer", "—"))
-        row += [_answer_cell(record[name]) for name in [FULL, *plan_names]]
-        prompt_rows.append(row)
-    plans = "".join(f"- `{name}`: {p['description']}\n" for name, p in result["plans"].items() if p) or "- none\n"
-    text = (
-        f"# Generation agreement, {model_name}\n\n"
-        f"{s['count']} prompts from {s['prompts']}{' (chat template)' if s['chat_template'] else ''}; up to "
-        f"{s['new_tokens']} new tokens, {s['decoding']}; batch size {s['batch_size']}. Agreement is measured against "
-        "the full model's output on the same batches. Prefix agreement: share of the full model's tokens reproduced "
-        "before the first divergence (mean over prompts; pooled: over all tokens). Positional match: share of positions "
-        "with the same token. Answers: the last number in each output; answer agreement: the plan's is the same "
-        "number as the full model's, over the prompts where the full model's output has one; accuracy: the same number as the reference's final answer.\n\n"
-        f"Plans:\n{plans}\n" + markdown_table(headers, rows) + "\n## Per prompt\n\n"
-        + markdown_table(prompt_headers, prompt_rows)
-        + "\nEvery output's text and tokens are in agreement.json.\n"
-    )
-    md_path = out / "agreement.md"
-    md_path.write_text(text)
-    return {"json": json_path, "markdown": md_path}
-
-
-def _answer_cell(output: Mapping[str, Any]) -> str:
-    answer = output["answer"] if output["answer"] is not None else "none"
-    if "correct" in output:
-        return f"{answer} {'✓' if output['correct'] else '✗'}"
-    return answer
+# Prompts and answers live in skiplm.models.data, greedy generation in skiplm.models.generation, the agreement tables
+# and files in skiplm.report.files; these names stay importable from here for the callers that still do.
+__all__ = [
+    "FULL", "TokenAgreement", "answer_agreement", "answers_agree", "compare_generations", "measure_agreement",
+    "summarize", "token_agreement",
+    # from skiplm.models.data
+    "Prompt", "encode_prompts", "extract_answer", "gsm8k_prompts", "load_prompts", "normalize_number",
+    "read_prompt_file", "reference_answer",
+    # from skiplm.models.generation
+    "eos_token_ids", "greedy_continuations", "greedy_decode", "left_pad", "truncate_at_eos",
+    # from skiplm.report.files (as agreement_rows)
+    "summary_rows",
+]

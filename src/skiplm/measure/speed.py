@@ -30,8 +30,7 @@ from .costs import CostModel
 from ..errors import DataError
 from ..plan import SkipPlan
 from ..export.prune import prune_blocks
-from ..policies.core import apply_policy, is_policy
-from ..skipper import apply
+from ..skipper import Skipper, apply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +51,20 @@ class BenchSettings:
 
 @dataclasses.dataclass
 class Config:
-    """One thing to time: a model object, optionally with a plan applied while it runs."""
+    """One thing to time: a model object, optionally with a skipper (a plan or an input-adaptive policy) applied while
+    it runs, installed with ``options`` (e.g. ``dry_run=True``: a policy that decides but skips nothing, whose cost
+    over ``full`` is the decision overhead)."""
 
     name: str
     model: nn.Module
-    plan: SkipPlan | None = None  # or an input-adaptive policy (skiplm.policies)
+    plan: Skipper | None = None
     ideal_decode: float = 1.0
     ideal_prefill: float = 1.0
-    dry_run: bool = False  # a policy that decides but skips nothing: its cost over `full` is the decision overhead
+    options: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def dry_run(self) -> bool:
+        return bool(self.options.get("dry_run"))
 
 
 @torch.inference_mode()
@@ -101,16 +106,19 @@ def prompt_batch(corpus_ids: torch.Tensor, batch: int, length: int, device) -> t
 MLP_PROBE = "static probe: skippable MLPs skipped"
 
 
-def make_configs(model: nn.Module, plans: Mapping[str, SkipPlan], *, compare_pruned: bool) -> list[Config]:
-    """The full model, each plan, and (for block-only plans, if asked) a physically pruned copy of the model."""
+def make_configs(model: nn.Module, plans: Mapping[str, Skipper], *, compare_pruned: bool) -> list[Config]:
+    """The full model, each plan, and (for block-only plans, if asked) a physically pruned copy of the model. An
+    input-adaptive skipper (a policy) comes with a decisions-only run and, once, the static probe that skips every
+    MLP it may skip (see :func:`account_policies`)."""
     costs = CostModel.from_parameter_counts(model)
     configs = [Config("full", model)]
     probe_added = False
     for name, plan in plans.items():
         plan.check_model(model)
-        if is_policy(plan):
+        if getattr(plan, "input_adaptive", False):
             # the ideal speedup of a policy depends on the input: it is filled in from what it skipped while timed
-            configs += [Config(name, model, plan), Config(f"{name} (decisions only)", model, plan, dry_run=True)]
+            configs += [Config(name, model, plan),
+                        Config(f"{name} (decisions only)", model, plan, options={"dry_run": True})]
             if not probe_added:
                 probe = SkipPlan.from_layers(plan.num_layers, mlp=plan.skippable)
                 configs.append(Config(MLP_PROBE, model, probe, costs.ideal_speedup(probe.decode),
@@ -155,7 +163,7 @@ def run_bench(
         else:
             inputs[f"decode_b{batch}"] = prompt_batch(corpus_ids, batch, settings.decode_prompt_tokens, device)
     samples = {c.name: {m: [] for m in settings.measures()} for c in configs}
-    policy_stats = {c.name: {m: [] for m in settings.measures()} for c in configs if is_policy(c.plan)}
+    policy_stats = {}  # per config whose handle counts what it skipped (a policy's): per measure, those counts
     for round_index in range(settings.warmup + settings.repeats):
         # Interleave at the finest grain (each measure, every config back to back) and alternate the order between
         # rounds, so slow drift of the machine and position in the round fall on every config alike.
@@ -163,10 +171,7 @@ def run_bench(
         for measure in settings.measures():
             ids = inputs[measure]
             for config in order:
-                if config.dry_run:
-                    handle = apply_policy(config.model, config.plan, check_model=False, dry_run=True)
-                else:
-                    handle = apply(config.model, config.plan, check_model=False) if config.plan else None
+                handle = apply(config.model, config.plan, check_model=False, **config.options) if config.plan else None
                 try:
                     if measure.startswith("prefill"):
                         seconds = time_prefill(config.model, ids)
@@ -177,9 +182,11 @@ def run_bench(
                         handle.remove()
                 if round_index >= settings.warmup:
                     samples[config.name][measure].append(seconds)
-                    if config.name in policy_stats:
+                    stats = getattr(handle, "stats", None)
+                    if stats is not None:
                         phase = "prefill" if measure.startswith("prefill") else "decode"
-                        policy_stats[config.name][measure].append(handle.stats.to_json()[phase])
+                        per_measure = policy_stats.setdefault(config.name, {m: [] for m in settings.measures()})
+                        per_measure[measure].append(stats.to_json()[phase])
                 if progress:
                     progress(f"{config.name}: {measure}")
     results = summarize(configs, samples, settings)

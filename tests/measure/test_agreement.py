@@ -10,21 +10,22 @@ import torch
 import skiplm
 from skiplm.measure.agreement import (
     FULL,
-    Prompt,
     answer_agreement,
     compare_generations,
+    measure_agreement,
+    summarize,
+    token_agreement,
+)
+from skiplm.models.data import (
+    Prompt,
     encode_prompts,
     extract_answer,
-    greedy_continuations,
     load_prompts,
-    measure_agreement,
     normalize_number,
     read_prompt_file,
     reference_answer,
-    summarize,
-    token_agreement,
-    truncate_at_eos,
 )
+from skiplm.models.generation import greedy_continuations, truncate_at_eos
 from skiplm.errors import DataError
 
 from conftest import NUM_LAYERS, VOCAB, run_cli, tiny_model
