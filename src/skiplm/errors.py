@@ -31,3 +31,7 @@ class SweepError(SkipLMError):
 
 class ReportError(SkipLMError):
     """A result file given to `skiplm report` is missing, unreadable or of an unknown kind."""
+
+
+class DeviceError(SkipLMError):
+    """A device this torch cannot use (not built in, not present, or not a device skiplm runs on)."""
