@@ -35,3 +35,7 @@ class ReportError(SkipLMError):
 
 class DeviceError(SkipLMError):
     """A device this torch cannot use (not built in, not present, or not a device skiplm runs on)."""
+
+
+class UnsupportedModelError(ModelLoadError, UnsupportedArchitectureError):
+    """A model to load is of a family skiplm has no adapter for (refused before its weights load)."""

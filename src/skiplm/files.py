@@ -46,19 +46,37 @@ def check_output(path: str | Path, *, kind: str, what: str = "output") -> Path:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, renamed over it when complete."""
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder, renamed over it when complete."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, renamed over it when complete: an
+    interrupted or failed write leaves the old file (or none), never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600; a result file is as readable as any other
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 @contextlib.contextmanager
@@ -74,17 +92,24 @@ def atomic_folder(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
+        os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp makes it 0700; the result is as readable as any folder
         yield temporary
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(temporary, path)
+    try:
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(temporary, path)
+    except BaseException:  # the swap itself failed or was interrupted: put the old folder back
+        if old is not None and not path.exists():
+            os.replace(old, path)
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["OutputError", "atomic_folder", "check_output", "write_text_atomic"]
+__all__ = ["OutputError", "atomic_folder", "check_output", "write_bytes_atomic", "write_text_atomic"]

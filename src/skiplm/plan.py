@@ -26,6 +26,7 @@ from torch import nn
 
 from .models.adapters import PARTS, get_adapter, model_type_of
 from .errors import PlanError, PlanMismatchError
+from .files import write_text_atomic
 from .registry import SKIPPER_FILES, Spec
 from .runtime.static import SkipHandle, install_plan
 
@@ -294,8 +295,7 @@ class SkipPlan:
         text = json.dumps(self.to_json(), indent=2)
         # keep lists of numbers on one line: a plan should read at a glance
         text = re.sub(r"\[\s*([-0-9.,\se]*?)\s*\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
-        path.write_text(text + "\n")
-        return path
+        return write_text_atomic(path, text + "\n")  # whole or not at all
 
     @classmethod
     def from_json(cls, data: Any) -> SkipPlan:

@@ -6,6 +6,10 @@
   branches. By default export refuses such plans. With ``zero_sublayers=True`` their branch's core weights are set to
   zero, so the branch adds exactly 0 to the residual: the checkpoint computes the same function as the planned model
   (useful to evaluate it in other tools) but is **not faster**, since the zeroed matrices are still multiplied.
+
+The folder appears whole or not at all: it is built under a temporary name beside ``out`` and renamed when complete
+(:func:`skiplm.files.atomic_folder`), so an interrupted or failed export leaves nothing that looks like a checkpoint,
+and an earlier export at ``out`` stays as it was until the new one is complete. ``out`` is checked before any work.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import nn
 
 from ..models.adapters import get_adapter
 from ..errors import PlanError
+from ..files import OutputError, atomic_folder, check_output, write_text_atomic
 from ..plan import SkipPlan
 from .prune import prune_blocks
 
@@ -33,7 +38,14 @@ def export_pruned(
     zero_sublayers: bool = False,
     check_model: bool = True,
 ) -> Path:
-    """Write ``model`` with ``plan`` baked in to folder ``out`` (safetensors + config [+ tokenizer])."""
+    """Write ``model`` with ``plan`` baked in to folder ``out`` (safetensors + config [+ tokenizer] + the plan
+    record ``skiplm_plan.json``). ``out`` may be new, empty, or an earlier export (replaced once the new one is
+    complete); any other existing folder or file is an :class:`~skiplm.files.OutputError`, raised before any work."""
+    out = check_output(out, kind="folder", what="export folder")
+    replace = (out / PLAN_FILENAME).is_file()  # an earlier export: replaced as a whole, at the end
+    if out.is_dir() and any(out.iterdir()) and not replace:
+        raise OutputError(f"export folder {out} exists and holds other files (it is not an earlier skiplm export): "
+                          "choose a new or empty folder; nothing in it is overwritten.")
     if getattr(plan, "input_adaptive", False):
         raise PlanError("an input-adaptive policy cannot be exported: which layers run depends on each token, so there "
                         "is no fixed set of layers to delete. Export a static plan (skiplm plan).")
@@ -62,12 +74,11 @@ def export_pruned(
                 core, _ = adapter.branch_modules(layers[new_index[old]], part)
                 for parameter in core.parameters():
                     parameter.zero_()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    exported.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
     record = plan.to_json()
     record["export"] = {"deleted_blocks": sorted(blocks), "zeroed": partial, "layers_kept": len(layers)}
-    (out / PLAN_FILENAME).write_text(json.dumps(record, indent=2) + "\n")
+    with atomic_folder(out, replace=replace) as building:
+        exported.save_pretrained(building)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(building)
+        write_text_atomic(building / PLAN_FILENAME, json.dumps(record, indent=2) + "\n")
     return out

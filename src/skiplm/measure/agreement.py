@@ -38,7 +38,8 @@ from torch import nn
 from ..errors import DataError
 from ..models.data import (Prompt, encode_prompts, extract_answer, gsm8k_prompts, load_prompts, normalize_number,
                            read_prompt_file, reference_answer)
-from ..models.generation import eos_token_ids, greedy_continuations, greedy_decode, left_pad, truncate_at_eos
+from ..models.generation import (check_context, eos_token_ids, greedy_continuations, greedy_decode, left_pad,
+                                 truncate_at_eos)
 from ..plan import SkipPlan
 from ..report.files import agreement_rows as summary_rows
 from ..skipper import apply
@@ -188,11 +189,20 @@ def measure_agreement(
     chat: bool = True,
     source: str = "prompts",
     check_model: bool = True,
+    truncate: bool = False,
     progress: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Generate with the full model and each plan on ``prompts`` and compare (see the module docstring). Returns a
-    JSON-ready dict: settings, per-configuration summaries, and per-prompt outputs and metrics."""
+    JSON-ready dict: settings, per-configuration summaries, and per-prompt outputs and metrics.
+
+    A prompt that does not fit the model's context with ``new_tokens`` more is refused before anything runs
+    (:func:`~skiplm.models.generation.check_context`); with ``truncate``, every configuration sees its last tokens
+    that fit instead, and the settings count the prompts cut."""
     encoded = encode_prompts(tokenizer, prompts, chat=chat)
+    keep = check_context(model, max(map(len, encoded)), new_tokens, truncate=truncate,
+                         what="the prompt" if len(encoded) == 1 else "the longest prompt")
+    truncated = sum(len(ids) > keep for ids in encoded)
+    encoded = [ids[-keep:] for ids in encoded]
     eos_ids = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     continuations, seconds = compare_generations(model, encoded, plans, new_tokens=new_tokens, eos_ids=eos_ids,
@@ -249,6 +259,7 @@ def measure_agreement(
             "decoding": "greedy (argmax), KV cache, left padding; output ends at the first EOS (kept)",
             "eos_token_ids": list(eos_ids),
             "pad_token_id": pad,
+            **({"truncated_prompts": truncated} if truncate else {}),
         },
         "plans": {name: (plan.to_json() if plan is not None else None) for name, plan in plans.items()},
         "summary": summary,

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import DataError
 from ..plan import SkipPlan
 from ..skipper import apply
+from .rows import FULL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +102,11 @@ def compare_perplexity(
     stride: int = 512,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, PerplexityResult]:
-    """Perplexity under each plan (``None`` = the full model), same tokens, same windows."""
+    """Perplexity under each plan (``None`` = the full model), same tokens, same windows. A plan may not take the full
+    model's name (:data:`~skiplm.measure.rows.FULL`): its numbers would be read as the baseline."""
+    if plans.get(FULL, None) is not None:
+        raise DataError(f"a plan may not be named {FULL!r}: that name is the full model's row; give the plan another "
+                        "name (skiplm.measure.rows.plan_names).")
     results = {}
     for name, plan in plans.items():
         teacher_forced = None if plan is None else plan.teacher_forced()

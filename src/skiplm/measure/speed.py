@@ -31,6 +31,7 @@ from ..errors import DataError
 from ..plan import SkipPlan
 from ..export.prune import prune_blocks
 from ..skipper import Skipper, apply
+from .rows import FULL, check_row_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +110,11 @@ MLP_PROBE = "static probe: skippable MLPs skipped"
 def make_configs(model: nn.Module, plans: Mapping[str, Skipper], *, compare_pruned: bool) -> list[Config]:
     """The full model, each plan, and (for block-only plans, if asked) a physically pruned copy of the model. An
     input-adaptive skipper (a policy) comes with a decisions-only run and, once, the static probe that skips every
-    MLP it may skip (see :func:`account_policies`)."""
+    MLP it may skip (see :func:`account_policies`). Rows are keyed by name: a plan named like the full model or like
+    another row is a :class:`~skiplm.errors.DataError` (see :func:`skiplm.measure.rows.plan_names`)."""
+    check_row_names(plans)
     costs = CostModel.from_parameter_counts(model)
-    configs = [Config("full", model)]
+    configs = [Config(FULL, model)]
     probe_added = False
     for name, plan in plans.items():
         plan.check_model(model)
@@ -130,6 +133,11 @@ def make_configs(model: nn.Module, plans: Mapping[str, Skipper], *, compare_prun
         if compare_pruned and block_only and not plan.decode.is_empty():
             pruned = prune_blocks(model, plan.decode.blocks, share_weights=True)  # same memory as `full`
             configs.append(Config(f"{name} (layers deleted)", pruned, None, configs[-1].ideal_decode, configs[-1].ideal_prefill))
+    names = [config.name for config in configs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"two rows would be named {', '.join(map(repr, repeated))}: rename the plan file(s) so that "
+                        "no plan takes the name of another row.")
     return configs
 
 
@@ -150,6 +158,10 @@ def run_bench(
 ) -> dict:
     """Time every configuration on every measure; returns samples (seconds), medians and ratios to ``full``.
     ``chat_prompts`` (token ids) are the decode prompts when ``settings.decode_prompts`` is "gsm8k-chat"."""
+    names = [config.name for config in configs]
+    if names[:1] != [FULL] or len(set(names)) != len(names):
+        raise DataError(f"configurations must be the full model (named {FULL!r}) first, then distinctly named others; "
+                        f"got {', '.join(map(repr, names))}.")
     device = next(configs[0].model.parameters()).device
     if settings.decode_prompts not in ("corpus", "gsm8k-chat"):
         raise DataError(f"decode prompts must be 'corpus' or 'gsm8k-chat', got {settings.decode_prompts!r}.")
@@ -203,7 +215,7 @@ def account_policies(results: dict, configs: list[Config], policy_stats: dict, s
     Times come from the *paired* speedups (each config against the full model in the same round), not from
     differences of medians, so the machine's drift between rounds cancels."""
     costs = CostModel.from_parameter_counts(configs[0].model)
-    full = results["full"]
+    full = results[FULL]
     for config in configs:
         if config.name not in policy_stats:
             continue
@@ -247,7 +259,7 @@ def summarize(configs: list[Config], samples: dict, settings: BenchSettings) -> 
     """Medians per configuration; speedups are paired: the median over rounds of full time / config time in the
     same round (measured back to back), which cancels the machine's slow drift that a ratio of medians keeps."""
     results = {}
-    full = samples["full"]
+    full = samples[FULL]
     for config in configs:
         per_measure = {}
         for measure, values in samples[config.name].items():

@@ -6,6 +6,11 @@ against the full model (:mod:`~skiplm.measure.perplexity`, :mod:`~skiplm.measure
 tables (:mod:`skiplm.report.files`) and plots (:mod:`skiplm.report.plots`); and returns the result.
 
 ``progress(description, done, total)`` is called as the work goes, ``total`` the steps of the current stage.
+
+Rows are keyed by name, and the full model's (:data:`~skiplm.measure.rows.FULL`) is always there and reserved: a plan
+given under that name is refused, never reported as the baseline (name plan files with
+:func:`~skiplm.measure.rows.plan_names`). The output folder is checked before any measuring
+(:func:`skiplm.files.check_output`), and every file is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ from typing import Any
 from torch import nn
 
 from ..errors import DataError
+from ..files import check_output
 from ..models.data import Prompt, corpus_label, encode_prompts, gsm8k_prompts, load_corpus
 from ..report.files import (demo_summary_markdown, machine_info, perplexity_markdown, speed_markdown, write_agreement,
                             write_json, write_text)
 from ..report.plots.speed import plot_speedups
 from ..skipper import Skipper
-from .agreement import FULL, measure_agreement
+from .agreement import measure_agreement
 from .perplexity import compare_perplexity, tokenize_corpus
+from .rows import FULL, check_row_names
 from .speed import BenchSettings, make_configs, run_bench, total_work
 
 Progress = Callable[[str, int, int], None]  # (what runs now, steps done, steps in this stage)
@@ -37,8 +44,11 @@ def _provenance(command: str | None, model_name: str, device: str) -> dict[str, 
 def evaluate_and_report(model: nn.Module, tokenizer, plans: Mapping[str, Skipper | None], corpora: Sequence[str],
                         tokens: int, context: int, stride: int, out: Path, model_name: str, device: str, *,
                         command: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Perplexity of each of ``plans`` (None: the full model) on the first ``tokens`` tokens of each corpus (a name
-    or a text file), in windows of ``context`` advancing by ``stride``; writes ``eval.json`` and ``eval.md``."""
+    """Perplexity of the full model and each of ``plans`` on the first ``tokens`` tokens of each corpus (a name or
+    a text file), in windows of ``context`` advancing by ``stride``; writes ``eval.json`` and ``eval.md``. The full
+    model is always measured, as the first row (``plans`` may list it as ``"full": None``)."""
+    plans = _with_full_model(plans)
+    out = check_output(out, kind="folder", what="eval output folder")
     texts = {corpus_label(c): tokenize_corpus(tokenizer, load_corpus(c), tokens) for c in corpora}
     total, done = sum((ids.numel() - 1) * len(plans) for ids in texts.values()), 0
     per_corpus = {}
@@ -68,6 +78,8 @@ def bench_and_report(model: nn.Module, tokenizer, plans: Mapping[str, Skipper], 
                      progress: Progress | None = None) -> dict[str, Any]:
     """Prefill latency and decode throughput of the full model and each of ``plans`` (and, with ``compare_pruned``,
     a copy with a block plan's layers deleted), interleaved; writes ``bench.json``, ``bench.md`` and ``bench.png``."""
+    check_row_names(plans)
+    out = check_output(out, kind="folder", what="bench output folder")
     corpus_ids = tokenize_corpus(tokenizer, load_corpus("gsm8k"),
                                  8 * max(settings.prompt_tokens, settings.decode_prompt_tokens))
     configs = make_configs(model, plans, compare_pruned=compare_pruned)
@@ -105,6 +117,7 @@ def agree_and_report(model: nn.Module, tokenizer, prompts: Sequence[Prompt], pla
     set's name or a file); writes ``agreement.json`` and ``agreement.md``. Returns the result and the paths."""
     if FULL in plans:
         raise DataError(f"a plan may not be named {FULL!r}: that name is the full model's.")
+    out = check_output(out, kind="folder", what="agreement output folder")
     total, done = len(prompts) * (1 + len(plans)), 0
 
     def advance(name: str, rows: int) -> None:
@@ -117,6 +130,20 @@ def agree_and_report(model: nn.Module, tokenizer, prompts: Sequence[Prompt], pla
                                chat=chat, source=source, check_model=False, progress=advance)
     result = {"kind": result.pop("kind"), **_provenance(command, model_name, device), **result}
     return result, write_agreement(result, Path(out), model_name)
+
+
+def _with_full_model(plans: Mapping[str, Skipper | None]) -> dict[str, Skipper | None]:
+    """``plans`` after the full model's row (``None``, under :data:`FULL`); any other ``None`` or a plan named
+    :data:`FULL` is refused: it would be a second baseline, or a plan reported as the baseline."""
+    if plans.get(FULL, None) is not None:
+        check_row_names([FULL])  # raises: a plan took the full model's name
+    others = {name: plan for name, plan in plans.items() if name != FULL}
+    check_row_names(others)
+    unnamed = [name for name, plan in others.items() if plan is None]
+    if unnamed:
+        raise DataError(f"{', '.join(map(repr, unnamed))}: None stands for the full model, which is always measured "
+                        f"as {FULL!r}; give a plan or drop the entry.")
+    return {FULL: None, **others}
 
 
 def write_demo_summary(out: Path, plan: Skipper, quality: Mapping[str, Any], speed: Mapping[str, Any]) -> Path:

@@ -4,16 +4,84 @@ other logits processing a checkpoint's generation_config might ask for), with th
 The model runs as it is: apply a plan or policy around these calls to generate under it. Generation agreement
 (:mod:`skiplm.measure.agreement`) compares such continuations; the speculative decoder's verification reuses
 :func:`greedy_decode` and :func:`left_pad`. A row's continuation ends at its first end-of-sequence token, which is kept.
+
+Context. :func:`check_context` is the one rule every generation path applies before it runs: the prompt plus the new
+tokens asked for must fit the model's context (:func:`context_length`), else a :class:`~skiplm.errors.DataError`
+saying both lengths, or, only when asked (``truncate=True``, the CLI's ``--truncate-prompt``), the prompt's last tokens
+that fit. :func:`fit_context` applies it to a batch of tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+# Config attributes that hold the most positions a model was built for, in the order they are looked for.
+CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+TRUNCATE_FLAG = "--truncate-prompt"
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most positions ``model`` was built for: its (text) config's ``max_position_embeddings`` (or ``n_positions``,
+    ...); None when its config names none (then nothing is checked)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    configs = [config.get_text_config(decoder=True)] if hasattr(config, "get_text_config") else []
+    for candidate in [*configs, config]:
+        for attribute in CONTEXT_ATTRIBUTES:
+            value = getattr(candidate, attribute, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int, *, truncate: bool = False,
+                  what: str = "the prompt") -> int:
+    """How many prompt tokens to run: ``prompt_tokens`` (the longest row's) when they and ``max_new_tokens`` fit the
+    model's context; with ``truncate``, the number of last prompt tokens that do (the caller keeps ``ids[..., -n:]``);
+    otherwise a :class:`~skiplm.errors.DataError` that says both lengths. A model without a known context is not
+    checked. ``what`` names the prompt in the message (e.g. "the longest prompt")."""
+    context = context_length(model)
+    if context is None or prompt_tokens + max_new_tokens <= context:
+        return prompt_tokens
+    room = context - max_new_tokens
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or "the model"
+    if room < 1:
+        raise DataError(f"{max_new_tokens:,} new tokens are asked for, but {name}'s context is {context:,} tokens "
+                        f"(config.max_position_embeddings), which must also hold the prompt: ask for at most "
+                        f"{context - 1:,} new tokens (--max-new-tokens).")
+    if not truncate:
+        raise DataError(
+            f"{what} is {prompt_tokens:,} tokens and {max_new_tokens:,} new tokens are asked for "
+            f"({prompt_tokens + max_new_tokens:,} in all), but {name}'s context is {context:,} tokens "
+            f"(config.max_position_embeddings): shorten {what} to at most {room:,} tokens, ask for fewer new "
+            f"tokens (--max-new-tokens), or keep only the last {room:,} tokens of each prompt ({TRUNCATE_FLAG}; "
+            "truncate=True in Python).")
+    log.warning("%s (%d tokens) and %d new tokens do not fit %s's context of %d tokens: keeping only the last %d "
+                "tokens of each prompt.", what[:1].upper() + what[1:], prompt_tokens, max_new_tokens, name, context,
+                room)
+    return room
+
+
+def fit_context(model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_tokens: int, *,
+                truncate: bool = False) -> dict[str, torch.Tensor]:
+    """``inputs`` (``input_ids`` [batch, tokens], left padded, and tensors of the same width such as its
+    ``attention_mask``) checked by :func:`check_context`; with ``truncate``, cut to their last columns that fit."""
+    ids = inputs["input_ids"]
+    width = ids.shape[-1]
+    keep = check_context(model, width, max_new_tokens, truncate=truncate)
+    if keep == width:
+        return dict(inputs)
+    return {key: value[..., -keep:] if torch.is_tensor(value) and value.dim() == ids.dim() and value.shape[-1] == width
+            else value for key, value in inputs.items()}
 
 
 def eos_token_ids(model: nn.Module, tokenizer=None) -> list[int]:
@@ -56,6 +124,9 @@ def greedy_continuations(
         raise DataError(f"batch_size must be at least 1, got {batch_size}.")
     if any(len(p) == 0 for p in prompts):
         raise DataError("a prompt has no tokens.")
+    if prompts:
+        check_context(model, max(len(p) for p in prompts), new_tokens,
+                      what="the prompt" if len(prompts) == 1 else "the longest prompt")
     outputs: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]

@@ -13,6 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapters import get_adapter
+from .devices import check_device
+from .folders import check_folder, check_gguf
 from ..errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ def default_gguf_path() -> Path:
 
 
 def load_model(
-    spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32", device: str = "cpu"
+    spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` in eval mode from:
 
@@ -61,45 +63,73 @@ def load_model(
     * a local Hugging Face model folder;
     * a local ``.gguf`` file (dequantized by transformers; a converted copy is cached for fast reloads);
     * a hub id such as ``"Qwen/Qwen2.5-0.5B"`` — only where a network (or a filled HF cache) exists.
+
+    Refused before any weights load, each with a :class:`~skiplm.errors.ModelLoadError` naming the path and what is
+    wrong: a device this torch cannot use (:class:`~skiplm.errors.DeviceError`), a folder without a readable config,
+    without weights, with truncated weights or without a tokenizer, a family skiplm has no adapter for
+    (:class:`~skiplm.errors.UnsupportedModelError`), and a ``.gguf`` that is not a GGUF file (see
+    :mod:`skiplm.models.folders`).
     """
     torch_dtype = resolve_dtype(dtype)
+    target = check_device(device)
     if spec == DEFAULT_MODEL:
         folder = _converted_gguf(default_gguf_path(), name=DEFAULT_MODEL)
     else:
         path = Path(spec).expanduser()
         if path.suffix == ".gguf":
-            if not path.is_file():
-                raise ModelLoadError(f"GGUF file {path} does not exist.")
+            check_gguf(path)
             folder = _converted_gguf(path, name=path.stem)
         elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ModelLoadError(f"{path} is a folder but has no config.json: it is not a Hugging Face model folder.")
+            check_folder(path)
             folder = path
         elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
             raise ModelLoadError(f"{spec!r} is neither a model folder, a .gguf file, nor the alias {DEFAULT_MODEL!r}.")
         else:
             folder = spec  # a hub id
-    model, tokenizer = _load_folder(str(folder), torch_dtype, device, spec)
+    model, tokenizer = _load_folder(str(folder), torch_dtype, target, spec)
     model.config._name_or_path = spec
     get_adapter(model)  # fail now, with the list of supported families, rather than at apply() time
     return model, tokenizer
 
 
-def _load_folder(folder: str, dtype: torch.dtype, device: str, spec: str):
+def _load_folder(folder: str, dtype: torch.dtype, device: torch.device, spec: str):
+    local = Path(folder).is_dir()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # what transformers raises for a broken tokenizer
+        raise ModelLoadError(f"could not load the tokenizer of {spec!r}: {_first_line(exc)}. A model folder needs "
+                             "its tokenizer saved beside the weights (tokenizer.save_pretrained(folder)).") from None
+    except OSError as exc:
+        raise _load_error(spec, exc) from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower()
-        hint = (
-            " No network is reachable (or HF_HUB_OFFLINE=1): use a local model folder, a .gguf file, or the shipped "
-            f"default {DEFAULT_MODEL!r}."
-            if offline
-            else ""
-        )
-        raise ModelLoadError(f"could not load model {spec!r}: {exc}.{hint}") from None
+        raise _load_error(spec, exc) from None
+    except Exception as exc:  # a mismatched or damaged checkpoint: transformers raises many types
+        if not local or isinstance(exc, MemoryError):
+            raise
+        what = ("some of its tensors have other shapes than its config.json asks for (transformers logged which)"
+                if "mismatched_sizes" in str(exc) else f"{type(exc).__name__}: {_first_line(exc)}")
+        raise ModelLoadError(f"could not load the weights in {folder}: {what}. The weights do not match its "
+                             "config.json, or a file is damaged: re-download or re-save the model.") from None
     prepare_tokenizer(tokenizer)
     return model.to(device).eval(), tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__).rstrip(".")
+
+
+def _load_error(spec: str, exc: OSError) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower()
+    hint = (
+        " No network is reachable (or HF_HUB_OFFLINE=1): use a local model folder, a .gguf file, or the shipped "
+        f"default {DEFAULT_MODEL!r}."
+        if offline
+        else ""
+    )
+    return ModelLoadError(f"could not load model {spec!r}: {str(exc).rstrip('.')}.{hint}")
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -116,6 +146,7 @@ def _converted_gguf(gguf: Path, name: str) -> Path:
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
     folder = cache_dir() / "models" / f"{name}-{key}"
     if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+        check_folder(folder, hint=f" (This is skiplm's converted copy of {gguf}: delete {folder} to convert again.)")
         return folder
     log.warning("Converting %s to safetensors once (about 30 s); cached in %s", gguf.name, folder)
     try:

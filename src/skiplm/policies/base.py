@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
+from ..files import write_text_atomic
 from ..plan import PHASES, ModelIdentity, check_made_for, model_identity
 from ..registry import POLICIES, SKIPPER_FILES, Spec, UnknownNameError
 from ..runtime.hooks import install_handle
@@ -222,8 +223,7 @@ class HaltingPolicy:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return path
+        return write_text_atomic(path, json.dumps(self.to_json(), indent=2) + "\n")  # whole or not at all
 
 
 def register_policy(name: str, **spec: Any) -> Callable[[type[HaltingPolicy]], type[HaltingPolicy]]:

@@ -20,6 +20,7 @@ import torch
 import transformers
 
 from .. import __version__
+from ..files import write_text_atomic
 from ..system import keep_freed_memory
 
 FULL = "full"  # the name every result gives the full model
@@ -52,15 +53,13 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    return path
+    """Write ``data`` as indented JSON, whole or not at all (:func:`skiplm.files.write_text_atomic`)."""
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+    """Write ``text``, whole or not at all (:func:`skiplm.files.write_text_atomic`)."""
+    return write_text_atomic(path, text)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -232,9 +231,7 @@ def write_agreement(result: Mapping[str, Any], out: Path, model_name: str) -> di
         + markdown_table(prompt_headers, prompt_rows)
         + "\nEvery output's text and tokens are in agreement.json.\n"
     )
-    md_path = out / "agreement.md"
-    md_path.write_text(text)
-    return {"json": json_path, "markdown": md_path}
+    return {"json": json_path, "markdown": write_text(out / "agreement.md", text)}
 
 
 def _answer_cell(output: Mapping[str, Any]) -> str:

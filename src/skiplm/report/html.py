@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ReportError
+from ..files import check_output, write_text_atomic
 from ..plan import FORMAT_NAME as PLAN_FORMAT
 from ..registry import PLANNERS, POLICIES
-from ..sweep.settings import is_full_model, target_label
+from ..sweep.settings import is_full_model, point_problem, target_label
+from .shapes import SHAPES, shape_problem
 from ..sweep.tables import settings_text, sweep_table
 
 # file name -> kind written in it
@@ -94,7 +96,19 @@ def read_result(path: Path) -> Result:
         kind = data.get("kind") if isinstance(data, dict) else None
         raise ReportError(f"{path} is not a result `skiplm report` knows (kind {kind!r}); it renders "
                           f"{', '.join(RESULT_FILES)} as written by skiplm bench --sweep, compare, bench, eval and agree.")
+    kind = data["kind"]
+    problem = shape_problem(data, SHAPES[kind])
+    if problem is None and kind == "sweep":
+        problem = next(filter(None, (point_problem(point, f"points[{i}]") for i, point in enumerate(data["points"]))),
+                       None)
+    if problem is not None:
+        raise _shape_error(path, kind, problem)
     return Result(path, data)
+
+
+def _shape_error(path: Path, kind: str, problem: str) -> ReportError:
+    return ReportError(f"{path} says it is a {kind} result but is not shaped like one: {problem}. It was edited, cut "
+                       "short, or written by another tool or skiplm version; re-run the command that wrote it.")
 
 
 # -- HTML pieces --------------------------------------------------------------------------------------------------------
@@ -274,7 +288,11 @@ def render(results: Sequence[Result], title: str = "skiplm report") -> str:
     sections = []
     for i, result in enumerate(results):
         data = result.data
-        body, plans = BODIES[result.kind](data)
+        try:
+            body, plans = BODIES[result.kind](data)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # a field the checks missed
+            detail = f"no field {exc.args[0]!r}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise _shape_error(result.path, result.kind, detail) from None
         plans = [(name, plan) for name, plan in plans if plan.get("format") == PLAN_FORMAT]  # grids: static plans
         images = "".join(embedded_png(result.path.parent / name, f"{result.title}: {name}")
                          for name in PLOTS.get(result.kind, ()) if (result.path.parent / name).is_file())
@@ -305,9 +323,8 @@ def render(results: Sequence[Result], title: str = "skiplm report") -> str:
 
 
 def write_report(paths: Sequence[str | Path], out: str | Path, title: str = "skiplm report") -> Path:
-    """Render the results in ``paths`` (folders or JSON files) to the HTML file ``out``."""
+    """Render the results in ``paths`` (folders or JSON files) to the HTML file ``out`` (checked first, written whole
+    or not at all)."""
+    out = check_output(out, kind="file", what="report file")
     results = find_results(paths)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(results, title), encoding="utf-8")
-    return out
+    return write_text_atomic(out, render(results, title))

@@ -30,7 +30,7 @@ from ..models.data import corpus_label, load_corpus
 from ..planners.common import Planned, plan_each
 from ..policies import calibrate, skip_ratio_for_speedup
 from ..registry import PLANNERS, POLICIES, Spec
-from ..report.files import machine_info, markdown_table, write_json
+from ..report.files import machine_info, markdown_table, write_json, write_text
 from ..report.plots.sweep import plot_pareto
 from ..skipper import Skipper, apply
 from .measurements import ideal_speedups
@@ -242,7 +242,8 @@ def write_compare(result: dict[str, Any], out: str | Path) -> str:
     write_json(out / RESULT_JSON, result)
     table = markdown_table(*pareto_table(result, s["targets"]))
     timing = s["timing"]
-    (out / RESULT_MARKDOWN).write_text(
+    write_text(
+        out / RESULT_MARKDOWN,
         f"# Planners compared, {result['model']}\n\nCalibration: {s['sequences']} x {s['length']} tokens of "
         f"{s['calibration']}. Held-out perplexity: {s['eval_tokens']} tokens of {s['eval']}, context "
         f"{s['context']}, stride {s['stride']}. Measured decode speedup: batch 1, {timing['new_tokens']} steps, paired "

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError, SweepError
+from ..files import check_output
 from ..measure.agreement import encode_prompts, eos_token_ids, load_prompts
 from ..measure.perplexity import tokenize_corpus, windows
 from ..measure.speed import BenchSettings, total_work
@@ -78,6 +79,7 @@ class Sweep:
     def __init__(self, model: nn.Module, tokenizer, settings: SweepSettings, out: str | Path, *, model_name: str,
                  dtype: str = "float32", device: str = "cpu", command: str | None = None, fresh: bool = False):
         settings.check()
+        out = check_output(out, kind="folder", what="sweep output folder")  # before minutes of planning
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.out = Path(out)
         self.model_name, self.dtype, self.device, self.command, self.fresh = model_name, dtype, device, command, fresh

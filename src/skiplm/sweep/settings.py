@@ -20,6 +20,7 @@ import torch
 
 from ..errors import SweepError
 from ..measure.speed import BenchSettings
+from ..report.shapes import NUMBER, shape_problem
 from .compare import method_names
 
 POINTS_FILE = "points.jsonl"
@@ -116,6 +117,25 @@ def is_full_model(record: dict[str, Any]) -> bool:
     return record["method"] == FULL_MODEL
 
 
+# what every point record holds, and what a measured one (no error) holds besides
+POINT_SHAPE = {"method": str, "target": NUMBER, "settings_hash": str}
+MEASURED_POINT_SHAPE = {"perplexity.perplexity": NUMBER, "agreement": dict, "speed": dict, "speed.plan": dict,
+                        "speed.plan{}": dict, "ideal_speedup": dict}
+
+
+def point_problem(record: Any, where: str = "the record") -> str | None:
+    """What a point record (a line of points.jsonl, an item of sweep.json's points) lacks, in words, or None. A
+    record whose ``error`` is null says it was measured, so it must hold the measurements too."""
+    if not isinstance(record, dict):
+        return f"{where} is not an object"
+    problem = shape_problem(record, POINT_SHAPE)
+    if problem is None and "error" in record and record["error"] is None:  # says it was measured: it must hold them
+        problem = shape_problem(record, MEASURED_POINT_SHAPE)
+    if problem is not None and where:
+        problem = f"{where}: {problem}"
+    return problem
+
+
 def plan_file_name(method: str, target: float) -> str:
     return f"{method}-{target_label(target)}.json"
 
@@ -157,9 +177,11 @@ def load_points(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise SweepError(f"{path}, line {number} is not a JSON record: the file was edited or damaged. Delete that "
                              "line, or pass --fresh to start the sweep over.") from None
-        if not isinstance(record, dict) or not {"method", "target", "settings_hash"} <= set(record):
-            raise SweepError(f"{path}, line {number} is not a sweep point (it needs method, target and settings_hash); "
-                             "pass --fresh to start the sweep over, or use another output folder.")
+        problem = point_problem(record, "")
+        if problem is not None:
+            raise SweepError(f"{path}, line {number} is not a sweep point ({problem}; a point needs method, target "
+                             "and settings_hash, and a measured one its perplexity, agreement and speed): pass "
+                             "--fresh to start the sweep over, or use another output folder.")
         points[point_key(record["method"], record["target"])] = record
     return points
 

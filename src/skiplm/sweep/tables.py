@@ -9,7 +9,7 @@ from typing import Any
 
 from ..models.data import corpus_label
 from ..plan import FORMAT_NAME as PLAN_FORMAT
-from ..report.files import markdown_table, write_json
+from ..report.files import markdown_table, write_json, write_text
 from ..report.plots.sweep import plot_sweep
 from .settings import FULL_MODEL, is_full_model, target_label
 
@@ -120,7 +120,6 @@ def write_sweep(result: dict[str, Any], out: Path) -> dict[str, Path]:
           f"{machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}, {result['dtype']} on "
           f"{result['device']}. {settings_text(result)}\n\n" + markdown_table(headers, rows)
           + f"\n![pareto]({RESULT_PLOT})\n\nCommand: `{result.get('command') or 'not recorded'}`\n")
-    md_path = out / RESULT_MARKDOWN
-    md_path.write_text(md)
+    md_path = write_text(out / RESULT_MARKDOWN, md)
     plot_path = plot_sweep(result, out / RESULT_PLOT, f"{result['model']}: quality vs measured speed")
     return {"json": json_path, "markdown": md_path, "plot": plot_path}

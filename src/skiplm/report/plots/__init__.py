@@ -7,6 +7,7 @@ results file, and nothing here may need a display.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 
@@ -21,13 +22,19 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:
-    """Lay out ``fig``, write it to ``path`` (folders made as needed) and close it."""
+    """Lay out ``fig``, write it to ``path`` (folders made as needed; whole or not at all, through
+    :func:`skiplm.files.write_bytes_atomic`) and close it. The format is the file's extension (``.png``, ``.pdf``,
+    ``.svg``)."""
+    from ...files import write_bytes_atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
-    return path
+    buffer = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buffer, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        pyplot().close(fig)
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 __all__ = ["pyplot", "save_figure"]
