@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .common import MODEL_ARGUMENT, _command_line, _load, _model_options, _print_table, _progress, _reporting, cli, console
+from .options import NON_NEGATIVE, Output
 
 
 @cli.command("analyze")
@@ -18,7 +19,7 @@ from .common import MODEL_ARGUMENT, _command_line, _load, _model_options, _print
               help="largest span n of the angular distance between layer l and l+n  [default: layers // 4]")
 @click.option("--skip-one/--no-skip-one", default=True, show_default=True,
               help="also measure skipping each attention / MLP / block alone (3 extra passes per layer)")
-@click.option("--out", "-o", type=click.Path(file_okay=False), default="results/analysis", show_default=True,
+@click.option("--out", "-o", type=Output("folder"), default="results/analysis", show_default=True,
               help="output folder")
 @_model_options
 def analyze_command(model, corpus, sequences, length, span_max, skip_one, out, dtype, device):
@@ -96,9 +97,9 @@ def _print_analysis(result):
 @click.option("--limit", type=click.IntRange(min=1), default=4, show_default=True, help="GSM8K problems searched")
 @click.option("--iterations", type=click.IntRange(min=1), default=300, show_default=True,
               help="MCTS iterations per problem (one forward pass per new chain)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
 @click.option("--chat/--raw", default=True, show_default=True, help="wrap each problem in the model's chat template")
-@click.option("--out", "-o", type=click.Path(file_okay=False), default="results/cola", show_default=True,
+@click.option("--out", "-o", type=Output("folder"), default="results/cola", show_default=True,
               help="output folder")
 @_model_options
 def cola_command(model, limit, iterations, seed, chat, out, dtype, device):

@@ -1,4 +1,6 @@
-"""What every command shares: the console, model loading, plan files, option parsers, the `skiplm` group and main()."""
+"""What every command shares: the consoles, model loading, plan files, the options every model command takes
+(``--device``, ``--dtype``, ``--threads``), the `skiplm` group and main(), which turns every error into one message
+(see :func:`main`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import logging
 import os
 import shlex
 import sys
+import traceback
 
 import click
 from rich.console import Console
@@ -14,9 +17,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import SkipLMError
+from .options import DTYPE, POSITIVE, Device
 
-
-console = Console(stderr=True)
+console = Console(stderr=True)  # status, progress and messages
+TRACEBACK_VARIABLE = "SKIPLM_TRACEBACK"  # set to 1: an unexpected error shows its full traceback (as --traceback)
+_show_traceback = False  # set by `skiplm --traceback`
 
 
 MODEL_ARGUMENT = click.argument("model", default="smollm2-135m", required=False)
@@ -64,9 +69,24 @@ def _load(model: str, dtype: str, device: str):
         return load_model(model, dtype=dtype, device=device)
 
 
+def _set_threads_option(ctx, param, threads):
+    _set_threads(threads)
+
+
+THREADS_OPTION = click.option(
+    "--threads", type=POSITIVE, expose_value=False, callback=_set_threads_option,
+    help="torch CPU threads  [default: torch's choice, one per core]; on a machine other work shares, fewer threads "
+         "than cores is often much faster (a busy core stalls every step of a multi-threaded run)")
+
+
 def _model_options(function):
-    function = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda")(function)
-    function = click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16")(function)
+    """``--device`` (checked: a device this torch can use), ``--dtype`` and ``--threads`` (set as soon as parsed):
+    every command that loads and runs a model takes them."""
+    function = THREADS_OPTION(function)
+    function = click.option("--device", type=Device(), default="cpu", show_default=True,
+                            help="torch device: cpu, cuda (or cuda:N), mps or xpu")(function)
+    function = click.option("--dtype", type=DTYPE, default="float32", show_default=True,
+                            help="the weights' precision")(function)
     return function
 
 
@@ -84,12 +104,16 @@ def _load_plan(path: str | None, model, force: bool):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="skiplm")
-def cli():
+@click.option("--traceback", "traceback_", is_flag=True,
+              help=f"show the full traceback of an unexpected error (also: {TRACEBACK_VARIABLE}=1)")
+def cli(traceback_):
     """Skip layers of Hugging Face decoder-only LLMs, and measure what each skip costs.
 
     MODEL is the shipped default `smollm2-135m`, a local model folder, a local .gguf file, or a hub id (needs a
     network).
     """
+    global _show_traceback
+    _show_traceback = _show_traceback or traceback_
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import transformers
 
@@ -101,6 +125,8 @@ def cli():
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
+    if isinstance(text, tuple):  # already parsed by an IntList / FloatList option type
+        return text
     try:
         return tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
@@ -108,10 +134,19 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 
 
 def _ints(text: str, option: str) -> tuple[int, ...]:
+    if isinstance(text, tuple):  # already parsed by an IntList / FloatList option type
+        return text
     try:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}.", param_hint=option) from None
+
+
+def _check_stride(stride: int, context: int) -> None:
+    """Windows advance by less than their length (every scored token has context): checked before the model loads."""
+    if stride >= context:
+        raise click.BadParameter(f"{stride} is not less than --context {context}: windows advance by less than their "
+                                 f"length (e.g. --stride {context // 2}).", param_hint="--stride")
 
 
 def _command_line() -> str:
@@ -126,16 +161,46 @@ def _set_threads(threads):
         torch.set_num_threads(threads)
 
 
+def _error(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+
+
 def main():
+    """The `skiplm` command. No traceback for anything a user can fix: a :class:`~skiplm.errors.SkipLMError` or a
+    usage error is one message and exit code 2; a file the system refuses (``OSError``) is one message and exit 1;
+    Ctrl-C exits 130. Anything else is a bug in skiplm: one line that says so (the exception's type and message),
+    exit 1, and the full traceback with ``skiplm --traceback ...`` or ``SKIPLM_TRACEBACK=1``."""
+    global _show_traceback
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _show_traceback = os.environ.get(TRACEBACK_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
     try:
-        cli(standalone_mode=False)
+        cli(standalone_mode=False, prog_name="skiplm")
     except SkipLMError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        _error(_escape(str(exc)))
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
+    except OSError as exc:
+        if _show_traceback:
+            traceback.print_exc()
+        _error(_escape(str(exc)))
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 (the last resort: a bug, said in one line)
+        if _show_traceback:
+            traceback.print_exc()
+            hint = ""
+        else:
+            hint = f" Run it again with `skiplm --traceback ...` (or {TRACEBACK_VARIABLE}=1) for the full traceback."
+        _error(_escape(f"internal error, a bug in skiplm: {type(exc).__name__}: {exc}.{hint} Please report it "
+                       "with the command you ran."))
+        sys.exit(1)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
-from .common import (MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, _print_table, _reporting,
-                     _set_threads, cli, console)
+from ..measure.rows import plan_names
+from .common import (MODEL_ARGUMENT, _check_stride, _command_line, _load, _load_plan, _model_options, _print_table,
+                     _reporting, cli, console)
+from .options import NON_NEGATIVE, POSITIVE, IntList, Output
 from .sweep import _check_sweep_options, _sweep, _sweep_options
 
 
@@ -18,18 +20,19 @@ from .sweep import _check_sweep_options, _sweep, _sweep_options
                    "always evaluated too")
 @click.option("--corpus", "corpora", multiple=True, default=("gsm8k",), show_default=True,
               help="gsm8k, pydoc, or a text file (repeatable)")
-@click.option("--tokens", default=16384, show_default=True, help="tokens scored per corpus")
-@click.option("--context", default=1024, show_default=True, help="window length")
-@click.option("--stride", default=512, show_default=True, help="window advance")
-@click.option("--out", "-o", type=click.Path(), default="results/eval", show_default=True, help="output folder")
+@click.option("--tokens", type=POSITIVE, default=16384, show_default=True, help="tokens scored per corpus")
+@click.option("--context", type=click.IntRange(min=2), default=1024, show_default=True, help="window length")
+@click.option("--stride", type=POSITIVE, default=512, show_default=True, help="window advance (less than --context)")
+@click.option("--out", "-o", type=Output("folder"), default="results/eval", show_default=True, help="output folder")
 @click.option("--force", is_flag=True, help="apply plans even if made for other weights")
 @_model_options
 def eval_command(model, plan_paths, corpora, tokens, context, stride, out, force, dtype, device):
     """Perplexity of the full model and of each plan, side by side."""
     from ..measure.workflows import evaluate_and_report
 
+    _check_stride(stride, context)
     hf_model, tokenizer = _load(model, dtype, device)
-    plans = {"full": None} | {Path(p).stem: _load_plan(p, hf_model, force) for p in plan_paths}
+    plans = {"full": None} | {name: _load_plan(p, hf_model, force) for name, p in plan_names(plan_paths).items()}
     with _reporting() as progress:
         result = evaluate_and_report(hf_model, tokenizer, plans, corpora, tokens, context, stride, Path(out), model,
                                      device, command=_command_line(), progress=progress)
@@ -43,25 +46,27 @@ def eval_command(model, plan_paths, corpora, tokens, context, stride, out, force
 @MODEL_ARGUMENT
 @click.option("--plan", "--policy", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="plan file (repeat for several); the full model is always measured too")
-@click.option("--batch-sizes", default="1,8", show_default=True)
-@click.option("--prompt-tokens", default=256, show_default=True, help="prefill length")
-@click.option("--decode-prompt-tokens", default=64, show_default=True, help="prompt length before decoding")
+@click.option("--batch-sizes", type=IntList(1), default="1,8", show_default=True,
+              help="comma-separated batch sizes, each at least 1")
+@click.option("--prompt-tokens", type=POSITIVE, default=256, show_default=True, help="prefill length")
+@click.option("--decode-prompt-tokens", type=POSITIVE, default=64, show_default=True,
+              help="prompt length before decoding")
 @click.option("--decode-prompts", type=click.Choice(["corpus", "gsm8k-chat"]), default="corpus", show_default=True,
               help="decode prompts: chunks of GSM8K text, or the last --decode-prompt-tokens tokens of GSM8K "
                    "questions in the chat template (the model answers, as in use; input-adaptive policies decide on it)")
-@click.option("--new-tokens", default=64, show_default=True, help="decode steps")
-@click.option("--repeats", default=5, show_default=True)
-@click.option("--warmup", default=1, show_default=True)
+@click.option("--new-tokens", type=POSITIVE, default=64, show_default=True, help="decode steps")
+@click.option("--repeats", type=POSITIVE, default=5, show_default=True, help="timed rounds")
+@click.option("--warmup", type=NON_NEGATIVE, default=1, show_default=True, help="untimed rounds first")
 @click.option("--compare-pruned/--no-compare-pruned", default=True, show_default=True,
               help="also time a copy with the plan's blocks physically deleted")
-@click.option("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-@click.option("--out", "-o", type=click.Path(), default="results/bench", show_default=True, help="output folder")
+@click.option("--out", "-o", type=Output("folder"), default="results/bench", show_default=True,
+              help="output folder  [--sweep: results/sweep]")
 @click.option("--force", is_flag=True, help="apply plans even if made for other weights")
 @_sweep_options
 @_model_options
 @click.pass_context
 def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_tokens, decode_prompts, new_tokens, repeats,
-          warmup, compare_pruned, threads, out, force, dtype, device, sweep, **sweep_options):
+          warmup, compare_pruned, out, force, dtype, device, sweep, **sweep_options):
     """Prefill latency and decode tokens/s of the full model and each plan, interleaved, in one run.
 
     With --sweep: the scoreboard. Every method of --methods at every target of --targets is planned and measured
@@ -72,13 +77,12 @@ def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_toke
 
     _check_sweep_options(ctx, sweep)
     if sweep:
-        return _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup, threads,
-                      out, dtype, device, **sweep_options)
-    _set_threads(threads)
+        return _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup, out,
+                      dtype, device, **sweep_options)
+    settings = BenchSettings(batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup,
+                             decode_prompts)
     hf_model, tokenizer = _load(model, dtype, device)
-    plans = {Path(p).stem: _load_plan(p, hf_model, force) for p in plan_paths}
-    settings = BenchSettings(tuple(int(b) for b in batch_sizes.split(",")), prompt_tokens, decode_prompt_tokens,
-                             new_tokens, repeats, warmup, decode_prompts)
+    plans = {name: _load_plan(p, hf_model, force) for name, p in plan_names(plan_paths).items()}
     with _reporting() as progress:
         result = bench_and_report(hf_model, tokenizer, plans, settings, compare_pruned, Path(out), model, device,
                                   command=_command_line(), progress=progress)
@@ -97,8 +101,7 @@ def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_toke
               help="greedy tokens per prompt (fewer if the model emits EOS)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--chat/--raw", default=True, show_default=True, help="wrap each prompt in the model's chat template")
-@click.option("--out", "-o", type=click.Path(file_okay=False), default="results/agree", show_default=True,
-              help="output folder")
+@click.option("--out", "-o", type=Output("folder"), default="results/agree", show_default=True, help="output folder")
 @click.option("--force", is_flag=True, help="apply plans even if made for other weights")
 @_model_options
 def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, force, dtype, device):
@@ -110,7 +113,7 @@ def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, 
 
     prompt_list = load_prompts(prompts, limit)  # bad prompts fail before the model loads
     hf_model, tokenizer = _load(model, dtype, device)
-    plans = {Path(p).stem: _load_plan(p, hf_model, force) for p in plan_paths}
+    plans = {name: _load_plan(p, hf_model, force) for name, p in plan_names(plan_paths, reserved=()).items()}
     if FULL in plans:
         raise click.BadParameter(f"a plan file may not be named {FULL}.json: that name is the full model's.",
                                  param_hint="--plan")

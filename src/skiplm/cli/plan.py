@@ -11,6 +11,7 @@ import click
 from ..errors import PlanError
 from ..registry import PLANNERS
 from .common import MODEL_ARGUMENT, _load, _model_options, _progress, cli, console
+from .options import POSITIVE, Output
 
 
 def _method_help() -> str:
@@ -35,17 +36,19 @@ def _calibration_default(index: int) -> str:
 @click.option("--skip", type=int, help="number of units to skip: blocks, or sublayers for --unit attention/mlp/joint")
 @click.option("--unit", help="similarity: attention, mlp, block or joint (attention and MLP ranked together)  "
                              "[default: block]")
-@click.option("--latency-ms", type=float, help="search: target decode step time on this device (ms)")
-@click.option("--max-kl", type=float, help="search: quality budget, the largest mean KL to the full model allowed")
+@click.option("--latency-ms", type=click.FloatRange(min=0, min_open=True),
+              help="search: target decode step time on this device (ms)")
+@click.option("--max-kl", type=click.FloatRange(min=0),
+              help="search: quality budget, the largest mean KL to the full model allowed")
 @click.option("--iterative", is_flag=True, help="similarity: re-score the remaining units after each drop")
 @click.option("--option", "extra_options", multiple=True, metavar="KEY=VALUE",
               help="any option of the method, e.g. --option candidates=16 (repeatable)")
 @click.option("--corpus", help="calibration text of data-driven methods: gsm8k, pydoc, or a text file  [default: gsm8k]")
-@click.option("--sequences", type=int, help=f"calibration sequences  {_calibration_default(0)}")
-@click.option("--length", type=int, help=f"tokens per calibration sequence  {_calibration_default(1)}")
+@click.option("--sequences", type=POSITIVE, help=f"calibration sequences  {_calibration_default(0)}")
+@click.option("--length", type=POSITIVE, help=f"tokens per calibration sequence  {_calibration_default(1)}")
 @click.option("--prefill", type=click.Choice(["same", "full"]), default="same", show_default=True,
               help="prefill skips the same layers, or runs at full depth")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="plan file to write (JSON)")
+@click.option("--out", "-o", type=Output("file"), required=True, help="plan file to write (JSON)")
 @_model_options
 def plan(model, method, speedup, skip, latency_ms, max_kl, unit, iterative, extra_options, corpus, sequences, length,
          prefill, out, dtype, device):
@@ -76,8 +79,7 @@ def plan(model, method, speedup, skip, latency_ms, max_kl, unit, iterative, extr
     start = time.perf_counter()
     if spec.data_driven:  # data-driven planners report progress(done, total)
         with _progress() as progress:
-            task = progress.add_task(f"planning ({method})", total=None)
-            kwargs["progress"] = lambda done, total: progress.update(task, completed=done, total=total)
+            kwargs["progress"] = _PlanningProgress(progress, method)
             skip_plan = planner(hf_model, speedup=speedup, skip=skip, prefill=prefill, name=model, **kwargs)
     else:
         skip_plan = planner(hf_model, speedup=speedup, skip=skip, prefill=prefill, name=model, **kwargs)
@@ -88,3 +90,22 @@ def plan(model, method, speedup, skip, latency_ms, max_kl, unit, iterative, extr
     data = f" on {sequences} x {length} tokens of {calibration.source}" if calibration is not None else ""
     console.print(f"{skip_plan.describe()} — ideal decode speedup {ideal:.3f}x ({method}{data}, {elapsed:.1f} s)")
     console.print(f"wrote {out}")
+
+
+class _PlanningProgress:
+    """A planner's ``progress(done, total)`` on a bar. A planner whose phases have no known length (``search``: the
+    latency model, the full model's reference, the search path, the refinement) names each with ``phase(name)``, so
+    the line says what runs instead of a bare ``0/?``."""
+
+    def __init__(self, progress, method: str):
+        self.progress, self.method = progress, method
+        self.task = progress.add_task(f"planning ({method})", total=None)
+
+    def __call__(self, done: int, total: int | None) -> None:
+        self.progress.update(self.task, completed=done, total=total)
+
+    def phase(self, name: str) -> None:
+        description = f"planning ({self.method}): {name}"
+        if not console.is_terminal:  # no live display (e.g. output to a file): a line per phase
+            console.print(description)
+        self.progress.update(self.task, description=description)

@@ -14,6 +14,7 @@ import click
 from ..errors import PlanError
 from ..registry import POLICIES, Registry, Spec
 from .common import MODEL_ARGUMENT, _load, _model_options, _progress, cli, console
+from .options import Output
 
 
 class RegistryChoice(click.Choice):
@@ -38,8 +39,9 @@ class RegistryChoice(click.Choice):
 @click.option("--method", required=True, type=RegistryChoice(POLICIES),
               help="a registered policy: ffn-skip (FFN-SkipLLM: MLP saturation), lac (L2 Adaptive Computation: "
                    "residual norm change), lac-mlp (lac, halted tokens skipping only their MLPs)")
-@click.option("--skip-ratio", type=float, help="target share of all token-MLPs skipped on the calibration text")
-@click.option("--speedup", type=float,
+@click.option("--skip-ratio", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+              help="target share of all token-MLPs skipped on the calibration text (0 < r < 1)")
+@click.option("--speedup", type=click.FloatRange(min=1, min_open=True),
               help="target decode speedup at batch 1; the skip ratio comes from a latency model measured now")
 @click.option("--parts", type=click.Choice(["layer", "mlp"]),
               help="lac: what a halted token skips (layer: attention contribution and MLP)  [default: layer]")
@@ -61,7 +63,7 @@ class RegistryChoice(click.Choice):
 @click.option("--corpus", default="gsm8k", show_default=True, help="calibration text: gsm8k, pydoc, or a text file")
 @click.option("--sequences", type=click.IntRange(min=1), help="calibration sequences  [default: per policy; 4]")
 @click.option("--length", type=click.IntRange(min=2), help="tokens per sequence  [default: per policy; 256]")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="policy file to write (JSON)")
+@click.option("--out", "-o", type=Output("file"), required=True, help="policy file to write (JSON)")
 @_model_options
 def policy_command(model, method, skip_ratio, speedup, parts, window, options, protect_first, protect_last, warmup,
                    prefill, last_check, corpus, sequences, length, out, dtype, device):

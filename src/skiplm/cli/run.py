@@ -9,6 +9,7 @@ import click
 
 from ..speculative.decoder import DEFAULT_MAX_DRAFT
 from .common import MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, _reporting, cli, console
+from .options import NON_NEGATIVE, POSITIVE, TEMPERATURE, TOP_K, TOP_P, Output
 from .measure import _print_quality, _print_speed
 
 
@@ -17,18 +18,19 @@ from .measure import _print_quality, _print_speed
 @click.option("--plan", "--draft-plan", "plan_path", type=click.Path(exists=True, dir_okay=False),
               help="plan file (with --speculative: the draft's plan)")
 @click.option("--prompt", "-p", required=True, help="the user message")
-@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--max-new-tokens", type=POSITIVE, default=128, show_default=True, help="tokens to generate at most")
 @click.option("--chat/--raw", default=True, show_default=True, help="wrap the prompt in the model's chat template")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--temperature", type=TEMPERATURE, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-p", type=TOP_P, default=1.0, show_default=True,
+              help="sample from the most likely tokens whose probabilities add up to this (0 < p <= 1; 1: off)")
+@click.option("--top-k", type=TOP_K, default=0, show_default=True,
               help="keep the k most likely tokens when sampling (0: off; without --speculative, 0 keeps the model's "
                    "generation config)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=NON_NEGATIVE, default=0, show_default=True)
 @click.option("--speculative", is_flag=True,
               help="lossless self-speculative decoding: the model under --plan (and/or --draft-dtype) drafts, the full "
                    "model verifies; the output is the full model's")
-@click.option("--max-draft", type=click.IntRange(min=1), default=DEFAULT_MAX_DRAFT, show_default=True,
+@click.option("--max-draft", type=POSITIVE, default=DEFAULT_MAX_DRAFT, show_default=True,
               help="--speculative: most tokens drafted per round (fewer when the draft is unsure)")
 @click.option("--adapt", is_flag=True,
               help="--speculative: choose the draft's skip set on the fly (SWIFT-style) among the draft plan and the "
@@ -37,7 +39,7 @@ from .measure import _print_quality, _print_speed
                                     "float16, int8 (int8 weights, bfloat16 arithmetic) or int8-dynamic (int8 weights "
                                     "and activations); default: the one a draft plan from `skiplm draft-search` "
                                     "names, else the model's own weights")
-@click.option("--prompt-lookup", type=click.IntRange(min=0), default=3, show_default=True,
+@click.option("--prompt-lookup", type=NON_NEGATIVE, default=3, show_default=True,
               help="--speculative: when the last N tokens occurred earlier in the text, draft what followed them "
                    "(n-gram prompt lookup, no draft forward), kept only while it pays; 0: off")
 @click.option("--draft-engine", type=click.Choice(["auto", "lean", "modules"]), default="auto", show_default=True,
@@ -45,7 +47,7 @@ from .measure import _print_quality, _print_speed
                    "products, in-place cache; Llama, Mistral, Qwen2/3) or through the model's own modules; auto: lean "
                    "where the family allows")
 @click.option("--policy", "policy_path", help="input-adaptive policy file made by `skiplm policy` (ffn-skip, lac)")
-@click.option("--activation-map", type=click.Path(dir_okay=False),
+@click.option("--activation-map", type=Output("file"),
               help="--policy: write which layers ran for which tokens to this PNG (and a JSON next to it)")
 @click.option("--force", is_flag=True, help="apply the plan even if made for other weights")
 @_model_options
@@ -56,6 +58,7 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
     from transformers import TextStreamer
 
     from ..errors import DataError, PlanError
+    from ..models.generation import fit_context
     from ..skipper import apply
 
     if not prompt.strip():
@@ -77,6 +80,7 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
     inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs = fit_context(hf_model, inputs, max_new_tokens)  # a prompt beyond the context: refused, both lengths said
     torch.manual_seed(seed)
     if speculative:
         from ..speculative import draft_alternatives, draft_precision
@@ -165,7 +169,7 @@ def _write_activation_map(handle, path: str, model_name: str) -> None:
 @cli.command()
 @MODEL_ARGUMENT
 @click.option("--plan", "plan_path", required=True, type=click.Path(exists=True, dir_okay=False), help="plan file")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="folder to write the checkpoint to")
+@click.option("--out", "-o", required=True, type=Output("folder"), help="folder to write the checkpoint to")
 @click.option("--zero-sublayers", is_flag=True,
               help="for attention-/MLP-only skips: zero that branch's weights (same outputs, no speedup)")
 @click.option("--force", is_flag=True, help="export even if the plan was made for other weights")
@@ -193,17 +197,20 @@ def info(model, dtype, device):
     hf_model, _ = _load(model, dtype, device)
     adapter = get_adapter(hf_model)
     costs = CostModel.from_parameter_counts(hf_model)
-    console.print(f"model type {model_type_of(hf_model)}, {len(costs.attention)} decoder layers "
-                  f"(at `{adapter.layers}`), {sum(p.numel() for p in hf_model.parameters()) / 1e6:.1f}M parameters")
-    console.print(f"per layer: attention {costs.attention[0] / 1e6:.2f}M, MLP {costs.mlp[0] / 1e6:.2f}M parameters; "
-                  f"output head {costs.fixed / 1e6:.2f}M ({costs.fixed / costs.total:.0%} of a decode step by the cost model)")
+    # the result on stdout (loading status on stderr): `skiplm info > model.txt` keeps it
+    click.echo(f"model type {model_type_of(hf_model)}, {len(costs.attention)} decoder layers "
+               f"(at `{adapter.layers}`), {sum(p.numel() for p in hf_model.parameters()) / 1e6:.1f}M parameters")
+    click.echo(f"per layer: attention {costs.attention[0] / 1e6:.2f}M, MLP {costs.mlp[0] / 1e6:.2f}M parameters; "
+               f"output head {costs.fixed / 1e6:.2f}M ({costs.fixed / costs.total:.0%} of a decode step by the cost "
+               "model)")
 
 
 @cli.command()
-@click.option("--speedup", default=1.25, show_default=True, help="target ideal speedup of the uniform plan")
-@click.option("--tokens", default=4096, show_default=True, help="tokens scored per corpus")
-@click.option("--repeats", default=3, show_default=True, help="timed rounds per measure")
-@click.option("--out", "-o", type=click.Path(), default="results/demo", show_default=True, help="output folder")
+@click.option("--speedup", type=click.FloatRange(min=1.0, min_open=True), default=1.25, show_default=True,
+              help="target ideal speedup of the uniform plan (greater than 1)")
+@click.option("--tokens", type=POSITIVE, default=4096, show_default=True, help="tokens scored per corpus")
+@click.option("--repeats", type=POSITIVE, default=3, show_default=True, help="timed rounds per measure")
+@click.option("--out", "-o", type=Output("folder"), default="results/demo", show_default=True, help="output folder")
 @_model_options
 def demo(speedup, tokens, repeats, out, dtype, device):
     """The main job: on the default model, plan a uniform skip, evaluate and bench it against the full model."""

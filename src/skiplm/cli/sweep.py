@@ -12,7 +12,8 @@ from rich.table import Table
 from ..registry import PLANNERS, POLICIES
 from ..sweep.compare import default_methods
 from ..sweep.settings import SweepSettings
-from .common import MODEL_ARGUMENT, _command_line, _floats, _ints, _load, _model_options, _set_threads, cli, console
+from .common import MODEL_ARGUMENT, _check_stride, _command_line, _load, _model_options, cli, console
+from .options import NON_NEGATIVE, POSITIVE, FloatList, Output
 
 
 def _methods_help(what: str) -> str:
@@ -24,10 +25,14 @@ def _methods_help(what: str) -> str:
 DEFAULT_METHODS = ",".join(default_methods())
 
 
+_SETTING_TYPES = {"seed": NON_NEGATIVE}  # settings without a minimum in SweepSettings that still have one
+
+
 def _setting_option(field) -> click.Option:
     """The ``bench --sweep`` option of one :class:`~skiplm.sweep.settings.SweepSettings` field."""
     flag = field.metadata["flag"] or f"--{field.name.replace('_', '-')}"
     kind = click.IntRange(min=field.metadata["minimum"]) if field.metadata["minimum"] is not None else None
+    kind = _SETTING_TYPES.get(field.name, kind)
     return click.option(flag, field.name, type=kind, default=field.default, show_default=True,
                         help=f"--sweep: {field.metadata['help']}")
 
@@ -35,7 +40,8 @@ def _setting_option(field) -> click.Option:
 _SWEEP_OPTIONS = [
     click.option("--fresh", is_flag=True, help="--sweep: discard the finished points and plans in -o and start over"),
     *[_setting_option(field) for field in reversed(SweepSettings.options())],
-    click.option("--targets", default="1.1,1.2,1.3", show_default=True, help="--sweep: comma-separated target speedups"),
+    click.option("--targets", type=FloatList(), default="1.1,1.2,1.3", show_default=True,
+                 help="--sweep: comma-separated target speedups, each greater than 1"),
     click.option("--methods", default=DEFAULT_METHODS, show_default=True, help=_methods_help("--sweep: ")),
     click.option("--sweep", is_flag=True,
                  help="the scoreboard: plan every method at every target and measure quality and speed against the "
@@ -70,10 +76,12 @@ def _check_sweep_options(ctx, sweep: bool) -> None:
             raise click.UsageError(f"{option} does not apply with --sweep: {why}.")
 
 
-def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup, threads, out,
-           dtype, device, *, methods, targets, fresh, **settings):
+def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup, out, dtype, device,
+           *, methods, targets, fresh, **settings):
     import datetime
 
+    from ..errors import SkipLMError
+    from ..files import check_output
     from ..measure.agreement import load_prompts
     from ..measure.speed import BenchSettings
     from ..sweep.core import SweepProgress, run_sweep
@@ -81,16 +89,19 @@ def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tok
     from ..sweep.tables import compact_table
 
     out = Path("results/sweep" if not _given(ctx, "out") else out)
+    if not _given(ctx, "out"):  # (-o's own check ran on the plain bench's default)
+        try:
+            check_output(out, kind="folder")
+        except SkipLMError as exc:
+            raise click.BadParameter(str(exc), param_hint="--out") from None
     settings = SweepSettings(
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-        targets=_floats(targets, "--targets"),
-        bench=BenchSettings(_ints(batch_sizes, "--batch-sizes"), prompt_tokens, decode_prompt_tokens, new_tokens,
-                            repeats, warmup),
+        targets=targets,
+        bench=BenchSettings(batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup),
         **settings,
     )
     settings.check()  # bad settings fail before the model loads
     load_prompts(settings.prompts, settings.limit)
-    _set_threads(threads)
     hf_model, tokenizer = _load(model, dtype, device)
     command = _command_line()
 
@@ -153,17 +164,19 @@ def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tok
 @cli.command()
 @MODEL_ARGUMENT
 @click.option("--methods", default=DEFAULT_METHODS, show_default=True, help=_methods_help(""))
-@click.option("--targets", default="1.1,1.2,1.3,1.5", show_default=True, help="comma-separated target speedups")
+@click.option("--targets", type=FloatList(1.0, minimum_open=True), default="1.1,1.2,1.3,1.5", show_default=True,
+              help="comma-separated target speedups, each greater than 1")
 @click.option("--calibration-corpus", default="gsm8k", show_default=True, help="text the planners are fitted on")
 @click.option("--eval-corpus", default="pydoc", show_default=True, help="held-out text for perplexity")
-@click.option("--sequences", default=1, show_default=True, help="calibration sequences")
-@click.option("--length", default=1024, show_default=True, help="tokens per calibration sequence (default: the held-out context)")
-@click.option("--tokens", default=4096, show_default=True, help="held-out tokens scored")
-@click.option("--context", default=1024, show_default=True)
-@click.option("--stride", default=512, show_default=True)
-@click.option("--repeats", default=5, show_default=True, help="paired timing rounds per plan")
-@click.option("--new-tokens", default=32, show_default=True, help="decode steps per timing")
-@click.option("--out", "-o", type=click.Path(), default="results/compare", show_default=True, help="output folder")
+@click.option("--sequences", type=POSITIVE, default=1, show_default=True, help="calibration sequences")
+@click.option("--length", type=POSITIVE, default=1024, show_default=True,
+              help="tokens per calibration sequence (default: the held-out context)")
+@click.option("--tokens", type=POSITIVE, default=4096, show_default=True, help="held-out tokens scored")
+@click.option("--context", type=click.IntRange(min=2), default=1024, show_default=True, help="window length")
+@click.option("--stride", type=POSITIVE, default=512, show_default=True, help="window advance (less than --context)")
+@click.option("--repeats", type=POSITIVE, default=5, show_default=True, help="paired timing rounds per plan")
+@click.option("--new-tokens", type=POSITIVE, default=32, show_default=True, help="decode steps per timing")
+@click.option("--out", "-o", type=Output("folder"), default="results/compare", show_default=True, help="output folder")
 @_model_options
 def compare(model, methods, targets, calibration_corpus, eval_corpus, sequences, length, tokens, context, stride,
             repeats, new_tokens, out, dtype, device):
@@ -171,7 +184,8 @@ def compare(model, methods, targets, calibration_corpus, eval_corpus, sequences,
     from ..sweep.compare import run_compare, write_compare
 
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    target_list = [float(t) for t in targets.split(",")]
+    target_list = list(targets)
+    _check_stride(stride, context)
     hf_model, tokenizer = _load(model, dtype, device)
     with console.status("planning") as status:
         result = run_compare(hf_model, tokenizer, method_list, target_list, model_name=model,
@@ -185,7 +199,7 @@ def compare(model, methods, targets, calibration_corpus, eval_corpus, sequences,
 
 @cli.command("report")
 @click.argument("results", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "-o", type=click.Path(dir_okay=False), default="report.html", show_default=True,
+@click.option("--out", "-o", type=Output("file"), default="report.html", show_default=True,
               help="HTML file to write")
 @click.option("--title", default="skiplm report", show_default=True, help="page title")
 def report_command(results, out, title):

@@ -187,11 +187,15 @@ def plan_search(
         raise PlanError("search needs calibration text: pass calibration=[token-id batches] (the CLI builds it from --corpus).")
     if speedup is not None and speedup <= 1.0:
         raise PlanError(f"target speedup must be greater than 1, got {speedup}.")
+    if latency_model is None:
+        _phase(progress, "measuring the latency model")
     latency = latency_model or LatencyModel.measure(model)
     if latency_ms is not None and latency_ms * 1e-3 < latency.fixed_s:
         raise PlanError(f"a {latency_ms} ms step is out of reach: the unskippable part alone takes {latency.fixed_s * 1e3:.1f} ms.")
     stop = _stop_rule(latency, speedup=speedup, latency_ms=latency_ms, max_kl=max_kl, skip=skip)
+    _phase(progress, "the full model's reference logits")
     scorer, scores = KLScorer(model, calibration, progress), {}
+    _phase(progress, "search path (forward passes, total unknown until the target is met)")
     # a block is two sublayers: with a sublayer count as the target, choose sublayers one at a time
     path = search_path(scorer, latency, stop=stop, candidates=candidates, blocks=skip is None, scores=scores)
     if max_kl is not None:  # the last step crossed the budget: leave it out
@@ -203,6 +207,7 @@ def plan_search(
         )
     # refinement keeps a target of speed or size met; a quality budget is met by the path as cut
     meets = None if max_kl is not None else (lambda skips: stop(skips, 0.0))
+    _phase(progress, f"refining (at most {refine_budget} forward passes)")
     return plan_from_search(scorer, path, latency, targets, scores=scores, meets=meets, refine_budget=refine_budget,
                             prefill=prefill, name=name)
 
@@ -269,6 +274,14 @@ PLANNERS.register(
              Option("candidates", int, 12, "units re-scored per step"),
              Option("refine_budget", int, 48, "forward passes of the local refinement")],
     extra={"plan_targets": plan_targets, "highlight": True})(plan_search)
+
+
+def _phase(progress, name: str) -> None:
+    """Tell a ``progress`` callback that has a ``phase(name)`` method which phase runs now (the ``(done, None)`` calls
+    carry no total); a plain callable is left alone."""
+    announce = getattr(progress, "phase", None)
+    if callable(announce):
+        announce(name)
 
 
 def prefix_for_speedup(path: list[SearchStep], speedup: float) -> list[SearchStep] | None:
