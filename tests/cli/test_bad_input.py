@@ -162,10 +162,46 @@ def files(tiny_folder, tmp_path_factory):
         path = folder / name
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     (folder / "a-folder.json").mkdir()
+    _model_folders(tiny_folder, folder)
+    _result_files(folder)
     policy = run_main("policy", tiny_folder, "--method", "lac", "--skip-ratio", "0.2", "--protect-first", 1,
                       "--protect-last", 0, "--sequences", 1, "--length", 16, "-o", folder / "policy.json")
     assert policy.code == 0, policy.output
     return folder
+
+
+def _model_folders(tiny_folder: Path, folder: Path) -> None:
+    """Copies of the tiny model, each damaged one way; and a file that is not a GGUF."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(tiny_folder, folder / name))
+
+    config_only = folder / "config-only"
+    config_only.mkdir()
+    shutil.copy(tiny_folder / "config.json", config_only)
+    weights = copy("truncated") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    no_tokenizer = folder / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_folder / name, no_tokenizer)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(folder / "gpt2")
+    (folder / "not-a-model.gguf").write_text("nope")
+
+
+def _result_files(folder: Path) -> None:
+    """Result files of the wrong shape, as `skiplm report` and a resumed sweep meet them."""
+    (folder / "bad-sweep").mkdir()
+    (folder / "bad-sweep" / "sweep.json").write_text(json.dumps({"kind": "sweep", "points": []}))
+    (folder / "bad-bench").mkdir()
+    (folder / "bad-bench" / "bench.json").write_text(json.dumps({"kind": "speed", "settings": {}}))
+    (folder / "bad-points").mkdir()
+    (folder / "bad-points" / "points.jsonl").write_text(json.dumps({"method": "full", "target": 1.0}) + "\n")
+    (folder / "not-an-export").mkdir()
+    (folder / "not-an-export" / "notes.txt").write_text("someone's files")
 
 
 # -- the rows ------------------------------------------------------------------------------------------------------
@@ -317,7 +353,32 @@ PLAN_FILE_ROWS = [
         id="report on an empty folder"),
 ]
 
-ROWS = OPTION_ROWS + PLAN_FILE_ROWS
+LONG_PROMPT = ("generate", "{model}", "--raw", "--prompt", "word " * 600, "--max-new-tokens", 8)
+MODEL_AND_RESULT_ROWS = [
+    Row(("info", "{files}/config-only"), EXIT_USAGE, "has a config.json but no weights"),
+    Row(("info", "{files}/truncated"), EXIT_USAGE, "is truncated or corrupt", id="a truncated safetensors file"),
+    Row(("info", "{files}/gpt2"), EXIT_USAGE, "a family skiplm has no adapter for"),
+    Row(("info", "{files}/no-tokenizer"), EXIT_USAGE, "has no tokenizer"),
+    Row(("info", "{files}/not-a-model.gguf"), EXIT_USAGE, "is not a GGUF file"),
+    usage("info", "{model}", "--device", "meta", phrase="does not run models on 'meta'"),
+    Row(LONG_PROMPT, EXIT_USAGE, "context is 512 tokens", id="a prompt longer than the context"),
+    Row((*LONG_PROMPT, "--speculative", "--plan", "{files}/plan.json"), EXIT_USAGE, "context is 512 tokens",
+        id="a prompt longer than the context, speculative"),
+    Row(("generate", "{model}", "--prompt", "Hi", "--max-new-tokens", 600), EXIT_USAGE,
+        "ask for at most 511 new tokens"),
+    Row(("report", "{files}/bad-sweep", "-o", "{tmp}/r.html"), EXIT_USAGE, "settings is missing",
+        id="report on a sweep.json of the wrong shape"),
+    Row(("report", "{files}/bad-bench", "-o", "{tmp}/r.html"), EXIT_USAGE, "settings.prompt_tokens is missing",
+        id="report on a bench.json of the wrong shape"),
+    Row(("eval", "{model}", "--plan", "{files}/plan.json", "--plan", "{files}/./plan.json", "--tokens", 16,
+         "--context", 8, "--stride", 4, "-o", "{tmp}/eval"), EXIT_USAGE, "given twice"),
+    Row(("export", "{model}", "--plan", "{files}/plan.json", "-o", "{files}/not-an-export"), EXIT_USAGE,
+        "not an earlier skiplm export"),
+    Row(("bench", "{model}", "--sweep", "--methods", "uniform", "--targets", "1.5", "-o", "{files}/bad-points"),
+        EXIT_USAGE, "settings_hash is missing", id="a resumed sweep whose points file has the wrong shape"),
+]
+
+ROWS = OPTION_ROWS + PLAN_FILE_ROWS + MODEL_AND_RESULT_ROWS
 
 
 def _expand(arg, model: Path, files: Path, tmp: Path) -> str:

@@ -49,10 +49,13 @@ from .measure import _print_quality, _print_speed
 @click.option("--policy", "policy_path", help="input-adaptive policy file made by `skiplm policy` (ffn-skip, lac)")
 @click.option("--activation-map", type=Output("file"),
               help="--policy: write which layers ran for which tokens to this PNG (and a JSON next to it)")
+@click.option("--truncate-prompt", is_flag=True,
+              help="keep only the prompt's last tokens that fit the model's context (else a longer prompt is refused)")
 @click.option("--force", is_flag=True, help="apply the plan even if made for other weights")
 @_model_options
 def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p, top_k, seed, speculative, max_draft,
-             adapt, draft_dtype, prompt_lookup, draft_engine, policy_path, activation_map, force, dtype, device):
+             adapt, draft_dtype, prompt_lookup, draft_engine, policy_path, activation_map, truncate_prompt, force, dtype,
+             device):
     """Generate text with MODEL (under a plan if given, or speculatively with --speculative), streaming to stdout."""
     import torch
     from transformers import TextStreamer
@@ -80,7 +83,8 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    inputs = fit_context(hf_model, inputs, max_new_tokens)  # a prompt beyond the context: refused, both lengths said
+    # a prompt beyond the context: refused, both lengths said (or cut to its last tokens that fit, when asked)
+    inputs = fit_context(hf_model, inputs, max_new_tokens, truncate=truncate_prompt)
     torch.manual_seed(seed)
     if speculative:
         from ..speculative import draft_alternatives, draft_precision
