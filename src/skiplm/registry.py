@@ -192,6 +192,7 @@ DRAFTS = Registry("draft kind", load="skiplm.speculative")
 CORPORA = Registry("corpus", load="skiplm.models.data")
 PROMPT_SETS = Registry("prompt set", load="skiplm.models.data")
 SKIPPER_FILES = Registry("skipper file format", load=("skiplm.plan", "skiplm.policies"))
+HEALERS = Registry("healing method", load="skiplm.heal")
 
-__all__ = ["CORPORA", "DRAFTS", "Option", "PLANNERS", "POLICIES", "PROMPT_SETS", "Registry", "SKIPPER_FILES", "Spec",
-           "UnknownNameError"]
+__all__ = ["CORPORA", "DRAFTS", "HEALERS", "Option", "PLANNERS", "POLICIES", "PROMPT_SETS", "Registry", "SKIPPER_FILES",
+           "Spec", "UnknownNameError"]
