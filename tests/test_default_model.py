@@ -127,7 +127,7 @@ def test_exported_default_model_reloads_with_vanilla_transformers(smol, tmp_path
 
 @pytest.mark.parametrize("method", ["ffn-skip", "lac"])
 def test_policy_that_never_skips_is_exactly_vanilla(smol, method):
-    from skiplm.policies.core import make_policy
+    from skiplm.policies import make_policy
 
     model, tokenizer = smol
     inputs = chat_inputs(tokenizer, ["What is 7 times 8?", "Name a color."])
@@ -146,7 +146,7 @@ def test_policy_cached_decoding_equals_recomputation(smol, method, threshold):
     """Per-token skipping with the KV cache (lac: attention contributions dropped too, keys and values written) equals
     one uncached forward over the whole sequence that makes the same decisions."""
     from conftest import greedy_with_cache, replay
-    from skiplm.policies.core import apply_policy, make_policy
+    from skiplm.policies import apply_policy, make_policy
 
     model, tokenizer = smol
     ids = chat_inputs(tokenizer, ["Natalia sold clips to 48 of her friends in April. How many in May?"]).input_ids
@@ -177,7 +177,7 @@ def test_speculative_greedy_equals_plain_greedy_on_the_default_model(smol, draft
                                  pad_token_id=tokenizer.pad_token_id)[0, len(row):].tolist()
             expected.append(out[: out.index(eos) + 1] if eos in out else out)
     plan = skiplm.SkipPlan.from_layers(30, blocks=[3, 25]).for_model(model)
-    from skiplm.speculative.decoder import PromptLookup
+    from skiplm.speculative import PromptLookup
 
     options = {"skip-blocks": dict(plan=plan), "int8": dict(draft_dtype="int8"),
                "int8-modules": dict(draft_dtype="int8", draft_engine="modules"),
@@ -226,7 +226,7 @@ def test_lean_draft_computes_what_the_model_computes(smol):
 
 
 def test_transformers_generate_with_skiplm_custom_generate_is_exact(smol):
-    from skiplm.speculative.decoder import custom_generate
+    from skiplm.speculative import custom_generate
 
     model, tokenizer = smol
     inputs = chat_inputs(tokenizer, ["What is 7 times 8?", "Name three colours."])

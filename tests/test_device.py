@@ -15,7 +15,7 @@ import skiplm
 from skiplm import SkipPlan
 from skiplm.measure.latency import LatencyModel
 from skiplm.planners.search import plan_search
-from skiplm.policies.core import calibrate
+from skiplm.policies import calibrate
 from skiplm.speculative.decoder import SpeculativeDecoder, plain_generate
 
 from conftest import NUM_LAYERS, VOCAB, greedy_with_cache, plan_for, tiny_model

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from pathlib import Path
 
 import click
@@ -40,25 +38,15 @@ def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, lim
     """Self-speculative decoding against plain greedy decoding in the same run: tokens/s, speedup, acceptance,
     fallbacks and identical output, per prompt set, batch size and draft (JSON, markdown, plot in --out)."""
     from ..errors import PlanError
-    from ..report.files import machine_info, write_json
-    from ..speculative.decoder import draft_alternatives
-    from ..speculative.bench import Draft, markdown, plot, prompt_set, run_speculative_bench
+    from ..report.files import machine_info
+    from ..speculative.bench import bench_drafts, prompt_set, run_speculative_bench, write_bench
 
     if not plan_paths and not dtypes:
         raise PlanError("give a draft: --draft-plan PLAN (the layers it skips) and/or --draft-dtype DTYPE.")
     batches = _ints(batch_sizes, "--batch-sizes")
     hf_model, tokenizer = _load(model, dtype, device)
-    drafts = [Draft(Path(path).stem, plan=_load_plan(path, hf_model, force)) for path in plan_paths]
-    if adapt:
-        adaptive = [dataclasses.replace(d, name=f"{d.name}-adapt", alternatives=alternatives)
-                    for d in drafts if (alternatives := tuple(draft_alternatives(d.plan)))]
-        if not adaptive:
-            raise PlanError("--adapt needs a --draft-plan made by `skiplm draft-search --alternatives N` (N >= 1): "
-                            "none of the plans given records runner-up skip sets.")
-        drafts += adaptive
-    drafts += [Draft.from_spec(spec) for spec in dtypes]
-    if lookup:
-        drafts += [dataclasses.replace(d, name=f"{d.name}+lookup", lookup=lookup) for d in drafts]
+    plans = {Path(path).stem: _load_plan(path, hf_model, force) for path in plan_paths}
+    drafts = bench_drafts(plans, dtypes, adapt=adapt, lookup=lookup)
     prompts = {name: prompt_set(tokenizer, name, limit) for name in prompt_sets.split(",") if name.strip()}
     with console.status("decoding") as status:
         result = run_speculative_bench(hf_model, prompts, drafts, batch_sizes=batches, new_tokens=new_tokens,
@@ -67,12 +55,7 @@ def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, lim
                                        progress=lambda text: status.update(f"decoding: {text}"))
     settings = {"model": model, "command": _command_line(), "machine": machine_info(device), "limit": limit,
                 "new_tokens": new_tokens, "max_draft": max_draft, "repeats": repeats, "batch_sizes": list(batches)}
-    out = Path(out)
-    write_json(out / "speculative.json", {"kind": "speculative-bench", "settings": settings, **result})
-    text = markdown(result, settings)
-    (out / "speculative.md").write_text(text)
-    plot(result, out / "speculative.png", f"self-speculative decoding, {model}")
-    console.print(text)
+    console.print(write_bench(out, result, settings, f"self-speculative decoding, {model}"))
     console.print(f"wrote {out}/speculative.json, speculative.md, speculative.png")
 
 
@@ -103,61 +86,27 @@ def draft_search(model, max_blocks, precisions, prompt_source, alternatives, lim
     whole generations on calibration prompts at batch 1, timed against plain greedy decoding; the fastest is saved
     as a draft plan (its precision included) for `generate --speculative --plan` and `bench-speculative
     --draft-plan`."""
-    from ..plan import SkipPlan
-    from ..planners import get_planner, load_calibration
-    from ..speculative.quantize import precision_name, precision_unavailable
-    from ..report.files import write_json
-    from ..speculative.bench import Draft, prompt_set, search_draft
+    from ..speculative.search import run_draft_search, searchable_precisions
 
-    precision_list = list(dict.fromkeys(precision_name(p.strip()) for p in precisions.split(",") if p.strip()))
-    if not precision_list:
+    asked = [p.strip() for p in precisions.split(",") if p.strip()]
+    if not asked:
         raise click.UsageError("--precisions needs at least one precision, e.g. float32,int8.")
     hf_model, tokenizer = _load(model, dtype, device)
-    model_device = next(hf_model.parameters()).device
-    for precision in list(precision_list):
-        reason = precision_unavailable(precision, model_device)
-        if reason is not None:
-            console.print(f"[yellow]not searching {precision} drafts: {reason}[/yellow]")
-            precision_list.remove(precision)
-    if not precision_list:
+    usable, reasons = searchable_precisions(asked, next(hf_model.parameters()).device)
+    for precision, reason in reasons.items():
+        console.print(f"[yellow]not searching {precision} drafts: {reason}[/yellow]")
+    if not usable:
         raise click.UsageError("none of --precisions can draft on this device; try --precisions int8.")
-    start = time.perf_counter()
-    with console.status("ranking blocks by Block Influence"):
-        calibration = load_calibration(tokenizer, "gsm8k", 2, 256)
-        layers = hf_model.config.num_hidden_layers
-        # one ranking: the plan for the most blocks lists them in order, and its prefixes are the smaller candidates
-        largest = get_planner("block-influence")(hf_model, skip=min(max_blocks, layers - 1), calibration=calibration,
-                                                 name=model)
-        order = largest.provenance["order"]
-        candidates = [Draft(f"skip-{k}-blocks" + ("" if precision == "float32" else f"-{precision}"),
-                            plan=SkipPlan.from_layers(layers, blocks=order[:k], model=largest.model, provenance={
-                                **largest.provenance, "target": {"skip": k}, "order": order[:k],
-                                "draft": {"precision": precision}}))
-                      for precision in precision_list
-                      for k in range(0 if precision != "float32" else 1, len(order) + 1)]
-    prompts = prompt_set(tokenizer, prompt_source, limit)
-    with console.status("timing candidates") as status:
-        found = search_draft(hf_model, prompts, candidates, new_tokens=new_tokens, max_draft=max_draft, repeats=repeats,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
-                             progress=lambda text: status.update(f"timing candidates: {text}"))
-    seconds = time.perf_counter() - start
-    best = found["best"]
-    # the runner-ups of the winner's precision, for on-the-fly selection (--adapt)
-    runner_ups = sorted((d for d in candidates if d is not best and d.precision == best.precision),
-                        key=lambda d: -found["speedups"][d.name])[:alternatives]
-    draft = {**best.plan.provenance["draft"], "alternatives": [d.plan.decode.blocks for d in runner_ups]}
-    plan = dataclasses.replace(best.plan, provenance={
-        **best.plan.provenance, "draft": draft, "draft_search": {"speedups": found["speedups"], "acceptance": found["acceptance"],
-                                                 "pays": found["pays"], "seconds": seconds, "prompts": prompt_source,
-                                                 "limit": limit, "new_tokens": new_tokens, "repeats": repeats}})
-    plan.save(out)
-    write_json(Path(out).with_suffix(".search.json"),
-               {"kind": "draft-search", "command": _command_line(), "best": best.name, "pays": found["pays"],
-                "seconds": seconds, "speedups": found["speedups"], "acceptance": found["acceptance"],
-                "measured": found["measured"]})
+    with console.status("searching") as status:
+        search = run_draft_search(hf_model, tokenizer, precisions=usable, max_blocks=max_blocks, prompts=prompt_source,
+                                  alternatives=alternatives, limit=limit, new_tokens=new_tokens, repeats=repeats,
+                                  max_draft=max_draft, name=model, progress=status.update)
+    search.save(out, command=_command_line())
+    found = search.found
     for name, speedup in found["speedups"].items():
         console.print(f"{name}: {speedup:.3f}x, {found['acceptance'][name]:.0%} of drafts accepted")
     verdict = ("beats plain decoding" if found["pays"] else
                "does not beat plain decoding here: speculation with it will mostly fall back to plain steps")
-    console.print(f"best draft {best.name} ({plan.describe()}) {verdict}; search took {seconds:.1f} s")
+    console.print(f"best draft {search.best.name} ({search.plan.describe()}) {verdict}; search took "
+                  f"{search.seconds:.1f} s")
     console.print(f"wrote {out}")

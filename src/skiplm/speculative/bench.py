@@ -14,24 +14,32 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..measure.agreement import left_pad
-from ..errors import DataError
+from ..errors import DataError, PlanError
+from ..measure.perplexity import tokenize_corpus
+from ..models.data import encode_prompts, load_corpus, load_prompts
+from ..models.generation import left_pad
 from ..plan import SkipPlan
-from .decoder import (DEFAULT_MAX_DRAFT, AdaptiveDraftLength, DraftSelector, PromptLookup, SpeculativeDecoder,
-                          SpeculativeOutput, SpeculativeStats, SpeedMonitor, draft_precision, plain_generate)
-
-PROMPT_SETS = ("gsm8k", "pydoc")
+from ..registry import CORPORA, PROMPT_SETS
+from ..report.files import markdown_table, write_json
+from ..report.plots.speculative import plot_speculative_speedups
+from .controllers import AdaptiveDraftLength, DraftSelector, SpeedMonitor
+from .decoder import DEFAULT_MAX_DRAFT, SpeculativeDecoder, plain_generate
+from .drafts import PromptLookup, draft_alternatives, draft_engines, draft_precision
+from .stats import SpeculativeOutput, SpeculativeStats
 
 
 @dataclasses.dataclass(frozen=True)
 class Draft:
+    """A draft to measure, by name: a skip plan and / or a precision, how its copy runs, the skip sets it may switch
+    among, and whether prompt lookup joins it (what a :class:`~skiplm.speculative.SpeculativeDecoder` is made from)."""
+
     name: str
     plan: SkipPlan | None = None
     dtype: str | None = None
@@ -42,11 +50,9 @@ class Draft:
     @classmethod
     def from_spec(cls, spec: str) -> Draft:
         """A full-depth draft from ``PRECISION[:ENGINE]`` (e.g. ``int8``, ``int8:modules``), named by the spec."""
-        from .decoder import DRAFT_ENGINES
-
         precision, _, engine = spec.partition(":")
-        if engine and engine not in DRAFT_ENGINES:
-            raise DataError(f"unknown draft engine {engine!r} in {spec!r}; use one of {', '.join(DRAFT_ENGINES)}.")
+        if engine and engine not in draft_engines():
+            raise DataError(f"unknown draft engine {engine!r} in {spec!r}; use one of {', '.join(draft_engines())}.")
         return cls(spec, dtype=precision, engine=engine or "auto")
 
     @property
@@ -71,18 +77,34 @@ class Draft:
 
 
 def prompt_set(tokenizer, name: str, count: int, pydoc_tokens: int = 64) -> list[list[int]]:
-    """``count`` prompts as token ids: ``gsm8k`` questions in the chat template, or ``pydoc`` text chunks of
-    ``pydoc_tokens`` tokens to continue."""
-    from ..measure.agreement import encode_prompts, gsm8k_prompts
-    from ..models.data import load_corpus
-    from ..measure.perplexity import tokenize_corpus
-
-    if name == "gsm8k":
-        return encode_prompts(tokenizer, gsm8k_prompts(count), chat=True)
-    if name == "pydoc":
-        ids = tokenize_corpus(tokenizer, load_corpus("pydoc"), count * pydoc_tokens)
+    """``count`` prompts as token ids: a registered prompt set (``gsm8k``: questions in the chat template), or a
+    registered corpus (``pydoc``) cut into chunks of ``pydoc_tokens`` tokens to continue."""
+    if name in PROMPT_SETS:
+        return encode_prompts(tokenizer, load_prompts(name, count), chat=True)
+    if name in CORPORA:
+        ids = tokenize_corpus(tokenizer, load_corpus(name), count * pydoc_tokens)
         return [ids[i * pydoc_tokens:(i + 1) * pydoc_tokens].tolist() for i in range(count)]
-    raise DataError(f"unknown prompt set {name!r}; available: {', '.join(PROMPT_SETS)}.")
+    known = dict.fromkeys(PROMPT_SETS.names() + CORPORA.names())
+    raise DataError(f"unknown prompt set {name!r}; available: {', '.join(known)}.")
+
+
+def bench_drafts(plans: Mapping[str, SkipPlan], precisions: Sequence[str] = (), *, adapt: bool = False,
+                 lookup: int | None = None) -> list[Draft]:
+    """The drafts ``skiplm bench-speculative`` compares: one per named plan; with ``adapt``, each plan that records
+    runner-up skip sets again as ``NAME-adapt``, its skip set chosen on the fly; one full-depth copy per
+    ``PRECISION[:ENGINE]``; with ``lookup``, every draft again as ``NAME+lookup``, combined with prompt lookup."""
+    drafts = [Draft(name, plan=plan) for name, plan in plans.items()]
+    if adapt:
+        adaptive = [dataclasses.replace(d, name=f"{d.name}-adapt", alternatives=alternatives)
+                    for d in drafts if (alternatives := tuple(draft_alternatives(d.plan)))]
+        if not adaptive:
+            raise PlanError("--adapt needs a --draft-plan made by `skiplm draft-search --alternatives N` (N >= 1): "
+                            "none of the plans given records runner-up skip sets.")
+        drafts += adaptive
+    drafts += [Draft.from_spec(spec) for spec in precisions]
+    if lookup:
+        drafts += [dataclasses.replace(d, name=f"{d.name}+lookup", lookup=lookup) for d in drafts]
+    return drafts
 
 
 def run_speculative_bench(model: nn.Module, prompts: dict[str, list[list[int]]], drafts: Sequence[Draft], *,
@@ -147,28 +169,6 @@ class _DraftRunner:
     def close(self) -> None:
         if self.copy is not None:
             self.copy.close()
-
-
-def search_draft(model: nn.Module, prompts: list[list[int]], candidates: Sequence[Draft], *, new_tokens: int = 32,
-                 max_draft: int = DEFAULT_MAX_DRAFT, repeats: int = 1, eos_token_id=None, pad_token_id: int = 0,
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Offline draft search: each candidate drafts for the whole generation (no fallback) on the calibration
-    ``prompts`` at batch 1, timed against plain greedy decoding in the same run; the winner is the candidate with the
-    highest measured speedup of the whole speculative loop (acceptance, draft cost and verify cost all count).
-    ``pays`` says whether it beats plain decoding at all. ``repeats``: rounds over the prompts, in alternating order
-    (the median speedup counts); one round tells apart candidates more than ~5% apart."""
-    if not candidates:
-        raise DataError("the draft search needs at least one candidate.")
-    start = time.perf_counter()
-    result = run_speculative_bench(model, {"calibration": prompts}, candidates, batch_sizes=(1,), repeats=repeats,
-                                   new_tokens=new_tokens, max_draft=max_draft, eos_token_id=eos_token_id,
-                                   pad_token_id=pad_token_id, fallback=False, progress=progress)
-    measured = result["results"]["calibration_b1"]
-    speedups = {d.name: measured[d.name]["speedup"] for d in candidates}
-    best = max(candidates, key=lambda d: speedups[d.name])
-    return {"best": best, "pays": speedups[best.name] > 1.0, "speedups": speedups,
-            "acceptance": {d.name: measured[d.name]["acceptance_rate"] for d in candidates},
-            "seconds": time.perf_counter() - start, "measured": result}
 
 
 def _measure(model, decoders, groups, repeats, new_tokens, max_draft, eos_token_id, pad_token_id) -> dict[str, Any]:
@@ -238,8 +238,7 @@ def _pooled(all_stats: list[SpeculativeStats]) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
-    from ..report.files import markdown_table
-
+    """The benchmark as a markdown page: settings, the drafts, one table row per prompt set, batch size and draft."""
     headers = ["prompts", "batch", "draft", "plain tok/s", "draft tok/s", "speedup", "acceptance",
                "accepted / round", "tokens / round", "fallbacks (plain steps)", "lookup rounds (kept)",
                "identical rows", "extra MiB"]
@@ -269,27 +268,14 @@ def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
             f"Drafts:\n{drafts}\n\n" + markdown_table(headers, rows) + "\n![speedups](speculative.png)\n")
 
 
-def plot(result: dict[str, Any], path: Path, title: str) -> Path:
-    import matplotlib
+def write_bench(out: str | Path, result: dict[str, Any], settings: dict[str, Any], title: str) -> str:
+    """Write ``speculative.json``, ``.md`` and ``.png`` into ``out``; returns the markdown."""
+    out = Path(out)
+    write_json(out / "speculative.json", {"kind": "speculative-bench", "settings": settings, **result})
+    text = markdown(result, settings)
+    (out / "speculative.md").write_text(text)
+    plot_speculative_speedups(result, out / "speculative.png", title)
+    return text
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    keys = list(result["results"])
-    names = list(result["drafts"])
-    width = 0.8 / len(names)
-    fig, axis = plt.subplots(figsize=(max(6, 1.2 * len(keys) + 2) + 2.5, 4))
-    for i, name in enumerate(names):
-        values = [result["results"][k][name]["speedup"] for k in keys]
-        axis.bar([x + i * width for x in range(len(keys))], values, width, label=name)
-    axis.axhline(1.0, color="black", linewidth=0.8)
-    axis.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(keys))])
-    axis.set_xticklabels([k.replace("_b", "\nbatch ") for k in keys])
-    axis.set_ylabel("speedup vs plain greedy (same run)")
-    axis.set_title(title)
-    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+__all__ = ["Draft", "bench_drafts", "markdown", "prompt_set", "run_speculative_bench", "write_bench"]

@@ -23,6 +23,10 @@ Which models. Decoders whose layers are ``input_layernorm -> self_attn(q, k, v, 
 ``llama`` (SmolLM), ``mistral``, ``qwen2`` (projection biases), ``qwen3`` (query / key norms). Sliding windows are
 honoured. :func:`lean_draft_unsupported` says why a model is not one of them; the speculative decoder then drafts
 through the model's own modules.
+
+In the speculative loop. :class:`LeanEngineDraft` is the ``lean`` draft kind (:data:`skiplm.registry.DRAFTS`): the
+:class:`~skiplm.speculative.drafts.ModelDraft` whose forward is :class:`LeanDraft`, and which, before drafting, takes
+the keys and values of the committed tokens it has not seen from the full model's cache (:meth:`LeanDraft.adopt`).
 """
 
 from __future__ import annotations
@@ -35,8 +39,12 @@ from torch import nn
 
 from ..models.adapters import _get_path, get_adapter, model_type_of
 from ..plan import SkipPlan
-from .quantize import compute_dtype, draft_linear, precision_name
+from ..registry import DRAFTS
 from ..runtime import decoder_stack
+from .controllers import AdaptiveDraftLength
+from .drafts import ModelDraft
+from .quantize import compute_dtype, draft_linear, precision_name
+from .state import Committed
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -368,4 +376,52 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-__all__ = ["LEAN_MODEL_TYPES", "LeanCache", "LeanDraft", "lean_draft_unsupported"]
+# -- the lean draft in the speculative loop --------------------------------------------------------------------------
+def _lean_unsupported(model: nn.Module, precision: str | None) -> str | None:
+    """Why the lean engine cannot draft for ``model`` in ``precision`` (completing "the lean draft engine ..."), or
+    None."""
+    if precision is None:
+        return "drafts from a copy of the weights: give a draft precision (draft_dtype=, e.g. int8)"
+    reason = lean_draft_unsupported(model)
+    return None if reason is None else f"does not support this model ({reason}); use draft_engine='modules' (or 'auto')"
+
+
+@DRAFTS.register("lean", paper="Zhang et al. 2023, Draft & Verify (the draft reuses the verifier's keys and values)",
+                 summary="a low-precision copy run by a fused forward with an in-place cache (Llama-style families)",
+                 needs={"precision"},
+                 extra={"engine": True, "priority": 1, "families": LEAN_MODEL_TYPES, "unsupported": _lean_unsupported})
+class LeanEngineDraft(ModelDraft):
+    """:class:`LeanDraft` drafting in the speculative loop (the preferred engine where the model's family allows)."""
+
+    engine = "lean"
+
+    @classmethod
+    def build(cls, model: nn.Module, precision: str, length: AdaptiveDraftLength) -> LeanEngineDraft:
+        lean = LeanDraft(model, precision)
+        return cls(lean, length, lean.weight_bytes)
+
+    def forward(self, state: Committed, start: int, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[1]
+        logits, self.cache = self.model(tokens, state.mask[:, :start + n], state.positions(start, n), self.cache, 1)
+        return logits[:, -1]
+
+    def catch_up(self, state: Committed) -> None:
+        # the full model's cache holds every committed token but the last: take what the draft has not seen from it
+        if self.seen < state.committed - 1:
+            adopted = self.model.adopt(state.cache, self.seen, state.committed - 1, self.cache)
+            if adopted is not None:
+                self.cache, self.seen = adopted, state.committed - 1
+
+    @property
+    def plan(self) -> SkipPlan:
+        return self.model.plan
+
+    def set_plan(self, plan: SkipPlan) -> None:
+        self.model.plan = plan
+        self.reset()
+
+    def cache_bytes(self) -> int:
+        return self.cache.nbytes() if self.cache is not None else 0
+
+
+__all__ = ["LEAN_MODEL_TYPES", "LeanCache", "LeanDraft", "LeanEngineDraft", "lean_draft_unsupported"]

@@ -13,7 +13,7 @@ import skiplm
 from skiplm import SkipPlan
 from skiplm.measure.agreement import greedy_continuations
 from skiplm.errors import DataError, ModelLoadError, PlanError
-from skiplm.speculative.decoder import (
+from skiplm.speculative import (
     AdaptiveDraftLength,
     Sampling,
     SpeculativeDecoder,
@@ -203,7 +203,7 @@ def test_int8_draft_is_exact_and_smaller_than_the_model():
 
 
 def test_a_draft_plan_carries_its_precision():
-    from skiplm.speculative.decoder import draft_precision
+    from skiplm.speculative import draft_precision
 
     model = cached_tiny_model("llama")
     plan = plan_for(model, blocks=[1])
@@ -221,7 +221,7 @@ def test_a_draft_plan_carries_its_precision():
 
 
 def test_draft_selector_tries_every_plan_then_keeps_the_fastest_and_re_explores():
-    from skiplm.speculative.decoder import DraftSelector
+    from skiplm.speculative import DraftSelector
 
     plans = ["a", "b", "c"]  # the selector only holds them
     selector = DraftSelector(plans, trial_rounds=2, explore_every=4, smoothing=0.0)
@@ -572,7 +572,7 @@ def test_bad_input_gets_clear_errors():
         generate(model, None, ids, mask, plan=plan_for(model), do_sample=True, temperature=0)
     with skiplm.apply(model, plan_for(model)), pytest.raises(PlanError, match="already applied"):
         SpeculativeDecoder(model, draft_dtype="bfloat16")
-    from skiplm.policies.core import make_policy
+    from skiplm.policies import make_policy
 
     with pytest.raises(PlanError, match="input-adaptive policy cannot draft"):
         SpeculativeDecoder(model, make_policy("ffn-skip", 5, 0.5, protect_first=1, protect_last=1))
@@ -688,7 +688,7 @@ def test_draft_search_times_the_candidates_and_saves_the_fastest(tiny_folder, tm
 
 # -- prompt lookup combined with the draft -----------------------------------------------------------------------------
 def test_prompt_lookup_proposes_what_followed_the_latest_occurrence():
-    from skiplm.speculative.decoder import PromptLookup
+    from skiplm.speculative import PromptLookup
 
     lookup = PromptLookup(ngram=2, min_kept=1.0, smoothing=0.0, retry_every=3)
     seq = torch.tensor([[0, 0, 5, 6, 7, 8, 5, 6, 9, 4, 5, 6, 0, 0],
@@ -713,7 +713,7 @@ def test_prompt_lookup_proposes_what_followed_the_latest_occurrence():
 
 @pytest.mark.parametrize("draft_dtype", [None, "int8"])
 def test_greedy_output_with_prompt_lookup_is_exact(draft_dtype):
-    from skiplm.speculative.decoder import PromptLookup
+    from skiplm.speculative import PromptLookup
 
     model = cached_tiny_model("llama")
     ids, mask = left_padded([10, 7], seed=3)  # greedy text that repeats pieces of itself
@@ -736,7 +736,7 @@ def test_greedy_output_with_prompt_lookup_is_exact(draft_dtype):
 def test_sampled_chains_with_prompt_lookup_follow_the_full_model():
     """Batch 1, a prompt holding every token, so 1-gram lookup always proposes: its drafts are certain (q one-hot),
     and rejection sampling must still give the full model's distribution over tokens 1-3."""
-    from skiplm.speculative.decoder import PromptLookup
+    from skiplm.speculative import PromptLookup
 
     model = cached_tiny_model("qwen2")
     prompt = list(range(3, VOCAB)) + [7, 70]
@@ -758,7 +758,7 @@ def test_sampled_chains_with_prompt_lookup_follow_the_full_model():
 
 # -- inside transformers' generate() ----------------------------------------------------------------------------------
 def test_custom_generate_inside_transformers_generate_is_exact():
-    from skiplm.speculative.decoder import custom_generate
+    from skiplm.speculative import custom_generate
 
     model = cached_tiny_model("llama")
     ids, mask = left_padded([9, 6, 11], seed=2)

@@ -10,7 +10,7 @@ import skiplm
 from skiplm.speculative.lean import LeanCache, LeanDraft, lean_draft_unsupported
 from skiplm.errors import DataError, PlanError
 from skiplm.speculative.quantize import CastLinear, DynamicInt8Linear, draft_linear
-from skiplm.speculative.decoder import SpeculativeDecoder, generate
+from skiplm.speculative import SpeculativeDecoder
 
 from conftest import VOCAB, cached_tiny_model, plan_for
 from test_speculative import left_padded, oracle
@@ -228,3 +228,34 @@ def test_the_compiled_layer_loop_computes_what_the_eager_one_does(precision):
     lean.stack = _Stack(lean.layers)
     eager, _ = lean(ids, mask, positions, None, ids.shape[1])
     assert torch.equal(compiled, eager)
+
+
+def test_draft_kinds_are_registered_and_the_engine_is_chosen_through_the_registry():
+    from skiplm.registry import DRAFTS
+    from skiplm.speculative.drafts import ModulesDraft, draft_engines
+
+    assert {"modules", "lean", "lookup"} <= set(DRAFTS.names())
+    assert DRAFTS.get("lean").needs == {"precision"} and "llama" in DRAFTS.get("lean").extra["families"]
+    assert set(draft_engines()) == {"auto", "modules", "lean"}
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([7, 10], seed=13)
+    built = []
+
+    class Counting(ModulesDraft):
+        engine = "counting"
+
+        @classmethod
+        def build(cls, model, precision, length):
+            built.append(precision)
+            return super().build(model, precision, length)
+
+    always = {"engine": True, "priority": -1, "unsupported": lambda model, precision: None}
+    with DRAFTS.temporarily("counting", Counting, extra=always):
+        assert "counting" in draft_engines()
+        with SpeculativeDecoder(model, plan_for(model, blocks=[1]), draft_engine="counting") as decoder:
+            assert decoder.draft_engine == "counting" and built == [None]
+            out = decoder.generate(ids, mask, max_new_tokens=12, fallback=False, eos_token_id=[])
+        assert out.tokens == oracle(model, ids, mask, 12) and out.stats.draft_engine == "counting"
+        with SpeculativeDecoder(model, draft_dtype="int8") as decoder:  # auto: still the highest priority, lean
+            assert decoder.draft_engine == "lean"
+    assert "counting" not in draft_engines() and getattr(model, "_skiplm_handle", None) is None

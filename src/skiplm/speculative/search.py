@@ -1,0 +1,123 @@
+"""Offline draft search (``skiplm draft-search``): the candidates — skip sets of the blocks of lowest Block Influence,
+in each draft precision — timed against plain greedy decoding on calibration prompts; the fastest becomes a draft plan
+that records its precision, the runner-up skip sets (for on-the-fly selection) and what the search measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DataError
+from ..plan import SkipPlan
+from ..planners import get_planner, load_calibration
+from ..report.files import write_json
+from .bench import Draft, prompt_set, run_speculative_bench
+from .decoder import DEFAULT_MAX_DRAFT
+from .quantize import precision_name, precision_unavailable
+
+
+def search_draft(model: nn.Module, prompts: list[list[int]], candidates: Sequence[Draft], *, new_tokens: int = 32,
+                 max_draft: int = DEFAULT_MAX_DRAFT, repeats: int = 1, eos_token_id=None, pad_token_id: int = 0,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Offline draft search: each candidate drafts for the whole generation (no fallback) on the calibration
+    ``prompts`` at batch 1, timed against plain greedy decoding in the same run; the winner is the candidate with the
+    highest measured speedup of the whole speculative loop (acceptance, draft cost and verify cost all count).
+    ``pays`` says whether it beats plain decoding at all. ``repeats``: rounds over the prompts, in alternating order
+    (the median speedup counts); one round tells apart candidates more than ~5% apart."""
+    if not candidates:
+        raise DataError("the draft search needs at least one candidate.")
+    start = time.perf_counter()
+    result = run_speculative_bench(model, {"calibration": prompts}, candidates, batch_sizes=(1,), repeats=repeats,
+                                   new_tokens=new_tokens, max_draft=max_draft, eos_token_id=eos_token_id,
+                                   pad_token_id=pad_token_id, fallback=False, progress=progress)
+    measured = result["results"]["calibration_b1"]
+    speedups = {d.name: measured[d.name]["speedup"] for d in candidates}
+    best = max(candidates, key=lambda d: speedups[d.name])
+    return {"best": best, "pays": speedups[best.name] > 1.0, "speedups": speedups,
+            "acceptance": {d.name: measured[d.name]["acceptance_rate"] for d in candidates},
+            "seconds": time.perf_counter() - start, "measured": result}
+
+
+def searchable_precisions(precisions: Sequence[str], device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """The draft precisions to search (canonical names, once each) that can draft on ``device``, and why each other
+    one cannot."""
+    names = list(dict.fromkeys(precision_name(p) for p in precisions))
+    reasons = {p: reason for p in names if (reason := precision_unavailable(p, device)) is not None}
+    return [p for p in names if p not in reasons], reasons
+
+
+def draft_candidates(model: nn.Module, tokenizer, precisions: Sequence[str], max_blocks: int, *,
+                     name: str | None = None) -> list[Draft]:
+    """Candidates: per precision, the plans skipping the 1..``max_blocks`` blocks of lowest Block Influence (ranked
+    once, on gsm8k calibration text: the plan for the most blocks lists them in order, and its prefixes are the smaller
+    candidates), and a copy in another precision at full depth too."""
+    calibration = load_calibration(tokenizer, "gsm8k", 2, 256)
+    layers = model.config.num_hidden_layers
+    largest = get_planner("block-influence")(model, skip=min(max_blocks, layers - 1), calibration=calibration,
+                                             name=name)
+    order = largest.provenance["order"]
+    return [Draft(f"skip-{k}-blocks" + ("" if precision == "float32" else f"-{precision}"),
+                  plan=SkipPlan.from_layers(layers, blocks=order[:k], model=largest.model, provenance={
+                      **largest.provenance, "target": {"skip": k}, "order": order[:k],
+                      "draft": {"precision": precision}}))
+            for precision in precisions
+            for k in range(0 if precision != "float32" else 1, len(order) + 1)]
+
+
+@dataclasses.dataclass
+class DraftSearch:
+    """What ``skiplm draft-search`` found: the winning draft plan, and the search's measurements."""
+
+    plan: SkipPlan
+    best: Draft
+    found: dict[str, Any]  # search_draft's result
+    seconds: float  # ranking and timing together
+
+    def save(self, out: str | Path, command: str = "") -> Path:
+        """The draft plan to ``out``, and the search's record beside it (``.search.json``)."""
+        path = self.plan.save(out)
+        found = self.found
+        write_json(Path(out).with_suffix(".search.json"),
+                   {"kind": "draft-search", "command": command, "best": self.best.name, "pays": found["pays"],
+                    "seconds": self.seconds, "speedups": found["speedups"], "acceptance": found["acceptance"],
+                    "measured": found["measured"]})
+        return path
+
+
+def run_draft_search(model: nn.Module, tokenizer, *, precisions: Sequence[str], max_blocks: int = 6,
+                     prompts: str = "gsm8k", alternatives: int = 2, limit: int = 3, new_tokens: int = 64,
+                     repeats: int = 1, max_draft: int = DEFAULT_MAX_DRAFT, name: str | None = None,
+                     progress: Callable[[str], None] | None = None) -> DraftSearch:
+    """Rank blocks, time every candidate (:func:`draft_candidates`, :func:`search_draft`) on ``limit`` prompts of
+    ``prompts``, and make the winner a draft plan: its provenance records its precision, the ``alternatives`` fastest
+    other skip sets of that precision (runner-ups, for on-the-fly selection) and the search's settings and
+    measurements."""
+    start = time.perf_counter()
+    if progress:
+        progress("ranking blocks by Block Influence")
+    candidates = draft_candidates(model, tokenizer, precisions, max_blocks, name=name)
+    calibration = prompt_set(tokenizer, prompts, limit)
+    found = search_draft(model, calibration, candidates, new_tokens=new_tokens, max_draft=max_draft, repeats=repeats,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
+                         progress=(lambda text: progress(f"timing candidates: {text}")) if progress else None)
+    seconds = time.perf_counter() - start
+    best = found["best"]
+    runner_ups = sorted((d for d in candidates if d is not best and d.precision == best.precision),
+                        key=lambda d: -found["speedups"][d.name])[:alternatives]
+    draft = {**best.plan.provenance["draft"], "alternatives": [d.plan.decode.blocks for d in runner_ups]}
+    plan = dataclasses.replace(best.plan, provenance={
+        **best.plan.provenance, "draft": draft,
+        "draft_search": {"speedups": found["speedups"], "acceptance": found["acceptance"], "pays": found["pays"],
+                         "seconds": seconds, "prompts": prompts, "limit": limit, "new_tokens": new_tokens,
+                         "repeats": repeats}})
+    return DraftSearch(plan, best, found, seconds)
+
+
+__all__ = ["DraftSearch", "draft_candidates", "run_draft_search", "search_draft", "searchable_precisions"]

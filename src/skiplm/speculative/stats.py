@@ -1,0 +1,109 @@
+"""What a speculative generation reports: :class:`SpeculativeStats` (the whole generation), :class:`RoundInfo` (one
+round, for the ``on_round`` hook) and :class:`SpeculativeOutput` (tokens, stats, texts)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class SpeculativeStats:
+    """What happened during one generation. Counts of drafted / accepted tokens are summed over unfinished rows."""
+
+    batch_size: int = 0
+    new_tokens: int = 0  # tokens generated per row (before truncation at EOS)
+    rounds: int = 0  # speculative rounds (draft + verify)
+    row_rounds: int = 0  # sum over rounds of the unfinished rows
+    drafted: int = 0
+    accepted: int = 0  # drafts each row's verification accepted (before the batch minimum)
+    committed_from_draft: int = 0  # drafts kept (after the batch minimum)
+    discarded: int = 0  # accepted - committed_from_draft: drafts a row accepted but another row's rejection threw away
+    plain_steps: int = 0  # single-token full-model steps (probe, fallback, or the last token)
+    fallback_steps: int = 0  # plain steps taken because speculation did not pay
+    fallbacks: int = 0  # times speculation was switched off
+    fallback_events: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    accepted_histogram: list[int] = dataclasses.field(default_factory=list)  # rounds by tokens committed from drafts
+    prefill_seconds: float = 0.0  # the full model's prefill
+    draft_prefill_seconds: float = 0.0  # the draft's (lazy) prefill
+    draft_seconds: float = 0.0  # drafting, including feeding the draft tokens committed while it was off
+    verify_seconds: float = 0.0  # the full model's verification passes
+    plain_seconds: float = 0.0  # plain decoding steps
+    total_seconds: float = 0.0
+    draft_weight_bytes: int = 0  # extra weights the draft needs (0: it is the same model)
+    draft_engine: str = "modules"  # "lean": skiplm's fused forward of a low-precision copy; "modules": the model's own
+    verify_weight_bytes: int = 0  # the verifier's packed output head (0: none)
+    draft_cache_bytes: int = 0  # the draft KV cache at the end of the generation
+    final_threshold: float | None = None
+    draft_switches: int = 0  # times the on-the-fly selection changed the draft's skip set
+    lookup_rounds: int = 0  # rounds whose drafts came from prompt lookup (no draft forward)
+    lookup_committed: int = 0  # tokens those rounds kept from the lookup, summed over rows
+    rounds_by_plan: list[int] = dataclasses.field(default_factory=list)  # speculative rounds per candidate plan
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_per_round(self) -> float:
+        """Drafts accepted per row and round (before the batch minimum)."""
+        return self.accepted / self.row_rounds if self.row_rounds else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens committed per row per speculative round (drafts kept + the verifier's own token)."""
+        return (self.committed_from_draft / self.row_rounds + 1.0) if self.row_rounds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second after prefill, all rows (the first token, from the prefill, excluded)."""
+        seconds = self.total_seconds - self.prefill_seconds
+        return self.batch_size * max(self.new_tokens - 1, 0) / seconds if seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(acceptance_rate=self.acceptance_rate, mean_accepted_per_round=self.mean_accepted_per_round,
+                    tokens_per_round=self.tokens_per_round, decode_tokens_per_second=self.decode_tokens_per_second)
+        return data
+
+    def describe(self) -> str:
+        text = (f"{self.rounds} speculative rounds: {self.accepted}/{self.drafted} drafts accepted "
+                f"({100 * self.acceptance_rate:.1f}%), {self.mean_accepted_per_round:.2f} accepted and "
+                f"{self.tokens_per_round:.2f} tokens per round; {self.plain_steps} plain steps")
+        if self.fallbacks:
+            text += f" ({self.fallback_steps} after {self.fallbacks} fallback(s): speculation did not pay)"
+        if self.discarded:
+            text += f"; {self.discarded} accepted drafts discarded by the batch minimum"
+        if self.lookup_rounds:
+            text += f"; {self.lookup_rounds} rounds drafted by prompt lookup ({self.lookup_committed} tokens kept)"
+        if len(self.rounds_by_plan) > 1:
+            text += (f"; rounds per candidate draft plan {self.rounds_by_plan}, {self.draft_switches} switch(es)")
+        text += (f"; draft {self.draft_seconds:.2f} s ({self.draft_engine} engine), verify {self.verify_seconds:.2f} s, "
+                 f"plain {self.plain_seconds:.2f} s; draft weights {self.draft_weight_bytes / 2**20:.1f} MiB extra")
+        if self.verify_weight_bytes:
+            text += f", packed verifier head {self.verify_weight_bytes / 2**20:.1f} MiB"
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundInfo:
+    """Passed to ``on_round`` after every speculative round (a hook for online draft adaptation)."""
+
+    index: int
+    drafted: int  # k
+    accepted: tuple[int, ...]  # per unfinished row
+    committed: int  # tokens every row advanced (min accepted + 1)
+    draft_seconds: float
+    verify_seconds: float
+    threshold: float | None
+    drafter: str = "model"  # "model": the draft model drafted; "lookup": prompt lookup did
+
+
+@dataclasses.dataclass
+class SpeculativeOutput:
+    tokens: list[list[int]]  # new tokens per row, ending at (and including) the first EOS
+    stats: SpeculativeStats
+    texts: list[str] | None = None  # decoded tokens, when a tokenizer was given
+
+
+__all__ = ["RoundInfo", "SpeculativeOutput", "SpeculativeStats"]
