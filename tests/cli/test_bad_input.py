@@ -374,6 +374,10 @@ MODEL_AND_RESULT_ROWS = [
          "--context", 8, "--stride", 4, "-o", "{tmp}/eval"), EXIT_USAGE, "given twice"),
     Row(("export", "{model}", "--plan", "{files}/plan.json", "-o", "{files}/not-an-export"), EXIT_USAGE,
         "not an earlier skiplm export"),
+    usage("bench-speculative", "{model}", "--draft-dtype", "int8", "--batch-sizes", "0",
+          phrase="every value must be at least 1, got 0"),
+    usage("bench-speculative", "{model}", "--draft-dtype", "int8", "-o", "{files}/afile", phrase="is an existing file"),
+    usage("draft-search", "{model}", "-o", "{tmp}", phrase="is an existing folder"),
     Row(("bench", "{model}", "--sweep", "--methods", "uniform", "--targets", "1.5", "-o", "{files}/bad-points"),
         EXIT_USAGE, "settings_hash is missing", id="a resumed sweep whose points file has the wrong shape"),
 ]

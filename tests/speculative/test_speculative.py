@@ -789,3 +789,14 @@ def test_custom_generate_inside_transformers_generate_is_exact():
                        custom_generate=custom_generate, draft_dtype="int8")
     with pytest.raises(PlanError, match="needs a draft"):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, custom_generate=custom_generate)
+
+
+def test_a_prompt_beyond_the_context_is_refused_before_decoding(tiny_folder):
+    model, tokenizer = skiplm.load_model(str(tiny_folder))  # max_position_embeddings 512
+    ids = torch.ones(1, 510, dtype=torch.long)
+    with pytest.raises(skiplm.DataError, match=r"the prompt is 510 tokens and 8 new tokens.*context is 512 tokens"):
+        skiplm.speculative.generate(model, tokenizer, ids, plan=skiplm.SkipPlan.from_layers(4, blocks=[1]),
+                                    max_new_tokens=8)
+    out = skiplm.speculative.generate(model, tokenizer, ids, plan=skiplm.SkipPlan.from_layers(4, blocks=[1]),
+                                      max_new_tokens=2)  # 512 in all: fits
+    assert 1 <= len(out.tokens[0]) <= 2

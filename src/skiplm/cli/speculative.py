@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import click
 
+from ..measure.rows import plan_names
 from ..speculative.decoder import DEFAULT_MAX_DRAFT
-from .common import MODEL_ARGUMENT, _command_line, _ints, _load, _load_plan, _model_options, cli, console
+from .options import IntList, Output
+from .common import MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, cli, console
 
 
 @cli.command("bench-speculative")
@@ -26,12 +27,12 @@ from .common import MODEL_ARGUMENT, _command_line, _ints, _load, _load_plan, _mo
 @click.option("--prompts", "prompt_sets", default="gsm8k,pydoc", show_default=True,
               help="prompt sets: gsm8k (questions in the chat template), pydoc (64-token text chunks to continue)")
 @click.option("--limit", default=8, show_default=True, type=click.IntRange(min=1), help="prompts per set")
-@click.option("--batch-sizes", default="1,4,8", show_default=True)
+@click.option("--batch-sizes", default="1,4,8", show_default=True, type=IntList(1), help="comma-separated batch sizes")
 @click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-draft", default=DEFAULT_MAX_DRAFT, show_default=True, type=click.IntRange(min=1))
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="rounds over every batch")
 @click.option("--force", is_flag=True, help="use draft plans made for other weights")
-@click.option("--out", "-o", type=click.Path(file_okay=False), default="results/speculative", show_default=True)
+@click.option("--out", "-o", type=Output("folder"), default="results/speculative", show_default=True)
 @_model_options
 def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, limit, batch_sizes, new_tokens, max_draft,
                       repeats, force, out, dtype, device):
@@ -43,9 +44,9 @@ def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, lim
 
     if not plan_paths and not dtypes:
         raise PlanError("give a draft: --draft-plan PLAN (the layers it skips) and/or --draft-dtype DTYPE.")
-    batches = _ints(batch_sizes, "--batch-sizes")
+    batches = batch_sizes  # (IntList: a tuple of sizes, each at least 1)
     hf_model, tokenizer = _load(model, dtype, device)
-    plans = {Path(path).stem: _load_plan(path, hf_model, force) for path in plan_paths}
+    plans = {name: _load_plan(path, hf_model, force) for name, path in plan_names(plan_paths).items()}
     drafts = bench_drafts(plans, dtypes, adapt=adapt, lookup=lookup)
     prompts = {name: prompt_set(tokenizer, name, limit) for name in prompt_sets.split(",") if name.strip()}
     with console.status("decoding") as status:
@@ -78,7 +79,7 @@ def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, lim
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
               help="timing rounds per candidate (median); more rounds tell closer candidates apart, and take longer")
 @click.option("--max-draft", default=DEFAULT_MAX_DRAFT, show_default=True, type=click.IntRange(min=1))
-@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="draft plan file to write (JSON)")
+@click.option("--out", "-o", type=Output("file"), required=True, help="draft plan file to write (JSON)")
 @_model_options
 def draft_search(model, max_blocks, precisions, prompt_source, alternatives, limit, new_tokens, repeats, max_draft, out,
                  dtype, device):

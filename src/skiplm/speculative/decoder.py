@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError, PlanError
-from ..models.generation import greedy_decode
+from ..models.generation import check_context, greedy_decode
 from ..plan import SkipPlan
 from ..runtime import SkipHandle, installed_handle
 from .controllers import AdaptiveDraftLength, DraftSelector, SpeedMonitor
@@ -194,6 +194,7 @@ class SpeculativeDecoder:
             raise DataError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
         if max_draft < 1:
             raise DataError(f"max_draft must be at least 1, got {max_draft}.")
+        check_context(self.model, input_ids.shape[1], max_new_tokens)  # the prompt and its tokens fit the context
         sampling = sampling or Sampling(do_sample, temperature, top_k, top_p, seed)
         start = time.perf_counter()
         device = next(self.model.parameters()).device
