@@ -1,6 +1,6 @@
 """skiplm: skip layers of Hugging Face decoder-only LLMs, and measure honestly what each skip costs."""
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401
 
 from .models.adapters import Adapter, get_adapter, set_adapter, supported_model_types  # noqa: E402
 from .measure.costs import CostModel  # noqa: E402

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .models.adapters import PARTS, get_adapter, model_type_of
+from ._version import __version__
 from .errors import PlanError, PlanMismatchError
 from .files import write_text_atomic
 from .registry import SKIPPER_FILES, Spec
@@ -376,8 +377,6 @@ def check_made_for(model: nn.Module, num_layers: int, expected: ModelIdentity | 
 
 
 def provenance(method: str, **fields: Any) -> dict[str, Any]:
-    from . import __version__
-
     return {
         "method": method,
         **fields,

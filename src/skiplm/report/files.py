@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import transformers
 
-from .. import __version__
+from .._version import __version__
 from ..files import write_text_atomic
 from ..system import keep_freed_memory
 
