@@ -52,7 +52,7 @@ def test_cli_bad_input_gets_clear_errors(tiny_folder, tmp_path):
     assert isinstance(result.exception, skiplm.PlanMismatchError) and "7 layers" in str(result.exception)
 
     result = run_cli("plan", tiny_folder, "--method", "nope", "--skip", 1, "-o", tmp_path / "x.json")
-    assert isinstance(result.exception, skiplm.PlanError) and "unknown planning method" in str(result.exception)
+    assert isinstance(result.exception, skiplm.PlanError) and "unknown planner " in str(result.exception)
 
     result = run_cli("plan", tiny_folder, "--speedup", 50, "-o", tmp_path / "x.json")
     assert isinstance(result.exception, skiplm.PlanError) and "out of reach" in str(result.exception)

@@ -390,7 +390,7 @@ def test_uniform_bad_arguments(deep):
         with pytest.raises(PlanError, match="greater than 1"):
             skiplm.plan_uniform(deep, speedup=bad)
     assert skiplm.get_planner("uniform") is skiplm.plan_uniform
-    with pytest.raises(PlanError, match="unknown planning method 'magic'; available: uniform"):
+    with pytest.raises(PlanError, match="unknown planner 'magic'; available: uniform"):
         skiplm.get_planner("magic")
 
 

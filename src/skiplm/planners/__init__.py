@@ -21,7 +21,7 @@ from .search import plan_search
 def get_planner(method: str) -> Callable:
     """The planner function registered as ``method``; a preset's, with its fixed options applied."""
     if method not in PLANNERS:
-        raise PlanError(f"unknown planning method {method!r}; available: {', '.join(PLANNERS.names())}.")
+        raise PlanError(f"unknown planner {method!r}; available: {', '.join(PLANNERS.names())}.")
     spec = PLANNERS.get(method)
     return functools.partial(spec.target, **spec.defaults) if spec.defaults else spec.target
 
