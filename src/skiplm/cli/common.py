@@ -21,7 +21,6 @@ from .options import DTYPE, POSITIVE, Device
 
 console = Console(stderr=True)  # status, progress and messages
 TRACEBACK_VARIABLE = "SKIPLM_TRACEBACK"  # set to 1: an unexpected error shows its full traceback (as --traceback)
-_show_traceback = False  # set by `skiplm --traceback`
 
 
 MODEL_ARGUMENT = click.argument("model", default="smollm2-135m", required=False)
@@ -112,8 +111,7 @@ def cli(traceback_):
     MODEL is the shipped default `smollm2-135m`, a local model folder, a local .gguf file, or a hub id (needs a
     network).
     """
-    global _show_traceback
-    _show_traceback = _show_traceback or traceback_
+    # (--traceback is read by main(), which owns what an error shows)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import transformers
 
@@ -170,11 +168,14 @@ def main():
     usage error is one message and exit code 2; a file the system refuses (``OSError``) is one message and exit 1;
     Ctrl-C exits 130. Anything else is a bug in skiplm: one line that says so (the exception's type and message),
     exit 1, and the full traceback with ``skiplm --traceback ...`` or ``SKIPLM_TRACEBACK=1``."""
-    global _show_traceback
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _show_traceback = os.environ.get(TRACEBACK_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+    show_traceback = os.environ.get(TRACEBACK_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
     try:
-        cli(standalone_mode=False, prog_name="skiplm")
+        with cli.make_context("skiplm", sys.argv[1:]) as ctx:  # what cli.main() does, with --traceback readable here
+            show_traceback = show_traceback or ctx.params.get("traceback_", False)
+            cli.invoke(ctx)
+    except click.exceptions.Exit as exc:  # --help, --version
+        sys.exit(exc.exit_code)
     except SkipLMError as exc:
         _error(_escape(str(exc)))
         sys.exit(2)
@@ -185,12 +186,12 @@ def main():
         console.print("aborted")
         sys.exit(130)
     except OSError as exc:
-        if _show_traceback:
+        if show_traceback:
             traceback.print_exc()
         _error(_escape(str(exc)))
         sys.exit(1)
     except Exception as exc:  # noqa: BLE001 (the last resort: a bug, said in one line)
-        if _show_traceback:
+        if show_traceback:
             traceback.print_exc()
             hint = ""
         else:
