@@ -17,7 +17,7 @@ from skiplm.measure.latency import LatencyModel
 from skiplm.models.adapters import count_layers
 from skiplm.planners import get_planner
 from skiplm.planners.common import Planning, prefixes
-from skiplm.policies import make_policy
+from skiplm.policies import HaltingPolicy, make_policy
 from skiplm.registry import PLANNERS, POLICIES, Option
 from skiplm.sweep.compare import default_methods, make_plans
 
@@ -187,21 +187,32 @@ def test_a_planner_registered_in_a_test_is_a_method_everywhere(toy_planner, tiny
     assert "Toy et al. 2099, Skipping from the top" in page  # the registry's description of the method
 
 
+@dataclasses.dataclass
+class ToyGate(HaltingPolicy):
+    """A toy policy defined here: a token halts once sigmoid(mean of its residual) exceeds the threshold."""
+
+    method = "toy-policy"
+    threshold_range = (0.0, 1.0)
+    more_skips_with_larger = False  # a larger threshold: fewer tokens pass it
+
+    def _signal(self, layer, layer_input, mlp_input, layer_output, threshold):
+        return self._values(torch.sigmoid(layer_output.mean(-1))) > threshold
+
+
 def test_a_policy_registered_in_a_test_is_a_method_of_compare_and_sweeps(tiny_folder, tmp_path, monkeypatch, model):
     measured = classmethod(lambda cls, model, **kw: dataclasses.replace(LATENCY, num_layers=count_layers(model)))
     monkeypatch.setattr(LatencyModel, "measure", measured)
-    lac = POLICIES.get("lac")
-    with POLICIES.temporarily("toy-policy", lac.target, paper="Toy et al. 2099, Halting at the top",
-                              needs={"calibration"}, defaults={"parts": "mlp"}):
+    with POLICIES.temporarily("toy-policy", ToyGate, paper="Toy et al. 2099, Halting at the top",
+                              needs={"calibration"}):
         points = make_plans(model, ["toy-policy"], [1.1], calibration(length=24))
         assert points[0].error is None and points[0].plan.provenance["name"] == "toy-policy"
-        assert points[0].plan.parts == "mlp"
+        assert isinstance(points[0].plan, ToyGate)
         result = run_cli("bench", tiny_folder, "--sweep", "--methods", "toy-policy", "--targets", "1.1", *TINY_SWEEP,
                          "-o", tmp_path / "sweep")
         assert result.exception is None, result.output
         result = run_cli("report", tmp_path / "sweep", "-o", tmp_path / "report.html")
         assert result.exception is None, result.output
-    swept = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["points"][1]
-    assert swept["method"] == "toy-policy" and swept["error"] is None
-    assert load_skipper(tmp_path / "sweep" / swept["plan_file"]).parts == "mlp"
+        swept = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["points"][1]
+        assert swept["method"] == "toy-policy" and swept["error"] is None
+        assert isinstance(load_skipper(tmp_path / "sweep" / swept["plan_file"]), ToyGate)
     assert "Toy et al. 2099, Halting at the top" in (tmp_path / "report.html").read_text()
