@@ -122,24 +122,6 @@ def cli(traceback_):
     transformers.utils.logging.disable_progress_bar()  # our own progress bars only
 
 
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    if isinstance(text, tuple):  # already parsed by an IntList / FloatList option type
-        return text
-    try:
-        return tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}.", param_hint=option) from None
-
-
-def _ints(text: str, option: str) -> tuple[int, ...]:
-    if isinstance(text, tuple):  # already parsed by an IntList / FloatList option type
-        return text
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}.", param_hint=option) from None
-
-
 def _check_stride(stride: int, context: int) -> None:
     """Windows advance by less than their length (every scored token has context): checked before the model loads."""
     if stride >= context:
