@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import PlanError
 from ..files import atomic_folder, check_output, write_bytes_atomic, write_text_atomic
 from ..plan import SkipPlan
-from ..runtime import SkipHandle, attach, check_free, check_layers
+from ..runtime import SkipHandle, check_free, check_layers, install_handle
 from .spans import HealError, Span, resolve_spans
 
 FORMAT_NAME = "skiplm.heal"
@@ -155,26 +155,29 @@ class Healed:
     def install(self, model: nn.Module, *, check_model: bool = True, merge: bool = False) -> HealHandle:
         """Bake the bridge into ``model``'s weights and apply the plan. ``merge``: for good (the handle then removes
         only the plan); else ``remove()`` restores the original weights exactly."""
-        check_free(model)
-        check_layers(self, model, check_model, "heal folder")
-        if self._digest() in getattr(model, _MERGED_ATTRIBUTE, ()):
-            raise HealError("this bridge is already merged into the model's weights; applying it again would heal "
-                            "twice. Apply its plan instead: skiplm.apply(model, healed.plan, check_model=False).")
-        swap = _WeightSwap(folded_weights(model, resolve_spans(model, self.plan), self.maps))
-        if merge:
-            swap.bake()
-            self._mark_merged(model)
-            swap = None
-        return attach(model, HealHandle(model, self.plan, swap))
+        def handle() -> HealHandle:
+            swap = self._fold(model)
+            if merge:
+                swap.bake()
+                self._mark_merged(model)
+                swap = None
+            return HealHandle(model, self.plan, swap)
+
+        return install_handle(self, model, handle, check_model=check_model, what="heal folder")
 
     def merge(self, model: nn.Module, *, check_model: bool = True) -> None:
         """Bake the bridge into ``model``'s weights for good (no plan applied: apply ``self.plan`` to run it)."""
         check_free(model)
         check_layers(self, model, check_model, "heal folder")
-        if self._digest() in getattr(model, _MERGED_ATTRIBUTE, ()):
-            raise HealError("this bridge is already merged into the model's weights.")
-        _WeightSwap(folded_weights(model, resolve_spans(model, self.plan), self.maps)).bake()
+        self._fold(model).bake()
         self._mark_merged(model)
+
+    def _fold(self, model: nn.Module) -> _WeightSwap:
+        """The model's weights with this bridge folded in (not yet swapped in); a bridge merged already is refused."""
+        if self._digest() in getattr(model, _MERGED_ATTRIBUTE, ()):
+            raise HealError("this bridge is already merged into the model's weights; applying it again would heal "
+                            "twice. Apply its plan instead: skiplm.apply(model, healed.plan, check_model=False).")
+        return _WeightSwap(folded_weights(model, resolve_spans(model, self.plan), self.maps))
 
     @contextlib.contextmanager
     def baked(self, model: nn.Module) -> Iterator[nn.Module]:
