@@ -93,7 +93,9 @@ def test_damaged_folders_are_refused(healed, tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda r: r.update(schema_version=2), "newer"),
     (lambda r: r.update(format="skiplm.plan"), "not a skiplm heal record"),
-    (lambda r: r["steps"].append({"method": "lora", "folder": "adapter"}), "upgrade skiplm"),
+    (lambda r: r["steps"].append({"method": "retrofit", "files": {}}), "upgrade skiplm"),
+    (lambda r: r["steps"].append({"method": "lora"}), "step without files"),
+    (lambda r: r["steps"][0]["files"].update({"../x": {}}), "outside the heal folder"),
     (lambda r: r["steps"][0]["spans"].pop(), "do not match"),
     (lambda r: r.pop("plan"), "malformed"),
 ])
@@ -150,7 +152,7 @@ def test_the_heal_command_runs_end_to_end(tiny_folder, tmp_path):
                      "--eval-tokens", "64")
     assert result.exception is None, result.output
     assert "held-out perplexity, pydoc" in result.output, result.output
-    assert "gsm8k (64 tokens after the 96 calibration tokens)" in result.output, result.output
+    assert "gsm8k (64 tokens after the 96 tokens healing read)" in result.output, result.output
     healed = load_healed(out)
     assert healed.provenance["options"]["ridge"] == 1e-3 and healed.provenance["calibration"]["tokens"] == 96
     result = run_cli("heal", tiny_folder, "--plan", plan_file, "-o", tmp_path / "other", "--option", "bogus=1")

@@ -40,7 +40,7 @@ from ..analysis.activations import trace_residuals
 from ..plan import SkipPlan, provenance
 from ..planners.common import as_calibration, check_unplanned
 from ..registry import HEALERS, Option
-from .artifact import Healed
+from .artifact import BridgeStep, Healed
 from .spans import HealError, Span, down_projection, resolve_spans
 
 PAPER = "Shopkhoev et al. 2025, ReplaceMe: Network Simplification via Depth Pruning and Transformer Block Linearization (arXiv 2505.02819)"
@@ -202,13 +202,13 @@ def fit_bridge(
                         calibration=batches.describe(), options={"ridge": ridge, "inputs": inputs,
                                                                  "skip_positions": skip_positions},
                         seconds=round(seconds, 3))
-    return Healed(plan, spans, maps, method="bridge", fit=fit, provenance=record)
+    return Healed(plan, [BridgeStep(spans, maps, fit)], provenance=record)
 
 
 def _partial(plan: SkipPlan, spans: Sequence[Span], maps: dict[str, torch.Tensor]) -> Healed:
     blocks = [layer for span in spans for layer in range(span.start, span.end + 1)]
     sub = SkipPlan.from_layers(plan.num_layers, blocks=blocks, model=plan.model)
-    return Healed(sub, list(spans), {span.name: maps[span.name] for span in spans})
+    return Healed(sub, [BridgeStep(list(spans), {span.name: maps[span.name] for span in spans})])
 
 
 HEALERS.register(
