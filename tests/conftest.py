@@ -230,3 +230,31 @@ def run_cli(*args):
     from skiplm.cli import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], standalone_mode=False, catch_exceptions=True)
+
+
+def heal_folder(model, out, *, name=None):
+    """A bridge heal folder at ``out`` for ``model`` (a tiny model folder's: 4 blocks), block 1 skipped."""
+    from skiplm import SkipPlan
+    from skiplm.heal import heal
+
+    g = torch.Generator().manual_seed(7)
+    calibration = [torch.randint(3, 1000, (1, 32), generator=g) for _ in range(4)]
+    plan = SkipPlan.from_layers(4, blocks=[1]).for_model(model, name=name)
+    return heal(model, plan, "bridge", calibration=calibration).save(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_heal(tiny_folder, tmp_path_factory):
+    """A bridge heal folder for the tiny model folder (block 1 skipped), and the plan it heals as a plan file:
+    ``.folder`` (named ``b1``, so its rows are ``b1 (healed)``), ``.plan_file`` (``b1.json``)."""
+    import types
+
+    from skiplm.models.loading import load_model
+
+    model, _ = load_model(str(tiny_folder))
+    root = tmp_path_factory.mktemp("heal")
+    folder = heal_folder(model, root / "b1")
+    from skiplm.heal import load_healed
+
+    plan_file = load_healed(folder).plan.save(root / "plans" / "b1.json")
+    return types.SimpleNamespace(folder=folder, plan_file=plan_file)

@@ -14,10 +14,15 @@ Callers ask a skipper, never its type, what they would branch on:
   (``stats.to_json()``: per phase, the share of token-MLPs and attention contributions skipped, ...).
 * ``teacher_forced()`` and ``is_empty()``: what perplexity scoring applies (every token as in decode), and whether
   there is anything to apply at all.
+* ``plan`` (a healed plan, :class:`skiplm.heal.Healed`, has one): the :class:`~skiplm.plan.SkipPlan` it heals. Its skips
+  are that plan's fixed sets, and its weights differ from the full model's while it is applied;
+  :func:`fixed_plan` and :func:`is_healed` ask it.
 
 A skipper file is JSON whose ``"format"`` names its kind; each kind registers a reader in
 :data:`skiplm.registry.SKIPPER_FILES` (``skiplm.plan`` -> :class:`~skiplm.plan.SkipPlan`, ``skiplm.policy`` -> the
-policies). A file with no known format is read as a plan, whose reader says what is wrong with it.
+policies). A file with no known format is read as a plan, whose reader says what is wrong with it. A heal folder
+(``skiplm heal``: ``heal.json`` and the weights beside it) is a skipper too: :func:`load_skipper` takes the folder or
+its ``heal.json``.
 """
 
 from __future__ import annotations
@@ -96,9 +101,28 @@ def is_skipper(obj: Any) -> bool:
     return isinstance(obj, Skipper)
 
 
+def fixed_plan(skipper: Skipper) -> Any:
+    """The :class:`~skiplm.plan.SkipPlan` whose fixed skip sets ``skipper`` runs: a plan itself, a healed plan's
+    ``plan``; None for an input-adaptive skipper (what it skips depends on the input)."""
+    if skipper.input_adaptive:
+        return None
+    return getattr(skipper, "plan", skipper)
+
+
+def is_healed(skipper: Skipper | None) -> bool:
+    """Whether ``skipper`` is a healed plan (a heal folder, :class:`skiplm.heal.Healed`): a fixed plan run with weights
+    that heal it, not the full model's."""
+    return skipper is not None and not skipper.input_adaptive and getattr(skipper, "plan", None) is not None
+
+
 def load_skipper(path: str | Path) -> Skipper:
-    """The skipper a file holds (a plan from ``skiplm plan``, a policy from ``skiplm policy``, ...), by its format."""
+    """The skipper a file holds (a plan from ``skiplm plan``, a policy from ``skiplm policy``, ...), by its format; or
+    the healed plan a heal folder holds (``skiplm heal``: the folder, or its ``heal.json``)."""
+    from .heal.artifact import HEAL_FILE, load_healed
+
     path = Path(path)
+    if path.is_dir() or path.name == HEAL_FILE:
+        return load_healed(path)  # its errors say what is wrong with the folder (one without heal.json included)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -112,4 +136,4 @@ def load_skipper(path: str | Path) -> Skipper:
     return SKIPPER_FILES.get(PLAN_FORMAT).extra["load"](path)  # its errors say what is wrong with the file
 
 
-__all__ = ["Handle", "Skipper", "apply", "is_skipper", "load_skipper"]
+__all__ = ["Handle", "Skipper", "apply", "fixed_plan", "is_healed", "is_skipper", "load_skipper"]

@@ -164,6 +164,7 @@ def files(tiny_folder, tmp_path_factory):
     (folder / "a-folder.json").mkdir()
     _model_folders(tiny_folder, folder)
     _result_files(folder)
+    _heal_folders(model, folder)
     policy = run_main("policy", tiny_folder, "--method", "lac", "--skip-ratio", "0.2", "--protect-first", 1,
                       "--protect-last", 0, "--sequences", 1, "--length", 16, "-o", folder / "policy.json")
     assert policy.code == 0, policy.output
@@ -190,6 +191,20 @@ def _model_folders(tiny_folder: Path, folder: Path) -> None:
         shutil.copy(tiny_folder / name, no_tokenizer)
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(folder / "gpt2")
     (folder / "not-a-model.gguf").write_text("nope")
+
+
+def _heal_folders(model, folder: Path) -> None:
+    """``heal``: a heal folder for the tiny model; ``other-heal``: one for other weights of the same shapes."""
+    from conftest import heal_folder
+
+    heal_folder(model, folder / "heal")
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        weight.add_(1.0)
+        try:
+            heal_folder(model, folder / "other-heal", name="other-weights")
+        finally:
+            weight.sub_(1.0)
 
 
 def _result_files(folder: Path) -> None:
@@ -382,7 +397,49 @@ MODEL_AND_RESULT_ROWS = [
         EXIT_USAGE, "settings_hash is missing", id="a resumed sweep whose points file has the wrong shape"),
 ]
 
-ROWS = OPTION_ROWS + PLAN_FILE_ROWS + MODEL_AND_RESULT_ROWS
+SELF = ("self-generate", "{model}", "--sequences", 2, "--length", 16, "--cache-dir", "{tmp}/cache")
+SELF_GENERATE_ROWS = [
+    usage(*SELF, "--length", 4, phrase="'--length': 4 is not in the range x>=8"),
+    usage(*SELF, "--batch-size", 0, phrase="'--batch-size': 0 is not in the range x>=1"),
+    usage(*SELF, "--sequences", 0, phrase="'--sequences': 0 is not in the range x>=1"),
+    usage(*SELF, "--temperature", -0.5, phrase="'--temperature': -0.5 is not in the range x>=0"),
+    usage(*SELF, "--top-p", 0, phrase="'--top-p': 0.0 is not in the range 0.0<x<=1.0"),
+    usage(*SELF, "--top-p", 1.5, phrase="'--top-p': 1.5 is not in the range 0.0<x<=1.0"),
+    usage(*SELF, "--chat-fraction", 2, phrase="'--chat-fraction': 2.0 is not in the range 0.0<=x<=1.0"),
+    usage(*SELF, "--seed", -1, phrase="'--seed': -1 is not in the range x>=0"),
+    usage(*SELF, "--cache-dir", "{files}/afile", phrase="is an existing file, but a folder is written there"),
+    usage(*SELF, "--out", "{tmp}", phrase="is an existing folder, but a file is written there"),
+    Row((*SELF, "--length", 600), EXIT_USAGE, "--length: 600 is more than the model's context of 512 tokens",
+        id="self-generate: a length beyond the context"),
+    Row((*SELF, "--length", 8, "--chat-fraction", 1), EXIT_USAGE, "longer than half of the length",
+        id="self-generate: chat prompts longer than the rows"),
+]
+
+HEAL = ("--heal", "{files}/heal")
+EXPORT = ("export", "{model}", "-o", "{tmp}/out")
+HEAL_ROWS = [
+    usage(*GEN, "--plan", "{files}/plan.json", *HEAL, phrase="--heal and --plan do not combine"),
+    usage(*EXPORT, "--plan", "{files}/plan.json", *HEAL, phrase="--heal and --plan do not combine"),
+    usage(*EXPORT, phrase="give --plan PLAN or --heal DIR"),
+    usage(*EXPORT, *HEAL, "--zero-sublayers", phrase="--zero-sublayers does not apply with --heal"),
+    usage(*GEN, "--speculative", *HEAL, phrase="--speculative does not take a heal folder as the draft yet"),
+    usage(*GEN, "--merge", phrase="--merge bakes a heal folder into the weights: give --heal DIR"),
+    usage(*BENCH, "--sweep", *HEAL, "--force", phrase="--force does not apply with --sweep"),
+    Row((*GEN, "--policy", "{files}/policy.json", *HEAL), EXIT_USAGE, "does not combine with --plan, --heal"),
+    Row((*GEN, "--heal", "{files}/other-heal"), EXIT_USAGE, "heal folder was made for a model with the same shapes "
+        "but different weights", id="a heal folder for other weights"),
+    Row((*EVAL, "--heal", "{files}/other-heal"), EXIT_USAGE, "same shapes but different weights",
+        id="eval: a heal folder for other weights"),
+    Row((*EVAL, "--heal", "{files}/plan.json"), EXIT_USAGE, "is not a heal folder", id="a plan file given as --heal"),
+    Row((*EVAL, "--heal", "{files}/a-folder.json"), EXIT_USAGE, "is not a heal folder",
+        id="a folder without heal.json given as --heal"),
+    Row(("compare", "{model}", "--heal", "{files}/other-heal", "-o", "{tmp}/compare"), EXIT_USAGE,
+        "same shapes but different weights", id="compare: a heal folder for other weights"),
+    Row((*EXPORT, "--heal", "{files}/other-heal"), EXIT_USAGE, "same shapes but different weights",
+        id="export: a heal folder for other weights"),
+]
+
+ROWS = OPTION_ROWS + PLAN_FILE_ROWS + MODEL_AND_RESULT_ROWS + HEAL_ROWS + SELF_GENERATE_ROWS
 
 
 def _expand(arg, model: Path, files: Path, tmp: Path) -> str:
@@ -449,7 +506,8 @@ def test_info_writes_its_result_to_stdout(tiny_folder):
 
 
 @pytest.mark.parametrize("command", ["generate", "eval", "bench", "agree", "analyze", "cola", "plan", "policy",
-                                     "export", "info", "compare", "demo", "bench-speculative", "draft-search"])
+                                     "export", "info", "compare", "demo", "bench-speculative", "draft-search",
+                                     "self-generate"])
 def test_every_model_command_takes_threads(command):
     outcome = run_main(command, "--help")
     assert outcome.code == 0 and "--threads" in outcome.stdout, outcome.output

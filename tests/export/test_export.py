@@ -56,3 +56,27 @@ def test_export_refuses_phase_dependent_plans(tmp_path):
     plan = skiplm.SkipPlan.from_layers(NUM_LAYERS, blocks=[2], prefill="full").for_model(model)
     with pytest.raises(skiplm.PlanError, match="same sublayers in prefill and decode"):
         export_pruned(model, plan, tmp_path)
+
+
+# -- export --heal: the healed weights in a vanilla checkpoint -----------------------------------------------------
+def test_export_heal_gives_the_healed_logits_in_vanilla_transformers(tiny_folder, tiny_heal, tmp_path):
+    from skiplm.heal import load_healed
+    from skiplm.models.loading import load_model
+
+    from conftest import run_cli
+
+    model, _ = load_model(str(tiny_folder))
+    healed = load_healed(tiny_heal.folder)
+    result = run_cli("export", tiny_folder, "--heal", tiny_heal.folder, "-o", tmp_path / "out")
+    assert result.exception is None, result.output
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert exported.config.num_hidden_layers == 3
+    record = json.loads((tmp_path / "out" / PLAN_FILENAME).read_text())
+    assert record["provenance"]["healed"]["method"] == "bridge"
+    ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        with skiplm.apply(model, healed):
+            expected = model(ids).logits
+        torch.testing.assert_close(exported(ids).logits, expected, rtol=1e-4, atol=1e-4)
+        with skiplm.apply(model, healed.plan):  # healed, not only pruned
+            assert not torch.allclose(exported(ids).logits, model(ids).logits, atol=1e-4)

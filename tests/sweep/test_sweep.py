@@ -238,3 +238,35 @@ def test_policies_are_swept_like_plans(tiny_folder, tmp_path, monkeypatch):
         assert point["ideal_speedup"]["decode"] == decode["ideal_speedup"]
         assert 0.0 <= point["agreement"]["prefix_agreement"] <= 1.0
     assert "ffn-skip (prefill threshold" in (tmp_path / "sweep.md").read_text()
+
+
+# -- heal folders beside the planned points --------------------------------------------------------------------------
+def test_a_sweep_measures_heal_folders_as_healed_points(tiny_folder, tiny_heal, tmp_path):
+    from skiplm.heal import load_healed
+    from skiplm.measure.costs import CostModel
+    from skiplm.measure.perplexity import perplexity
+    from skiplm.models.loading import load_model
+    from skiplm.report.plots.sweep import frontier
+
+    model, tokenizer = load_model(str(tiny_folder))
+    healed = load_healed(tiny_heal.folder)
+    ok = sweep(tiny_folder, tmp_path, "--heal", tiny_heal.folder, methods="uniform", targets="1.005")
+    assert ok.exception is None, ok.output
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    point = next(p for p in result["points"] if p["method"] == "b1 (healed)")
+    assert point["healed"] is True and "plan_file" not in point and point["plan"]["format"] == "skiplm.heal"
+    assert not any(p.get("healed") for p in result["points"] if p is not point)
+    ids = tokenize_corpus(tokenizer, load_corpus("pydoc"), 64)
+    with skiplm.apply(model, healed):
+        expected = perplexity(model, ids, context=32, stride=16).perplexity
+    assert point["perplexity"]["perplexity"] == pytest.approx(expected, rel=1e-5)
+    ideal = CostModel.from_parameter_counts(model).ideal_speedup(healed.plan.decode)
+    assert point["ideal_speedup"]["decode"] == pytest.approx(ideal) and point["target"] == pytest.approx(ideal)
+    assert "b1 (healed)" in (tmp_path / "sweep.md").read_text()
+    # run again: the healed point is resumed like the others, not measured again
+    again = sweep(tiny_folder, tmp_path, "--heal", tiny_heal.folder, methods="uniform", targets="1.005")
+    assert again.exception is None, again.output
+    assert json.loads((tmp_path / "sweep.json").read_text())["resumed_points"] == 3
+    # the frontier the plots draw: the points no other beats on speed and quality both
+    assert frontier([(1.1, 5.0), (1.2, 4.0), (1.3, 6.0), (1.25, 7.0)], lower_is_better=True) == [(1.2, 4.0), (1.3, 6.0)]
+    assert frontier([(1.1, 90.0), (1.2, 95.0), (1.3, 80.0)], lower_is_better=False) == [(1.2, 95.0), (1.3, 80.0)]

@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 import traceback
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -89,16 +90,68 @@ def _model_options(function):
     return function
 
 
-def _load_plan(path: str | None, model, force: bool):
-    """A plan file or a policy file (`skiplm policy`), checked against ``model`` unless ``force``."""
+def _load_plan(path: str | None, model, force: bool, *, heal: bool = False):
+    """A plan file or a policy file (`skiplm policy`) — with ``heal``, a heal folder (`skiplm heal`; what --heal
+    gives) —, checked against ``model`` unless ``force``."""
     from ..skipper import load_skipper
 
     if path is None:
         return None
-    plan = load_skipper(path)
+    if heal:
+        from ..heal import load_healed
+
+        plan = load_healed(path)
+    else:
+        plan = load_skipper(path)
     if not force:
         plan.check_model(model)
     return plan
+
+
+# -- heal folders: a healed plan where a plan goes ---------------------------------------------------------------------
+HEALED_SUFFIX = " (healed)"  # a heal folder's row: the folder's name and this (beside the row of the plan it heals)
+
+HEAL_OPTION = click.option(
+    "--heal", "heal_dir", type=click.Path(exists=True),
+    help="heal folder made by `skiplm heal` (a plan and the weights that heal it), in place of --plan; checked "
+         "against the model like a plan")
+HEALS_OPTION = click.option(
+    "--heal", "heal_dirs", multiple=True, type=click.Path(exists=True),
+    help="heal folder made by `skiplm heal`: its healed plan as one more row, named after the folder with "
+         f"'{HEALED_SUFFIX.strip()}', checked against the model like a plan (repeat for several). In a sweep or "
+         "compare: one more point, at the target its plan was made for (else its ideal speedup), drawn as its own "
+         "series with its own frontier")
+
+
+def _plan_source(plan_path: str | None, heal_dir: str | None, *, required: bool = False) -> tuple[str | None, bool]:
+    """What a single-plan command applies: (``--plan`` or ``--heal``, whether it is a heal folder), for
+    :func:`_load_plan`. A heal folder carries its own plan, so both is a usage error, said before the model loads."""
+    if plan_path is not None and heal_dir is not None:
+        raise click.UsageError("--heal and --plan do not combine: a heal folder carries its own plan (the one it "
+                               "heals); give one of them.")
+    if required and plan_path is None and heal_dir is None:
+        raise click.UsageError("give --plan PLAN or --heal DIR.")
+    return (heal_dir, True) if heal_dir is not None else (plan_path, False)
+
+
+def _load_skippers(plan_paths, heal_dirs, model, force: bool, *, reserved=None) -> dict:
+    """The rows of a command that compares several skippers: each plan or policy file (named by
+    :func:`~skiplm.measure.rows.plan_names`), then each heal folder (named after the folder, with
+    :data:`HEALED_SUFFIX`), each checked against ``model`` unless ``force``. ``reserved``: names no plan may take
+    (default: the full model's)."""
+    from ..errors import DataError
+    from ..heal import HEAL_FILE
+    from ..measure.rows import FULL, plan_names
+
+    reserved = (FULL,) if reserved is None else reserved
+    rows = {name: _load_plan(p, model, force) for name, p in plan_names(plan_paths, reserved=reserved).items()}
+    folders = [Path(d).parent if Path(d).name == HEAL_FILE else Path(d) for d in heal_dirs]  # a heal.json: its folder
+    for name, folder in plan_names(folders, reserved=()).items():
+        if name + HEALED_SUFFIX in rows:
+            raise DataError(f"plan file {name + HEALED_SUFFIX}.json takes the name of heal folder {folder}'s row: "
+                            "rename the plan file.")
+        rows[name + HEALED_SUFFIX] = _load_plan(folder, model, force, heal=True)
+    return rows
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..measure.rows import plan_names
-from .common import (MODEL_ARGUMENT, _check_stride, _command_line, _load, _load_plan, _model_options, _print_table,
-                     _reporting, cli, console)
+from .common import (HEALS_OPTION, MODEL_ARGUMENT, _check_stride, _command_line, _load, _load_skippers, _model_options,
+                     _print_table, _reporting, cli, console)
 from .options import NON_NEGATIVE, POSITIVE, IntList, Output
 from .sweep import _check_sweep_options, _sweep, _sweep_options
 
@@ -18,6 +17,7 @@ from .sweep import _check_sweep_options, _sweep, _sweep_options
 @click.option("--plan", "--policy", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="plan file (skiplm plan) or policy file (skiplm policy); repeat for several; the full model is "
                    "always evaluated too")
+@HEALS_OPTION
 @click.option("--corpus", "corpora", multiple=True, default=("gsm8k",), show_default=True,
               help="gsm8k, pydoc, or a text file (repeatable)")
 @click.option("--tokens", type=POSITIVE, default=16384, show_default=True, help="tokens scored per corpus")
@@ -26,16 +26,16 @@ from .sweep import _check_sweep_options, _sweep, _sweep_options
 @click.option("--out", "-o", type=Output("folder"), default="results/eval", show_default=True, help="output folder")
 @click.option("--force", is_flag=True, help="apply plans even if made for other weights")
 @_model_options
-def eval_command(model, plan_paths, corpora, tokens, context, stride, out, force, dtype, device):
-    """Perplexity of the full model and of each plan, side by side."""
+def eval_command(model, plan_paths, heal_dirs, corpora, tokens, context, stride, out, force, dtype, device):
+    """Perplexity of the full model and of each plan (and heal folder), side by side."""
     from ..measure.workflows import evaluate_and_report
 
     _check_stride(stride, context)
     hf_model, tokenizer = _load(model, dtype, device)
-    plans = {"full": None} | {name: _load_plan(p, hf_model, force) for name, p in plan_names(plan_paths).items()}
+    plans = {"full": None} | _load_skippers(plan_paths, heal_dirs, hf_model, force)
     with _reporting() as progress:
         result = evaluate_and_report(hf_model, tokenizer, plans, corpora, tokens, context, stride, Path(out), model,
-                                     device, command=_command_line(), progress=progress)
+                                     device, command=_command_line(), progress=progress, check_model=False)  # (checked above)
     _print_quality(result)
 
 
@@ -46,6 +46,7 @@ def eval_command(model, plan_paths, corpora, tokens, context, stride, out, force
 @MODEL_ARGUMENT
 @click.option("--plan", "--policy", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="plan file (repeat for several); the full model is always measured too")
+@HEALS_OPTION
 @click.option("--batch-sizes", type=IntList(1), default="1,8", show_default=True,
               help="comma-separated batch sizes, each at least 1")
 @click.option("--prompt-tokens", type=POSITIVE, default=256, show_default=True, help="prefill length")
@@ -65,27 +66,28 @@ def eval_command(model, plan_paths, corpora, tokens, context, stride, out, force
 @_sweep_options
 @_model_options
 @click.pass_context
-def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_tokens, decode_prompts, new_tokens, repeats,
+def bench(ctx, model, plan_paths, heal_dirs, batch_sizes, prompt_tokens, decode_prompt_tokens, decode_prompts, new_tokens, repeats,
           warmup, compare_pruned, out, force, dtype, device, sweep, **sweep_options):
-    """Prefill latency and decode tokens/s of the full model and each plan, interleaved, in one run.
+    """Prefill latency and decode tokens/s of the full model and each plan (and heal folder), interleaved, in one run.
 
     With --sweep: the scoreboard. Every method of --methods at every target of --targets is planned and measured
-    against the full model — perplexity, generation agreement, prefill and decode speed — in one resumable run.
+    against the full model — perplexity, generation agreement, prefill and decode speed — in one resumable run; each
+    --heal folder adds its healed plan as one more point.
     """
     from ..measure.speed import BenchSettings
     from ..measure.workflows import bench_and_report
 
     _check_sweep_options(ctx, sweep)
     if sweep:
-        return _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup, out,
-                      dtype, device, **sweep_options)
+        return _sweep(ctx, model, heal_dirs, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats,
+                      warmup, out, dtype, device, **sweep_options)
     settings = BenchSettings(batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup,
                              decode_prompts)
     hf_model, tokenizer = _load(model, dtype, device)
-    plans = {name: _load_plan(p, hf_model, force) for name, p in plan_names(plan_paths).items()}
+    plans = _load_skippers(plan_paths, heal_dirs, hf_model, force)
     with _reporting() as progress:
         result = bench_and_report(hf_model, tokenizer, plans, settings, compare_pruned, Path(out), model, device,
-                                  command=_command_line(), progress=progress)
+                                  command=_command_line(), progress=progress, check_model=False)  # (checked above)
     _print_speed(result)
 
 
@@ -93,6 +95,7 @@ def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_toke
 @MODEL_ARGUMENT
 @click.option("--plan", "--policy", "plan_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="plan file (repeat for several); the full model always generates the reference")
+@HEALS_OPTION
 @click.option("--prompts", default="gsm8k", show_default=True,
               help="gsm8k (the shipped test questions), or a file: one prompt per line, or JSON Lines with a "
                    "\"prompt\" field (and optionally an \"answer\")")
@@ -104,8 +107,8 @@ def bench(ctx, model, plan_paths, batch_sizes, prompt_tokens, decode_prompt_toke
 @click.option("--out", "-o", type=Output("folder"), default="results/agree", show_default=True, help="output folder")
 @click.option("--force", is_flag=True, help="apply plans even if made for other weights")
 @_model_options
-def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, force, dtype, device):
-    """Greedy generation agreement of each plan with the full model (and GSM8K answer accuracy)."""
+def agree(model, plan_paths, heal_dirs, prompts, limit, new_tokens, batch_size, chat, out, force, dtype, device):
+    """Greedy generation agreement of each plan (and heal folder) with the full model (and GSM8K answer accuracy)."""
     from ..measure.agreement import FULL
     from ..measure.workflows import agree_and_report
     from ..models.data import corpus_label, load_prompts
@@ -113,7 +116,7 @@ def agree(model, plan_paths, prompts, limit, new_tokens, batch_size, chat, out, 
 
     prompt_list = load_prompts(prompts, limit)  # bad prompts fail before the model loads
     hf_model, tokenizer = _load(model, dtype, device)
-    plans = {name: _load_plan(p, hf_model, force) for name, p in plan_names(plan_paths, reserved=()).items()}
+    plans = _load_skippers(plan_paths, heal_dirs, hf_model, force, reserved=())
     if FULL in plans:
         raise click.BadParameter(f"a plan file may not be named {FULL}.json: that name is the full model's.",
                                  param_hint="--plan")
@@ -135,6 +138,9 @@ def lm_eval_command(args):
     """lm-evaluation-harness's command line, with the `skiplm` model type registered; ARGS go to it unchanged.
 
     e.g. skiplm lm-eval --model skiplm --model_args pretrained=smollm2-135m,plan=plan.json --tasks arc_easy
+
+    A heal folder (skiplm heal) in place of the plan: --model_args pretrained=smollm2-135m,heal=DIR (and merge=true to
+    bake it into the weights for good: faster for LoRA-healed models).
     """
     try:
         from ..integrations.lm_eval import main as lm_eval_main

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from ..speculative.decoder import DEFAULT_MAX_DRAFT
-from .common import MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, _reporting, cli, console
+from .common import (HEAL_OPTION, MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, _plan_source,
+                     _reporting, cli, console)
 from .options import NON_NEGATIVE, POSITIVE, TEMPERATURE, TOP_K, TOP_P, Output
 from .measure import _print_quality, _print_speed
 
@@ -17,6 +18,11 @@ from .measure import _print_quality, _print_speed
 @MODEL_ARGUMENT
 @click.option("--plan", "--draft-plan", "plan_path", type=click.Path(exists=True, dir_okay=False),
               help="plan file (with --speculative: the draft's plan)")
+@HEAL_OPTION
+@click.option("--merge", is_flag=True,
+              help="--heal: bake the heal into the weights for good before generating (faster for LoRA-healed "
+                   "models, whose adapters otherwise run beside their layers; the full model's weights are then gone "
+                   "for this process)")
 @click.option("--prompt", "-p", required=True, help="the user message")
 @click.option("--max-new-tokens", type=POSITIVE, default=128, show_default=True, help="tokens to generate at most")
 @click.option("--chat/--raw", default=True, show_default=True, help="wrap the prompt in the model's chat template")
@@ -51,12 +57,13 @@ from .measure import _print_quality, _print_speed
               help="--policy: write which layers ran for which tokens to this PNG (and a JSON next to it)")
 @click.option("--truncate-prompt", is_flag=True,
               help="keep only the prompt's last tokens that fit the model's context (else a longer prompt is refused)")
-@click.option("--force", is_flag=True, help="apply the plan even if made for other weights")
+@click.option("--force", is_flag=True, help="apply the plan (or heal folder) even if made for other weights")
 @_model_options
-def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p, top_k, seed, speculative, max_draft,
-             adapt, draft_dtype, prompt_lookup, draft_engine, policy_path, activation_map, truncate_prompt, force, dtype,
-             device):
-    """Generate text with MODEL (under a plan if given, or speculatively with --speculative), streaming to stdout."""
+def generate(model, plan_path, heal_dir, merge, prompt, max_new_tokens, chat, temperature, top_p, top_k, seed,
+             speculative, max_draft, adapt, draft_dtype, prompt_lookup, draft_engine, policy_path, activation_map,
+             truncate_prompt, force, dtype, device):
+    """Generate text with MODEL (under a plan or a heal folder if given, or speculatively with --speculative),
+    streaming to stdout."""
     import torch
     from transformers import TextStreamer
 
@@ -66,13 +73,19 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
 
     if not prompt.strip():
         raise DataError("the prompt is empty: pass some text with --prompt.")
+    source, heal = _plan_source(plan_path, heal_dir)
+    if heal and speculative:
+        raise click.UsageError("--speculative does not take a heal folder as the draft yet: give the unhealed plan "
+                               "with --plan (the full model verifies, so the output is the same).")
+    if merge and not heal:
+        raise click.UsageError("--merge bakes a heal folder into the weights: give --heal DIR.")
     policy = None
     if policy_path is not None:
-        policy = _policy_file(policy_path, plan_path, speculative)
+        policy = _policy_file(policy_path, source, speculative)
     elif activation_map:
         raise PlanError("--activation-map records what a --policy decided; give a --policy.")
     hf_model, tokenizer = _load(model, dtype, device)
-    skip_plan = _load_plan(plan_path, hf_model, force)
+    skip_plan = _load_plan(source, hf_model, force, heal=heal)
     if policy is not None:
         if not force:
             policy.check_model(hf_model)
@@ -118,6 +131,8 @@ def generate(model, plan_path, prompt, max_new_tokens, chat, temperature, top_p,
         sampling["top_k"] = top_k
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     options = {"record": True} if activation_map else {}  # (a policy's option: keep which layers ran for which tokens)
+    if merge:
+        options["merge"] = True  # (a heal folder's option: its weights baked in for good)
     handle = apply(hf_model, skip_plan, check_model=False, **options) if skip_plan is not None else None
     try:
         start = time.perf_counter()
@@ -146,8 +161,8 @@ def _policy_file(path: str, plan_path: str | None, speculative: bool):
     from ..skipper import load_skipper
 
     if plan_path is not None or speculative:
-        raise PlanError("--policy runs the model under an input-adaptive policy; it does not combine with --plan or "
-                        "--speculative.")
+        raise PlanError("--policy runs the model under an input-adaptive policy; it does not combine with --plan, "
+                        "--heal or --speculative.")
     if not Path(path).is_file():
         hint = (f" `{path}` is a policy method: calibrate one for this model first, e.g. `skiplm policy --method "
                 f"{path} --skip-ratio 0.25 -o {path}.json`." if path in POLICIES else "")
@@ -172,20 +187,31 @@ def _write_activation_map(handle, path: str, model_name: str) -> None:
 
 @cli.command()
 @MODEL_ARGUMENT
-@click.option("--plan", "plan_path", required=True, type=click.Path(exists=True, dir_okay=False), help="plan file")
+@click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False), help="plan file")
+@click.option("--heal", "heal_dir", type=click.Path(exists=True),
+              help="heal folder made by `skiplm heal`, in place of --plan: its plan's blocks deleted and the healed "
+                   "weights written")
 @click.option("--out", "-o", required=True, type=Output("folder"), help="folder to write the checkpoint to")
 @click.option("--zero-sublayers", is_flag=True,
               help="for attention-/MLP-only skips: zero that branch's weights (same outputs, no speedup)")
-@click.option("--force", is_flag=True, help="export even if the plan was made for other weights")
+@click.option("--force", is_flag=True, help="export even if the plan (or heal folder) was made for other weights")
 @_model_options
-def export(model, plan_path, out, zero_sublayers, force, dtype, device):
-    """Save MODEL with a plan baked in, as a checkpoint vanilla transformers loads (skipped blocks deleted)."""
+def export(model, plan_path, heal_dir, out, zero_sublayers, force, dtype, device):
+    """Save MODEL with a plan baked in, as a checkpoint vanilla transformers loads (skipped blocks deleted); with
+    --heal, the healed weights too (the checkpoint gives the healed model's logits)."""
     from ..export.pruned import export_pruned
+    from ..heal import export_healed
 
+    source, heal = _plan_source(plan_path, heal_dir, required=True)
+    if heal and zero_sublayers:
+        raise click.UsageError("--zero-sublayers does not apply with --heal: a heal folder's plan skips whole blocks.")
     hf_model, tokenizer = _load(model, dtype, device)
-    skip_plan = _load_plan(plan_path, hf_model, force)
-    folder = export_pruned(hf_model, skip_plan, out, tokenizer=tokenizer, zero_sublayers=zero_sublayers,
-                           check_model=False)
+    skip_plan = _load_plan(source, hf_model, force, heal=heal)
+    if heal:
+        folder = export_healed(hf_model, skip_plan, out, tokenizer=tokenizer, check_model=False)
+    else:
+        folder = export_pruned(hf_model, skip_plan, out, tokenizer=tokenizer, zero_sublayers=zero_sublayers,
+                               check_model=False)
     console.print(f"wrote {folder}: {skip_plan.describe()}; load it with "
                   f"AutoModelForCausalLM.from_pretrained({str(folder)!r})")
 

@@ -12,7 +12,8 @@ from rich.table import Table
 from ..registry import PLANNERS, POLICIES
 from ..sweep.compare import default_methods
 from ..sweep.settings import SweepSettings
-from .common import MODEL_ARGUMENT, _check_stride, _command_line, _load, _model_options, cli, console
+from .common import (HEALS_OPTION, MODEL_ARGUMENT, _check_stride, _command_line, _load, _load_skippers, _model_options,
+                     cli, console)
 from .options import NON_NEGATIVE, POSITIVE, FloatList, Output
 
 
@@ -70,14 +71,15 @@ def _check_sweep_options(ctx, sweep: bool) -> None:
         return
     for name, option, why in (("plan_paths", "--plan", "a sweep makes its own plans (see --methods, --targets)"),
                               ("compare_pruned", "--compare-pruned", "a sweep times each plan against the full model"),
-                              ("force", "--force", "a sweep's plans are made for the model"),
+                              ("force", "--force", "a sweep's plans are made for the model, and its heal folders "
+                                                   "must be too"),
                               ("decode_prompts", "--decode-prompts", "a sweep decodes after chunks of GSM8K text")):
         if _given(ctx, name):
             raise click.UsageError(f"{option} does not apply with --sweep: {why}.")
 
 
-def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup, out, dtype, device,
-           *, methods, targets, fresh, **settings):
+def _sweep(ctx, model, heal_dirs, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup, out,
+           dtype, device, *, methods, targets, fresh, **settings):
     import datetime
 
     from ..errors import SkipLMError
@@ -103,6 +105,7 @@ def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tok
     settings.check()  # bad settings fail before the model loads
     load_prompts(settings.prompts, settings.limit)
     hf_model, tokenizer = _load(model, dtype, device)
+    healed = _load_skippers((), heal_dirs, hf_model, force=False)
     command = _command_line()
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -143,7 +146,7 @@ def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tok
 
         try:
             result = run_sweep(hf_model, tokenizer, settings, out, model_name=model, dtype=dtype, device=device,
-                               command=command, fresh=fresh, progress=Report())
+                               command=command, fresh=fresh, healed=healed, progress=Report())
         except KeyboardInterrupt:
             bar.stop()
             console.print(f"interrupted: the finished points are saved in {out}/points.jsonl; run the same command "
@@ -177,18 +180,22 @@ def _sweep(ctx, model, batch_sizes, prompt_tokens, decode_prompt_tokens, new_tok
 @click.option("--repeats", type=POSITIVE, default=5, show_default=True, help="paired timing rounds per plan")
 @click.option("--new-tokens", type=POSITIVE, default=32, show_default=True, help="decode steps per timing")
 @click.option("--out", "-o", type=Output("folder"), default="results/compare", show_default=True, help="output folder")
+@HEALS_OPTION
+@click.option("--force", is_flag=True, help="use heal folders even if made for other weights")
 @_model_options
 def compare(model, methods, targets, calibration_corpus, eval_corpus, sequences, length, tokens, context, stride,
-            repeats, new_tokens, out, dtype, device):
-    """Every planner at every target: held-out perplexity vs measured decode speedup, one run (table + Pareto plot)."""
+            repeats, new_tokens, out, heal_dirs, force, dtype, device):
+    """Every planner at every target: held-out perplexity vs measured decode speedup, one run (table + Pareto plot);
+    heal folders beside them."""
     from ..sweep.compare import run_compare, write_compare
 
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     target_list = list(targets)
     _check_stride(stride, context)
     hf_model, tokenizer = _load(model, dtype, device)
+    healed = _load_skippers((), heal_dirs, hf_model, force)
     with console.status("planning") as status:
-        result = run_compare(hf_model, tokenizer, method_list, target_list, model_name=model,
+        result = run_compare(hf_model, tokenizer, method_list, target_list, model_name=model, healed=healed,
                              calibration_corpus=calibration_corpus, eval_corpus=eval_corpus, sequences=sequences,
                              length=length, tokens=tokens, context=context, stride=stride, repeats=repeats,
                              new_tokens=new_tokens, device=device, command=_command_line(), progress=status.update)

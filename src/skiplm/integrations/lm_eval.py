@@ -65,6 +65,9 @@ class SkipLM(HFLM):
       id where a network exists; from Python also an already loaded model (then pass ``tokenizer`` too);
     * ``plan`` — a plan file made by ``skiplm plan`` or a policy file made by ``skiplm policy`` (from Python also the
       object: a :class:`~skiplm.SkipPlan`, a policy, any skipper); omitted: the full model;
+    * ``heal`` — a heal folder made by ``skiplm heal`` (a plan and the weights that heal it), in place of ``plan``;
+    * ``merge`` — with ``heal``: bake the heal into the weights for good (faster for LoRA-healed models; the full
+      model's weights are then gone from the loaded model);
     * ``force`` — apply it even if it was made for other weights;
     * ``dtype`` — ``float32`` (default; also for ``auto``), ``bfloat16`` or ``float16``;
     * ``device`` — ``cpu``, ``cuda``, ``cuda:1``, ... (default: ``cuda`` if available, else ``cpu``; a CUDA device
@@ -79,6 +82,8 @@ class SkipLM(HFLM):
         pretrained: Any = DEFAULT_MODEL,
         plan: str | Path | Skipper | None = None,
         *,
+        heal: str | Path | None = None,
+        merge: bool = False,
         force: bool = False,
         dtype: str | torch.dtype | None = None,
         device: str | None = None,
@@ -96,7 +101,9 @@ class SkipLM(HFLM):
             kwargs.pop(name, None)
         if revision not in (None, "main"):
             raise ModelLoadError(f"model type {MODEL_TYPE!r} does not take revision={revision!r}; pass a local folder.")
-        skip_plan = _as_skipper(plan)
+        skip_plan = _as_skipper(plan, heal)
+        if merge and heal is None:
+            raise PlanError("merge=true bakes a heal folder into the weights: give heal=DIR.")
 
         if isinstance(pretrained, (str, Path)):
             spec = str(pretrained)
@@ -115,7 +122,8 @@ class SkipLM(HFLM):
                 f"a loaded model, got {type(pretrained).__name__}."
             )
 
-        handle: Handle | None = apply(model, skip_plan, check_model=not force) if skip_plan else None
+        options = {"merge": True} if merge else {}
+        handle: Handle | None = apply(model, skip_plan, check_model=not force, **options) if skip_plan else None
         try:
             with _quiet_about_preloaded_models():
                 super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
@@ -171,8 +179,15 @@ def _quiet_about_preloaded_models() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
-def _as_skipper(plan) -> Skipper | None:
-    """A skipper (a file made by `skiplm plan` / `skiplm policy`, or the object), or None for the full model."""
+def _as_skipper(plan, heal=None) -> Skipper | None:
+    """A skipper (a file made by `skiplm plan` / `skiplm policy`, or the object; or a heal folder), or None for the
+    full model."""
+    if heal is not None:
+        if plan is not None:
+            raise PlanError("give plan= or heal=, not both: a heal folder carries its own plan (the one it heals).")
+        from ..heal import load_healed
+
+        return load_healed(heal)
     if plan is None or (isinstance(plan, str) and plan.strip().lower() in ("", "none")):
         return None
     if is_skipper(plan):

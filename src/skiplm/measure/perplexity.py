@@ -101,9 +101,11 @@ def compare_perplexity(
     context: int = 1024,
     stride: int = 512,
     progress: Callable[[int], None] | None = None,
+    check_model: bool = True,
 ) -> dict[str, PerplexityResult]:
     """Perplexity under each plan (``None`` = the full model), same tokens, same windows. A plan may not take the full
-    model's name (:data:`~skiplm.measure.rows.FULL`): its numbers would be read as the baseline."""
+    model's name (:data:`~skiplm.measure.rows.FULL`): its numbers would be read as the baseline. ``check_model=False``:
+    apply plans made for other weights too."""
     if plans.get(FULL, None) is not None:
         raise DataError(f"a plan may not be named {FULL!r}: that name is the full model's row; give the plan another "
                         "name (skiplm.measure.rows.plan_names).")
@@ -113,6 +115,6 @@ def compare_perplexity(
         if teacher_forced is None or teacher_forced.is_empty():
             results[name] = perplexity(model, ids, context=context, stride=stride, progress=progress)
             continue
-        with apply(model, teacher_forced):
+        with apply(model, teacher_forced, check_model=check_model):
             results[name] = perplexity(model, ids, context=context, stride=stride, progress=progress)
     return results

@@ -30,7 +30,7 @@ from .costs import CostModel
 from ..errors import DataError
 from ..plan import SkipPlan
 from ..export.prune import prune_blocks
-from ..skipper import Skipper, apply
+from ..skipper import Skipper, apply, fixed_plan, is_healed
 from .rows import FULL, check_row_names
 
 
@@ -107,17 +107,21 @@ def prompt_batch(corpus_ids: torch.Tensor, batch: int, length: int, device) -> t
 MLP_PROBE = "static probe: skippable MLPs skipped"
 
 
-def make_configs(model: nn.Module, plans: Mapping[str, Skipper], *, compare_pruned: bool) -> list[Config]:
-    """The full model, each plan, and (for block-only plans, if asked) a physically pruned copy of the model. An
+def make_configs(model: nn.Module, plans: Mapping[str, Skipper], *, compare_pruned: bool,
+                 check_model: bool = True) -> list[Config]:
+    """The full model, each plan, and (for block-only plans, not healed ones, if asked) a physically pruned copy of the
+    model. An
     input-adaptive skipper (a policy) comes with a decisions-only run and, once, the static probe that skips every
     MLP it may skip (see :func:`account_policies`). Rows are keyed by name: a plan named like the full model or like
-    another row is a :class:`~skiplm.errors.DataError` (see :func:`skiplm.measure.rows.plan_names`)."""
+    another row is a :class:`~skiplm.errors.DataError` (see :func:`skiplm.measure.rows.plan_names`).
+    ``check_model=False``: plans made for other weights too."""
     check_row_names(plans)
     costs = CostModel.from_parameter_counts(model)
     configs = [Config(FULL, model)]
     probe_added = False
     for name, plan in plans.items():
-        plan.check_model(model)
+        if check_model:
+            plan.check_model(model)
         if getattr(plan, "input_adaptive", False):
             # the ideal speedup of a policy depends on the input: it is filled in from what it skipped while timed
             configs += [Config(name, model, plan),
@@ -128,10 +132,11 @@ def make_configs(model: nn.Module, plans: Mapping[str, Skipper], *, compare_prun
                                       costs.ideal_speedup(probe.prefill)))
                 probe_added = True
             continue
-        configs.append(Config(name, model, plan, costs.ideal_speedup(plan.decode), costs.ideal_speedup(plan.prefill)))
-        block_only = plan.prefill == plan.decode and set(plan.decode.attention) == set(plan.decode.mlp)
-        if compare_pruned and block_only and not plan.decode.is_empty():
-            pruned = prune_blocks(model, plan.decode.blocks, share_weights=True)  # same memory as `full`
+        fixed = fixed_plan(plan)  # a healed plan's skips are its plan's (a pruned copy would not be healed: none)
+        configs.append(Config(name, model, plan, costs.ideal_speedup(fixed.decode), costs.ideal_speedup(fixed.prefill)))
+        block_only = fixed.prefill == fixed.decode and set(fixed.decode.attention) == set(fixed.decode.mlp)
+        if compare_pruned and block_only and not fixed.decode.is_empty() and not is_healed(plan):
+            pruned = prune_blocks(model, fixed.decode.blocks, share_weights=True)  # same memory as `full`
             configs.append(Config(f"{name} (layers deleted)", pruned, None, configs[-1].ideal_decode, configs[-1].ideal_prefill))
     names = [config.name for config in configs]
     repeated = sorted({n for n in names if names.count(n) > 1})

@@ -43,10 +43,12 @@ def _provenance(command: str | None, model_name: str, device: str) -> dict[str, 
 
 def evaluate_and_report(model: nn.Module, tokenizer, plans: Mapping[str, Skipper | None], corpora: Sequence[str],
                         tokens: int, context: int, stride: int, out: Path, model_name: str, device: str, *,
-                        command: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+                        command: str | None = None, progress: Progress | None = None,
+                        check_model: bool = True) -> dict[str, Any]:
     """Perplexity of the full model and each of ``plans`` on the first ``tokens`` tokens of each corpus (a name or
     a text file), in windows of ``context`` advancing by ``stride``; writes ``eval.json`` and ``eval.md``. The full
-    model is always measured, as the first row (``plans`` may list it as ``"full": None``)."""
+    model is always measured, as the first row (``plans`` may list it as ``"full": None``). ``check_model=False``:
+    plans made for other weights too (the CLI checked them, unless --force)."""
     plans = _with_full_model(plans)
     out = check_output(out, kind="folder", what="eval output folder")
     texts = {corpus_label(c): tokenize_corpus(tokenizer, load_corpus(c), tokens) for c in corpora}
@@ -60,7 +62,8 @@ def evaluate_and_report(model: nn.Module, tokenizer, plans: Mapping[str, Skipper
                 progress(f"perplexity on {label}", done, total)
 
         advance(0)
-        per_corpus[label] = compare_perplexity(model, ids, plans, context=context, stride=stride, progress=advance)
+        per_corpus[label] = compare_perplexity(model, ids, plans, context=context, stride=stride, progress=advance,
+                                               check_model=check_model)
     result = {
         "kind": "perplexity",
         **_provenance(command, model_name, device),
@@ -75,14 +78,15 @@ def evaluate_and_report(model: nn.Module, tokenizer, plans: Mapping[str, Skipper
 
 def bench_and_report(model: nn.Module, tokenizer, plans: Mapping[str, Skipper], settings: BenchSettings,
                      compare_pruned: bool, out: Path, model_name: str, device: str, *, command: str | None = None,
-                     progress: Progress | None = None) -> dict[str, Any]:
+                     progress: Progress | None = None, check_model: bool = True) -> dict[str, Any]:
     """Prefill latency and decode throughput of the full model and each of ``plans`` (and, with ``compare_pruned``,
-    a copy with a block plan's layers deleted), interleaved; writes ``bench.json``, ``bench.md`` and ``bench.png``."""
+    a copy with a block plan's layers deleted), interleaved; writes ``bench.json``, ``bench.md`` and ``bench.png``.
+    ``check_model=False``: plans made for other weights too."""
     check_row_names(plans)
     out = check_output(out, kind="folder", what="bench output folder")
     corpus_ids = tokenize_corpus(tokenizer, load_corpus("gsm8k"),
                                  8 * max(settings.prompt_tokens, settings.decode_prompt_tokens))
-    configs = make_configs(model, plans, compare_pruned=compare_pruned)
+    configs = make_configs(model, plans, compare_pruned=compare_pruned, check_model=check_model)
     chat_prompts = None
     if settings.decode_prompts == "gsm8k-chat":
         chat_prompts = encode_prompts(tokenizer, gsm8k_prompts(200), chat=True)

@@ -193,7 +193,7 @@ def methods_table(names: Iterable[str]) -> str:
 def _sweep_body(data: dict[str, Any]) -> tuple[str, list[tuple[str, dict]]]:
     headers, rows = sweep_table(data)
     body = f"<p>{_e(settings_text(data))}</p>" + html_table(headers, rows)
-    body += methods_table(p["method"] for p in data["points"] if not is_full_model(p))
+    body += methods_table(p["method"] for p in data["points"] if not is_full_model(p) and not p.get("healed"))
     if data.get("resumed_points"):
         body += (f'<p class="muted">{data["resumed_points"]} of these points were measured by an earlier run of '
                  "the same command (same settings) and loaded from its points.jsonl.</p>")
@@ -215,7 +215,7 @@ def _compare_body(data: dict[str, Any]) -> tuple[str, list[tuple[str, dict]]]:
             rows.append([p["method"], f"{p['target']:g}", "—", "—", "—", "—", p.get("error") or "not run"])
         if p.get("plan_json"):
             plans.append((f"{p['method']} @ {p['target']:g}", p["plan_json"]))
-    return html_table(headers, rows) + methods_table(p["method"] for p in data["points"]), plans
+    return html_table(headers, rows) + methods_table(p["method"] for p in data["points"] if not p.get("healed")), plans
 
 
 def _bench_body(data: dict[str, Any]) -> tuple[str, list[tuple[str, dict]]]:

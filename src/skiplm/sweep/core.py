@@ -13,6 +13,10 @@ Per *point* (a method at a target; plus the full model as the baseline point) on
 The full-model point compares the full model with itself: its agreement is the batch determinism of greedy decoding
 (100% on a deterministic backend) and its speed ratios are an A/A measurement, the noise floor of the others.
 
+Healed points. Heal folders (``skiplm heal``; ``healed=`` by name) are measured as points beside the planned ones,
+each at :func:`~.measurements.healed_target` and marked ``"healed": true``; their settings include a hash of the
+heal record, so a changed heal folder is never reused silently either.
+
 Resuming. Each finished point is appended to ``OUT/points.jsonl`` as one line the moment it is done, and each plan is
 saved to ``OUT/plans/METHOD-TARGET.json`` as soon as it is made. Running the same sweep again loads finished points
 and saved plans instead of recomputing them. Every point records the settings that affect its numbers (model
@@ -45,10 +49,10 @@ from ..models.data import corpus_label, load_corpus
 from ..plan import model_identity
 from ..planners.common import load_calibration
 from ..report.files import machine_info
-from ..skipper import Skipper, load_skipper
+from ..skipper import Skipper, is_healed, load_skipper
 from .compare import is_data_driven, make_plans
-from .measurements import (AgreementInputs, agreement_summary, generate, ideal_speedups, measure_perplexity,
-                           measure_speed)
+from .measurements import (AgreementInputs, agreement_summary, generate, healed_target, ideal_speedups,
+                           measure_perplexity, measure_speed)
 from .settings import (FULL_TARGET, PLANS_FOLDER, POINTS_FILE, SweepSettings, append_point, differences, load_points,
                        plan_file_name, point_key, settings_hash, target_label, token_hash)
 from .tables import write_sweep
@@ -74,10 +78,12 @@ class SweepProgress:
 # -- the sweep ----------------------------------------------------------------------------------------------------------
 class Sweep:
     """One sweep of a model into an output folder. :meth:`run` plans what is missing, measures every unfinished
-    point (saving each as soon as it is done) and writes the results."""
+    point (saving each as soon as it is done) and writes the results. ``healed``: heal folders by point name
+    (:func:`skiplm.heal.load_healed`), measured as points too."""
 
     def __init__(self, model: nn.Module, tokenizer, settings: SweepSettings, out: str | Path, *, model_name: str,
-                 dtype: str = "float32", device: str = "cpu", command: str | None = None, fresh: bool = False):
+                 dtype: str = "float32", device: str = "cpu", command: str | None = None, fresh: bool = False,
+                 healed: dict[str, Skipper] | None = None):
         settings.check()
         out = check_output(out, kind="folder", what="sweep output folder")  # before minutes of planning
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
@@ -86,6 +92,10 @@ class Sweep:
         self.points_path = self.out / POINTS_FILE
         self.plans_dir = self.out / PLANS_FOLDER
         self._reference: list[list[int]] | None = None
+        clash = sorted(set(healed or {}) & set(settings.methods))
+        if clash:
+            raise SweepError(f"a heal folder's point may not take a method's name ({', '.join(clash)}).")
+        self.healed = dict(healed or {})
 
     # -- inputs and what identifies a result
     def _prepare(self) -> None:
@@ -130,9 +140,11 @@ class Sweep:
 
     def point_settings(self, method: str | None) -> dict[str, Any]:
         """What a point's numbers depend on: the common settings, and its plan's (none for the full model, method
-        None)."""
+        None; a heal folder's point: its heal record)."""
         if method is None:
             return dict(self.common)
+        if method in self.healed:
+            return {**self.common, "heal": {"record": settings_hash(self.healed[method].to_json())}}
         return {**self.common, "plan": self.plan_settings(method)}
 
     # -- the run
@@ -143,11 +155,14 @@ class Sweep:
         self._prepare()
         if self.fresh:
             self._discard()
+        healed_keys = {(name, healed_target(self.model, skipper)): skipper for name, skipper in self.healed.items()}
         keys = [(None, FULL_TARGET)] + [(m, t) for m in self.settings.methods for t in self.settings.targets]
+        keys += list(healed_keys)
         finished = load_points(self.points_path)
         self._refuse_stale(finished, keys)
         resumed = sum(point_key(m, t) in finished for m, t in keys)
         plans = self._plans(finished, progress)
+        plans.update({point_key(m, t): skipper for (m, t), skipper in healed_keys.items()})
         pending = [(m, t) for m, t in keys if point_key(m, t) not in finished]
         total = sum(self._steps(m) for m, _ in pending)
         if pending and pending[0][0] is not None:
@@ -178,7 +193,7 @@ class Sweep:
                 stale.append((f"{method} @ {target_label(target)}", record.get("settings", {}),
                               self.point_settings(method)))
             plan_path = self.plans_dir / plan_file_name(method, target)
-            if method is not None and record is None and plan_path.exists():
+            if method not in (None, *self.healed) and record is None and plan_path.exists():
                 saved = _read_plan(plan_path).provenance.get("sweep", {})
                 if saved.get("settings_hash") != settings_hash(self.plan_settings(method)):
                     stale.append((f"plan {plan_path.name}", saved.get("settings", {}), self.plan_settings(method)))
@@ -275,8 +290,11 @@ class Sweep:
                          for phase in ("decode", "prefill")}
             else:
                 ideal = dict(zip(("decode", "prefill"), fixed))
+            if is_healed(plan):
+                record["healed"] = True  # a heal folder's point: not a plan this sweep made (its record is in "plan")
+            else:
+                record["plan_file"] = f"{PLANS_FOLDER}/{plan_file_name(method, target)}"
             record.update({
-                "plan_file": f"{PLANS_FOLDER}/{plan_file_name(method, target)}",
                 "description": plan.describe(),
                 "plan": plan.to_json(),
                 "ideal_speedup": ideal,
@@ -318,10 +336,11 @@ class Sweep:
 
 def run_sweep(model: nn.Module, tokenizer, settings: SweepSettings, out: str | Path, *, model_name: str,
               dtype: str = "float32", device: str = "cpu", command: str | None = None, fresh: bool = False,
-              progress: SweepProgress | None = None) -> dict[str, Any]:
-    """Run (or resume) a sweep into ``out``; returns the result written to ``out/sweep.json``."""
+              healed: dict[str, Skipper] | None = None, progress: SweepProgress | None = None) -> dict[str, Any]:
+    """Run (or resume) a sweep into ``out``; returns the result written to ``out/sweep.json``. ``healed``: heal
+    folders by name, measured as points beside the planned ones."""
     return Sweep(model, tokenizer, settings, out, model_name=model_name, dtype=dtype, device=device, command=command,
-                 fresh=fresh).run(progress)
+                 fresh=fresh, healed=healed).run(progress)
 
 
 def _bench_settings(bench: BenchSettings) -> dict[str, Any]:

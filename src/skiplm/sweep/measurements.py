@@ -16,18 +16,28 @@ from ..measure.agreement import (Prompt, answer_agreement, answers_agree, extrac
 from ..measure.costs import CostModel
 from ..measure.perplexity import compare_perplexity
 from ..measure.speed import BenchSettings, Config, run_bench
-from ..plan import SkipPlan
-from ..skipper import Skipper, apply
+from ..skipper import Skipper, apply, fixed_plan
 
 
 def ideal_speedups(model: nn.Module, skipper: Skipper) -> tuple[float, float] | None:
     """(decode, prefill) ideal speedups by the parameter-count cost model, for a skipper whose skips are fixed in
-    advance (a :class:`~skiplm.plan.SkipPlan`); None for one that decides per input (a policy): its ideal speedup
-    is what it skipped while it was timed."""
-    if not isinstance(skipper, SkipPlan):
+    advance (a :class:`~skiplm.plan.SkipPlan`, a healed plan); None for one that decides per input (a policy): its
+    ideal speedup is what it skipped while it was timed."""
+    plan = fixed_plan(skipper)
+    if plan is None:
         return None
     costs = CostModel.from_parameter_counts(model)
-    return costs.ideal_speedup(skipper.decode), costs.ideal_speedup(skipper.prefill)
+    return costs.ideal_speedup(plan.decode), costs.ideal_speedup(plan.prefill)
+
+
+def healed_target(model: nn.Module, healed: Skipper) -> float:
+    """The target a healed point is placed at beside the planned ones: the speedup its plan was made for (its
+    provenance's ``target``), else its ideal decode speedup by the cost model."""
+    plan = fixed_plan(healed)
+    target = plan.provenance.get("target")
+    if isinstance(target, dict) and isinstance(target.get("speedup"), (int, float)):
+        return float(target["speedup"])
+    return ideal_speedups(model, plan)[0]
 
 
 def measure_perplexity(model: nn.Module, plan: Skipper | None, ids: torch.Tensor, *, context: int, stride: int,
