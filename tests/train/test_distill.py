@@ -155,6 +155,17 @@ def test_heal_folder_round_trip_merge_and_vanilla_export(model, vanilla, method,
             peft_model = PeftModel.from_pretrained(fresh, str(folder / ADAPTER_FOLDER))
         with skiplm.apply(fresh, loaded.plan, check_model=False), torch.no_grad():
             torch.testing.assert_close(peft_model(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    with skiplm.apply(model, loaded, merge="restorable") as handle, torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+        assert handle.peft_model is None  # no adapter modules: the plan's own architecture
+        with pytest.raises(HealError, match="merged"), handle.disabled():
+            pass
+    assert torch.equal(logits(model), vanilla)  # restorable: the original weights came back
+    if "lora" in method:  # bench measures the adapter's overhead and the merged speed, in the same run
+        from skiplm.measure.speed import make_configs
+
+        names = [c.name for c in make_configs(model, {"h": loaded}, compare_pruned=False)]
+        assert names == ["full", "h", "h, merged"]
     merged_model = tiny_model("llama", num_layers=LAYERS)
     with skiplm.apply(merged_model, loaded, merge=True), torch.no_grad():
         torch.testing.assert_close(merged_model(IDS).logits, expected, rtol=1e-5, atol=1e-5)

@@ -275,6 +275,15 @@ class _WeightSwap:
             param.copy_(original)
 
 
+RESTORABLE = "restorable"  # merge mode: baked into the weights like merge=True, the originals restored on remove()
+
+
+def _copy_back(pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for param, original in pairs:
+            param.copy_(original)
+
+
 class HealHandle(SkipHandle):
     """A healed plan on a model: the weight steps baked in and the adapter attached (reversibly unless merged), and
     the plan applied. ``remove()`` undoes all three; ``peft_model`` is the attached adapter's peft model, if any."""
@@ -288,18 +297,21 @@ class HealHandle(SkipHandle):
         super().__init__(model, plan)
 
     def _install(self) -> None:
+        keep = self.merge in (False, RESTORABLE)  # the original weights come back on remove()
         if self.swap_weights is not None:
             self.swap_weights.bake()
-            if self.merge:
-                self.swap_weights = None
-            else:
+            if keep:
                 self._restore.append(self.swap_weights.restore)  # undone last (remove() pops in reverse)
-        if self.adapter is not None:
-            if self.merge:
-                self.adapter.merge(self.model)
             else:
+                self.swap_weights = None
+        if self.adapter is not None:
+            if not self.merge:
                 self.peft_model, detach = self.adapter.attach(self.model)
                 self._restore.append(detach)
+            else:
+                originals = self.adapter.merge(self.model)
+                if keep:
+                    self._restore.append(lambda: _copy_back(originals))
         super()._install()
 
     @contextlib.contextmanager
@@ -383,14 +395,18 @@ class Healed:
     def is_empty(self) -> bool:
         return False
 
-    def install(self, model: nn.Module, *, check_model: bool = True, merge: bool = False) -> HealHandle:
-        """Bake the weight steps into ``model``, attach the adapter and apply the plan. ``merge``: for good (the
-        adapter added into the weights, faster; the handle then removes only the plan); else ``remove()`` restores
-        the original model exactly."""
+    def install(self, model: nn.Module, *, check_model: bool = True, merge: bool | str = False) -> HealHandle:
+        """Bake the weight steps into ``model``, attach the adapter and apply the plan; ``remove()`` restores the
+        original model exactly. ``merge=True``: for good (the adapter added into the weights: no adapter overhead at
+        run time; the handle then removes only the plan). ``merge="restorable"``: merged the same way, the original
+        weights kept (a copy of every weight the heal touches) and restored on ``remove()``."""
+        if merge not in (False, True, RESTORABLE):
+            raise HealError(f"merge must be False, True or {RESTORABLE!r}, got {merge!r}.")
+
         def handle() -> HealHandle:
             swap = self._fold(model)
             installed = HealHandle(model, self.plan, swap, self.step("lora"), merge=merge)
-            if merge:
+            if merge is True:
                 self._mark_merged(model)
             return installed
 
@@ -426,9 +442,7 @@ class Healed:
                 merged = self.step("lora").merge(model)
             yield model
         finally:
-            with torch.no_grad():
-                for param, original in merged:
-                    param.copy_(original)
+            _copy_back(merged)
             swap.restore()
 
     def _mark_merged(self, model: nn.Module) -> None:

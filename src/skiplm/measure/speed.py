@@ -134,6 +134,9 @@ def make_configs(model: nn.Module, plans: Mapping[str, Skipper], *, compare_prun
             continue
         fixed = fixed_plan(plan)  # a healed plan's skips are its plan's (a pruned copy would not be healed: none)
         configs.append(Config(name, model, plan, costs.ideal_speedup(fixed.decode), costs.ideal_speedup(fixed.prefill)))
+        if is_healed(plan) and plan.step("lora") is not None:  # its adapter's overhead, and its speed once merged
+            configs.append(Config(f"{name}, merged", model, plan, configs[-1].ideal_decode, configs[-1].ideal_prefill,
+                                  options={"merge": "restorable"}))
         block_only = fixed.prefill == fixed.decode and set(fixed.decode.attention) == set(fixed.decode.mlp)
         if compare_pruned and block_only and not fixed.decode.is_empty() and not is_healed(plan):
             pruned = prune_blocks(model, fixed.decode.blocks, share_weights=True)  # same memory as `full`

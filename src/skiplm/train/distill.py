@@ -349,9 +349,11 @@ def distill(model: nn.Module, base, data: Any, held_out: Any, *, adapter=None, l
         class _DistillTrainer(Trainer):
             def compute_loss(self, model_, inputs, return_outputs=False, num_items_in_batch=None):
                 ids, attention, mask = inputs["input_ids"], inputs["attention_mask"], inputs["loss_mask"]
-                with torch.no_grad(), student.teacher():
-                    teacher_logits = model_(input_ids=ids, attention_mask=attention, use_cache=False).logits
-                student_logits = model_(input_ids=ids, attention_mask=attention, use_cache=False).logits
+                # explicit autocast (the Trainer's own bf16 flag left autocast off on CPU here: fp32 speed)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    with torch.no_grad(), student.teacher():
+                        teacher_logits = model_(input_ids=ids, attention_mask=attention, use_cache=False).logits
+                    student_logits = model_(input_ids=ids, attention_mask=attention, use_cache=False).logits
                 loss = _masked_kl(teacher_logits, student_logits, mask)
                 return (loss, student_logits) if return_outputs else loss
 
@@ -381,7 +383,7 @@ def distill(model: nn.Module, base, data: Any, held_out: Any, *, adapter=None, l
             learning_rate=settings.learning_rate, lr_scheduler_type="cosine", warmup_steps=settings.warmup_steps,
             weight_decay=0.0, max_grad_norm=1.0, logging_strategy="steps", logging_steps=1, eval_strategy="steps",
             eval_steps=settings.eval_every, eval_on_start=True, save_strategy="steps", save_steps=settings.eval_every, save_total_limit=2,
-            seed=settings.seed, data_seed=settings.seed, bf16=bf16, use_cpu=device.type == "cpu", report_to=[],
+            seed=settings.seed, data_seed=settings.seed, bf16=False, use_cpu=device.type == "cpu", report_to=[],
             disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, log_level="error",
             save_only_model=False)
         trainer = _DistillTrainer(model=student.trainable_module, args=args, train_dataset=train,
