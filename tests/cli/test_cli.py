@@ -86,3 +86,11 @@ def test_cli_compare_writes_table_json_and_pareto_plot(tiny_folder, tmp_path):
             assert len(point["decode_speedup_ci95"]) == 2
     assert "| search |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "pareto.png").stat().st_size > 1000
+    # the second held-out corpus: GSM8K after the calibration tokens (in-domain), scored for every point
+    second = "gsm8k (after the 32 calibration tokens)"
+    assert data["settings"]["eval_corpora"] == ["pydoc", second]
+    assert data["full_perplexities"]["pydoc"] == data["full_perplexity"]
+    for point in points.values():
+        if point["error"] is None:
+            assert point["perplexities"]["pydoc"] == point["perplexity"] and point["perplexities"][second] > 0
+    assert "## Held-out perplexity on every corpus" in (tmp_path / "compare.md").read_text()

@@ -170,7 +170,9 @@ def _sweep(ctx, model, heal_dirs, batch_sizes, prompt_tokens, decode_prompt_toke
 @click.option("--targets", type=FloatList(1.0, minimum_open=True), default="1.1,1.2,1.3,1.5", show_default=True,
               help="comma-separated target speedups, each greater than 1")
 @click.option("--calibration-corpus", default="gsm8k", show_default=True, help="text the planners are fitted on")
-@click.option("--eval-corpus", default="pydoc", show_default=True, help="held-out text for perplexity")
+@click.option("--eval-corpus", multiple=True, default=("pydoc", "gsm8k"), show_default=True,
+              help="held-out text for perplexity (repeatable; the first is the table's and the plot's; the "
+                   "calibration corpus is scored on the tokens after the calibration text)")
 @click.option("--sequences", type=POSITIVE, default=1, show_default=True, help="calibration sequences")
 @click.option("--length", type=POSITIVE, default=1024, show_default=True,
               help="tokens per calibration sequence (default: the held-out context)")
@@ -196,7 +198,7 @@ def compare(model, methods, targets, calibration_corpus, eval_corpus, sequences,
     healed = _load_skippers((), heal_dirs, hf_model, force)
     with console.status("planning") as status:
         result = run_compare(hf_model, tokenizer, method_list, target_list, model_name=model, healed=healed,
-                             calibration_corpus=calibration_corpus, eval_corpus=eval_corpus, sequences=sequences,
+                             calibration_corpus=calibration_corpus, eval_corpus=list(eval_corpus), sequences=sequences,
                              length=length, tokens=tokens, context=context, stride=stride, repeats=repeats,
                              new_tokens=new_tokens, device=device, command=_command_line(), progress=status.update)
     table = write_compare(result, out)

@@ -149,7 +149,7 @@ _POINTS = {PLANNERS.kind: _planner_points, POLICIES.kind: _policy_points}
 def evaluate_points(
     model: nn.Module,
     points: list[Point],
-    eval_ids: torch.Tensor,
+    eval_ids: torch.Tensor | dict[str, torch.Tensor],
     corpus_ids: torch.Tensor,
     *,
     context: int,
@@ -157,8 +157,11 @@ def evaluate_points(
     bench: BenchSettings,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Held-out perplexity and measured decode speedup of every planned point, plus the full model's."""
-    full_ppl = perplexity(model, eval_ids, context=context, stride=stride).perplexity
+    """Held-out perplexity (on each corpus of ``eval_ids``, by label; the first is the table's and the plot's) and
+    measured decode speedup of every planned point, plus the full model's."""
+    texts = eval_ids if isinstance(eval_ids, dict) else {"held-out": eval_ids}
+    scores = {label: perplexity(model, ids, context=context, stride=stride).perplexity for label, ids in texts.items()}
+    full_ppl = next(iter(scores.values()))
     rows = []
     for point in points:
         row = {"method": point.method, "target": point.target, "seconds_to_plan": point.seconds_to_plan,
@@ -167,7 +170,9 @@ def evaluate_points(
             if progress:
                 progress(f"evaluating {point.method} @ {point.target}")
             with apply(model, point.plan.teacher_forced(), check_model=False):
-                row["perplexity"] = perplexity(model, eval_ids, context=context, stride=stride).perplexity
+                row["perplexities"] = {label: perplexity(model, ids, context=context, stride=stride).perplexity
+                                       for label, ids in texts.items()}
+            row["perplexity"] = next(iter(row["perplexities"].values()))
             speed = run_bench([Config("full", model), Config("plan", model, point.plan)], corpus_ids, bench)
             row["decode_speedup"] = speed["plan"]["decode_b1"]["speedup"]
             row["decode_speedup_ci95"] = speed["plan"]["decode_b1"]["speedup_ci95"]
@@ -178,7 +183,33 @@ def evaluate_points(
             if is_healed(point.plan):
                 row["healed"] = True  # a heal folder's point: its own series and frontier on the plot
         rows.append(row)
-    return {"full_perplexity": full_ppl, "points": rows}
+    return {"full_perplexity": full_ppl, "full_perplexities": scores, "points": rows}
+
+
+def corpora_table(result: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Every point's held-out perplexity on every corpus, as a multiple of the full model's (None: one corpus)."""
+    full = result.get("full_perplexities") or {}
+    if len(full) < 2:
+        return None
+    headers = ["method", "target", *[f"{label}: ppl (x full)" for label in full]]
+    rows = [["full model", "", *[f"{value:.2f} (1.00x)" for value in full.values()]]]
+    for row in result["points"]:
+        if "perplexities" in row:
+            rows.append([row["method"], f"{row['target']:g}x", *[
+                f"{row['perplexities'][label]:.2f} ({row['perplexities'][label] / full[label]:.2f}x)" for label in full]])
+    return headers, rows
+
+
+def held_out_texts(tokenizer, corpora: list[str], tokens: int, calibration_corpus: str,
+                   calibration_tokens: int) -> dict[str, torch.Tensor]:
+    """``tokens`` tokens of each corpus, by label; the calibration corpus is scored on the tokens after the
+    calibration text (so it is held out too: in-domain beside the other corpora's out-of-domain)."""
+    texts = {}
+    for corpus in corpora:
+        skip = calibration_tokens if corpus == calibration_corpus else 0
+        label = corpus_label(corpus) + (f" (after the {skip} calibration tokens)" if skip else "")
+        texts[label] = tokenize_corpus(tokenizer, load_corpus(corpus), skip + tokens)[skip:]
+    return texts
 
 
 def pareto_table(result: dict, targets: list[float]) -> tuple[list[str], list[list[str]]]:
@@ -203,18 +234,21 @@ def pareto_table(result: dict, targets: list[float]) -> tuple[list[str], list[li
 
 
 def run_compare(model: nn.Module, tokenizer, methods: list[str], targets: list[float], *, model_name: str,
-                calibration_corpus: str = "gsm8k", eval_corpus: str = "pydoc", sequences: int = 1, length: int = 1024,
+                calibration_corpus: str = "gsm8k", eval_corpus: str | list[str] = ("pydoc", "gsm8k"),
+                sequences: int = 1, length: int = 1024,
                 tokens: int = 4096, context: int = 1024, stride: int = 512, repeats: int = 5, new_tokens: int = 32,
                 device: str = "cpu", command: str | None = None, healed: dict[str, Skipper] | None = None,
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """`skiplm compare`: plan every method at every target on ``calibration_corpus`` and measure each plan's held-out
-    perplexity on ``eval_corpus`` and its decode speedup; returns the result :func:`write_compare` writes.
+    perplexity on each ``eval_corpus`` (the first is the table's and the plot's; the calibration corpus, if listed, is
+    scored after the calibration text) and its decode speedup; returns the result :func:`write_compare` writes.
     ``healed``: heal folders by name (:func:`skiplm.heal.load_healed`), each measured as one more point (``"healed":
     true``) at :func:`~.measurements.healed_target`."""
     method_spec_list = [method_spec(method) for method in methods]  # unknown names fail before anything runs
     calibration = calibration_batches(tokenize_corpus(tokenizer, load_corpus(calibration_corpus), sequences * length),
                                       sequences, length)
-    eval_ids = tokenize_corpus(tokenizer, load_corpus(eval_corpus), tokens)
+    corpora = [eval_corpus] if isinstance(eval_corpus, str) else list(eval_corpus)
+    eval_ids = held_out_texts(tokenizer, corpora, tokens, calibration_corpus, sequences * length)
     corpus_ids = tokenize_corpus(tokenizer, load_corpus("gsm8k"), 4096)
     bench = BenchSettings(batch_sizes=(1,), decode_prompt_tokens=64, new_tokens=new_tokens, repeats=repeats, warmup=1)
     started = time.perf_counter()
@@ -228,12 +262,20 @@ def run_compare(model: nn.Module, tokenizer, methods: list[str], targets: list[f
         "model": model_name,
         "machine": machine_info(device),
         "settings": {"methods": list(methods), "targets": list(targets), "calibration": corpus_label(calibration_corpus),
-                     "calibration_tokens": sequences * length, "eval": corpus_label(eval_corpus),
+                     "calibration_tokens": sequences * length, "eval": next(iter(eval_ids)), "eval_corpora": list(eval_ids),
                      "eval_tokens": tokens, "context": context, "stride": stride,
                      "timing": dataclasses.asdict(bench), "sequences": sequences, "length": length},
         "seconds": time.perf_counter() - started,
     })
     return result
+
+
+def _corpora_section(result: dict[str, Any]) -> str:
+    table = corpora_table(result)
+    if table is None:
+        return ""
+    return ("\n## Held-out perplexity on every corpus\n\nA plan that holds up on one corpus and not on another "
+            "over-fits a domain.\n\n" + markdown_table(*table))
 
 
 def highlighted_methods() -> list[str]:
@@ -258,11 +300,11 @@ def write_compare(result: dict[str, Any], out: str | Path) -> str:
         "model; `search`: predicted by its measured latency model)."
         + (" Heal folders (healed): at the target their plan was made for, else its ideal speedup."
            if any(row.get("healed") for row in result["points"]) else "")
-        + "\n\n" + table + f"\n![pareto]({RESULT_PLOT})\n")
+        + "\n\n" + table + f"\n![pareto]({RESULT_PLOT})\n" + _corpora_section(result))
     plot_pareto(result, out / RESULT_PLOT, f"{result['model']}: held-out perplexity vs measured decode speedup",
                 highlight=highlighted_methods())
     return table
 
 
-__all__ = ["Point", "default_methods", "evaluate_points", "highlighted_methods", "is_data_driven", "make_plans",
+__all__ = ["Point", "corpora_table", "default_methods", "held_out_texts", "evaluate_points", "highlighted_methods", "is_data_driven", "make_plans",
            "method_names", "method_spec", "pareto_table", "run_compare", "write_compare"]
