@@ -483,6 +483,30 @@ def test_speed_monitor_falls_back_when_speculation_does_not_pay_and_retries():
     assert monitor.speculate() and len(monitor.events) == 2 and monitor.backoff == 4 and not monitor.retrying
 
 
+def test_a_slow_first_round_does_not_poison_the_monitor_but_a_slow_draft_still_falls_back():
+    # the reported case: plain decoding ~33 ms/token; a draft at ~19 ms/token whose first round paid 1.2 s of setup
+    def run(draft_s_per_token, first_round_s, source):
+        monitor = SpeedMonitor()
+        for _ in range(3):
+            monitor.observe_plain(0.033, source="plain")  # the first is a warm-up: two probes after it
+        assert monitor.speculate() and len(monitor.warmups) == 1
+        monitor.observe_round(first_round_s, 4, source=source)
+        for token in range(4, 200, 4):
+            if monitor.speculate():
+                monitor.observe_round(draft_s_per_token * 4, 4, at_token=token, source=source)
+            else:
+                monitor.observe_plain(0.033, source="plain")
+        return monitor
+
+    fast = run(0.019, 1.2, source="draft")
+    assert not fast.events and fast.warmups[-1] == {"kind": "speculative", "seconds": 1.2, "tokens": 4}
+    poisoned = run(0.019, 1.2, source=None)  # what the monitor did before warm-ups were recognised
+    assert poisoned.events and poisoned.backoff > poisoned.initial_backoff
+    slow = run(0.05, 0.2, source="draft")  # a draft that really is slower than plain decoding
+    assert slow.events and slow.events[0]["reason"].startswith("speculation 50.0 ms/token > plain decoding 33.0")
+    assert slow.plain_left > 0 or slow.backoff > slow.initial_backoff
+
+
 def test_fallback_kicks_in_for_a_useless_draft_and_output_stays_exact():
     model = cached_tiny_model("gemma2")
     ids, mask = left_padded([10, 6], seed=10)

@@ -247,3 +247,12 @@ def test_the_heal_command_trains_on_self_generated_text_and_resumes(tiny_folder,
     assert isinstance(result.exception, click.UsageError) and "bridge has none" in str(result.exception)
     result = run_cli("heal", tiny_folder, "--plan", plan_file, "--method", "lora+bridge", "-o", tmp_path / "c")
     assert isinstance(result.exception, click.UsageError) and "at most one trained method" in str(result.exception)
+
+
+def test_early_stop_keeps_the_best_evaluation(model):
+    # a learning rate too small to move the KL by 0.5%: after `patience` evaluations without improvement it stops
+    healed = heal(model, plan(model), "lora", calibration=data(),
+                  **{**FAST, "steps": 40, "eval_every": 2, "learning_rate": 1e-9, "patience": 2})
+    record = healed.provenance["lora"]["training"]
+    assert record["stopped"] == "early stop" and record["steps"] == 4
+    assert record["best_step"] == 0 and record["held_out"]["kl"] == record["evaluations"][0]["kl"]

@@ -54,6 +54,13 @@ class SpeedMonitor:
     ``min_rounds`` slow rounds every time (at batch 8 on the default model, where speculation ran at ~0.7x, retries
     cost more than the fallbacks saved; at batch 1, where it pays, a faster-reacting average (0.5) fell back 7-8
     times per 8 generations of 64 tokens on unlucky rounds).
+
+    One-time costs never enter the estimates: the first observation from each ``source`` (the decoder passes the
+    drafter, and ``"plain"`` for plain steps) is a warm-up — a first call pays for compiling, lazy quantization,
+    packing a head, adopting a cache — recorded in ``warmups`` and left out. Without that, one 1-second first round
+    kept a draft that ran at 0.6x plain decoding's cost per token out for good: each retry was blended into the
+    poisoned average and failed, and the back-off doubled. Each fallback event says when (``at_token``), how long
+    (``plain_steps``) and why (both rates, and ``reason``).
     """
 
     def __init__(self, probe_steps: int = 2, min_rounds: int = 3, margin: float = 0.0, backoff: int = 8,
@@ -71,7 +78,9 @@ class SpeedMonitor:
         self.rounds = 0  # speculative rounds since speculation (re)started
         self.retrying = False  # speculation restarted after a fallback and has not paid since
         self.plain_left = 0  # plain steps left in the current fallback
-        self.events: list[dict[str, float]] = []
+        self.events: list[dict[str, float | str]] = []
+        self.warmups: list[dict[str, float | str]] = []  # first observations, left out of the estimates
+        self._seen: set = set()
 
     def speculate(self) -> bool:
         return self.plain_observed >= self.probe_steps and self.plain_left == 0
@@ -90,15 +99,27 @@ class SpeedMonitor:
         a = self.smoothing
         return a * pair[0] + (1 - a) * seconds, a * pair[1] + (1 - a) * tokens
 
-    def observe_plain(self, seconds: float, tokens: int = 1) -> None:
-        self.plain = self._smooth(self.plain, seconds, tokens)
-        self.plain_observed += 1
+    def _warmup(self, source, kind: str, seconds: float, tokens: int) -> bool:
+        """Whether this is ``source``'s first observation (then recorded as a warm-up, not estimated from)."""
+        if source is None or source in self._seen:
+            return False
+        self._seen.add(source)
+        self.warmups.append({"kind": kind, "seconds": seconds, "tokens": tokens})
+        return True
+
+    def observe_plain(self, seconds: float, tokens: int = 1, source=None) -> None:
         if self.plain_left > 0:
             self.plain_left -= 1
             if self.plain_left == 0:
                 self.rounds, self.retrying = 0, True  # retry, keeping what speculation measured so far
+        if self._warmup(source, "plain", seconds, tokens):
+            return
+        self.plain = self._smooth(self.plain, seconds, tokens)
+        self.plain_observed += 1
 
-    def observe_round(self, seconds: float, tokens: int, at_token: int = 0) -> None:
+    def observe_round(self, seconds: float, tokens: int, at_token: int = 0, source=None) -> None:
+        if self._warmup(source, "speculative", seconds, tokens):
+            return
         self.spec = self._smooth(self.spec, seconds, tokens)
         self.rounds += 1
         if self.rounds < (self.retry_rounds if self.retrying else self.min_rounds) or self.plain is None:
@@ -106,7 +127,9 @@ class SpeedMonitor:
         spec, plain = self.rate(self.spec), self.rate(self.plain)
         if spec > plain * (1 + self.margin):
             self.events.append({"at_token": at_token, "plain_steps": self.backoff, "speculative_s_per_token": spec,
-                                "plain_s_per_token": plain})
+                                "plain_s_per_token": plain,
+                                "reason": f"speculation {spec * 1e3:.1f} ms/token > plain decoding "
+                                          f"{plain * 1e3:.1f} ms/token" + (" (a retry)" if self.retrying else "")})
             self.plain_left = self.backoff
             self.backoff = min(self.backoff * 2, self.max_backoff)
         else:

@@ -237,7 +237,7 @@ class SpeculativeDecoder:
                 if monitor is not None:
                     if monitor.in_fallback:
                         stats.fallback_steps += 1
-                    monitor.observe_plain(step.verify_seconds)
+                    monitor.observe_plain(step.verify_seconds, source="plain")
 
         state.end()
         stats.new_tokens = state.new_tokens
@@ -281,7 +281,8 @@ class SpeculativeDecoder:
                                   kept + 1)
             stats.rounds_by_plan[self._active_plan] += 1
         if monitor is not None:
-            monitor.observe_round(step.draft_seconds + step.verify_seconds, kept + 1, at_token=at_token)
+            monitor.observe_round(step.draft_seconds + step.verify_seconds, kept + 1, at_token=at_token,
+                                  source=step.drafter)
         if on_round is not None:
             on_round(RoundInfo(stats.rounds - 1, k, tuple(step.accepted), kept + 1, step.draft_seconds,
                                step.verify_seconds, self.draft_length.threshold, step.proposal.drafter))
