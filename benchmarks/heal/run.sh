@@ -4,7 +4,7 @@
 # in one run each: held-out perplexity on pydoc and GSM8K, decode speed at batch 1 paired with the full model, greedy
 # agreement. Planners calibrate and healing trains on text the full model generated itself, so both evaluation
 # corpora are held out from everything. Resumable: each step skips what is already there.
-#   bash benchmarks/heal/run.sh            (from the repository root; ~75 minutes on 2 cores)
+#   bash benchmarks/heal/run.sh            (from the repository root; ~90 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=benchmarks/heal
@@ -46,15 +46,17 @@ for plan in "$OUT"/sweep/plans/*.json; do
 done
 plans=(); for plan in "$OUT"/sweep/plans/*.json; do plans+=(--plan "$plan"); done
 
-# 4. Healed points beside the unhealed ones in the sweep (table and Pareto plot with both frontiers).
-"${SKIPLM[@]}" "${SWEEP[@]}" "${heals[@]}"
+# 4. (The sweep takes the heal folders too, `--heal DIR`, and draws their frontier beside the unhealed one; here the
+#    three runs below measure every row once, in one run each.)
 
-# 5. In one run each: perplexity on both held-out corpora, and decode speed at batch 1 (every row paired with the
-#    full model), every plan unhealed and healed.
+# 5. In one run each: perplexity on both held-out corpora, decode speed at batch 1 (every row paired with the full
+#    model; a LoRA heal unmerged and merged) and greedy agreement with the full model, every plan unhealed and healed.
 [ -f "$OUT/eval/eval.json" ] || "${SKIPLM[@]}" eval "${plans[@]}" "${heals[@]}" --corpus pydoc --corpus gsm8k \
     --tokens 2048 -o "$OUT/eval"
 [ -f "$OUT/bench/bench.json" ] || "${SKIPLM[@]}" bench "${plans[@]}" "${heals[@]}" --batch-sizes 1 \
     --prompt-tokens 64 --new-tokens 32 --repeats 3 --no-compare-pruned -o "$OUT/bench"
+[ -f "$OUT/agree/agreement.json" ] || "${SKIPLM[@]}" agree "${plans[@]}" "${heals[@]}" --prompts gsm8k --limit 8 \
+    --new-tokens 48 -o "$OUT/agree"
 
 # 6. One table of it all (README.md's results section is written from it).
 .venv/bin/python benchmarks/heal/summarize.py "$OUT" "$WORK"

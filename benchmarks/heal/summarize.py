@@ -1,8 +1,9 @@
 """The healing benchmark's one table, from what run.sh measured: results.json, results.md and frontier.png in the
 benchmark folder. Per plan (method x target) and healing (none, bridge, lora, bridge+lora): held-out perplexity on
 pydoc and GSM8K (eval/eval.json: one run), measured decode speedup at batch 1 paired with the full model (bench/:
-one run; a LoRA heal unmerged and merged), greedy agreement with the full model (sweep/: its points), and the
-training's tokens and minutes (each heal folder's provenance).
+one run; a LoRA heal unmerged and merged), greedy agreement with the full model (agree/: one run), and the
+training's tokens and minutes (each heal folder's provenance). agree/: greedy agreement (mean share of the full model's
+48 tokens matched before the first difference, 8 GSM8K chat prompts).
 
     .venv/bin/python benchmarks/heal/summarize.py benchmarks/heal results/heal-work
 """
@@ -23,16 +24,12 @@ def _row_name(plan: str, healing: str) -> str:
 def main(out: Path, work: Path) -> None:
     evaluation = json.loads((out / "eval" / "eval.json").read_text())
     bench = json.loads((out / "bench" / "bench.json").read_text())
-    sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+    agree = json.loads((out / "agree" / "agreement.json").read_text())
     corpora = evaluation["settings"]["corpora"]
     ppl = evaluation["perplexity"]
     full = {c: ppl[c]["full"]["perplexity"] for c in corpora}
     speed = bench["speed"]
-    agreement = {}
-    for point in sweep["points"]:
-        if point.get("agreement") and point.get("error") is None:
-            name = point["method"] if point.get("healed") else f"{point['method']}-{point['target']:g}"
-            agreement[name] = point["agreement"]["prefix_agreement"]
+    agreement = {name: entry.get("prefix_agreement") for name, entry in agree["summary"].items()}
 
     rows = []
     for plan_file in sorted((out / "sweep" / "plans").glob("*.json")):
@@ -51,7 +48,7 @@ def main(out: Path, work: Path) -> None:
             if merged:
                 row["decode_speedup_merged"] = merged["decode_b1"]["speedup"]
             heal_name = name.removesuffix(" (healed)")
-            row["agreement"] = agreement.get(name, agreement.get(heal_name))
+            row["agreement"] = agreement.get(name)
             if healing != "none":
                 record = json.loads((work / "heals" / heal_name / "heal.json").read_text())["provenance"]
                 trained = record.get(healing.split("+")[-1], {}).get("training")
@@ -65,7 +62,7 @@ def main(out: Path, work: Path) -> None:
 
     result = {"full_perplexity": full, "corpora": corpora, "rows": rows, "machine": bench.get("machine"),
               "commands": {"eval": evaluation.get("command"), "bench": bench.get("command"),
-                           "sweep": sweep.get("command")}}
+                           "agree": agree.get("command")}}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(markdown(result))
     plot(result, out / "frontier.png")

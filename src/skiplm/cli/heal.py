@@ -34,14 +34,18 @@ def _method_help() -> str:
     return f"healing method: {', '.join(HEALERS.names())}, or a combination such as bridge+lora"
 
 
+def _options_help() -> str:
+    return "; ".join(f"{spec.name}: " + ", ".join(f"{o.name}={o.default}" for o in spec.options) for spec in HEALERS)
+
+
 @cli.command()
 @MODEL_ARGUMENT
 @click.option("--plan", "plan_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="block plan to heal (skiplm plan)")
 @click.option("--method", default="bridge", show_default=True, help=_method_help())
 @click.option("--option", "extra_options", multiple=True, metavar="KEY=VALUE",
-              help="an option of the method(s), e.g. --option ridge=1e-3, --option steps=300 (repeatable; "
-                   "`skiplm info` lists them)")
+              help="an option of the method(s), e.g. --option ridge=1e-3, --option steps=300 (repeatable). "
+                   + _options_help())
 @click.option("--data", "--corpus", "corpus", default=None,
               help="what to fit or train on: 'self' (text the full model generates itself, cached), gsm8k, pydoc, "
                    "or a text file  [default: self for training methods, gsm8k for bridge]")
