@@ -439,7 +439,22 @@ HEAL_ROWS = [
         id="export: a heal folder for other weights"),
 ]
 
-ROWS = OPTION_ROWS + PLAN_FILE_ROWS + MODEL_AND_RESULT_ROWS + HEAL_ROWS + SELF_GENERATE_ROWS
+HEALING = ("heal", "{model}", "--plan", "{files}/plan.json", "-o", "{tmp}/healed")
+HEALING_ROWS = [
+    usage(*HEALING, "--method", "lora+bridge", phrase="at most one trained method, last"),
+    usage(*HEALING, "--method", "lora+lora", phrase="runs each method once"),
+    usage(*HEALING, "--method", "retrain", phrase="unknown healing method 'retrain'"),
+    usage(*HEALING, "--minutes", 5, phrase="--minutes bounds a training method's time"),
+    usage(*HEALING, "--resume", phrase="--resume continues a training run; the bridge has none"),
+    usage(*HEALING, "--method", "lora", "--option", "steps=0", phrase="steps must be a whole number >= 1"),
+    usage(*HEALING, "--method", "lora", "--option", "held_out=0", phrase="held_out must be a whole number >= 1"),
+    usage(*HEALING, "--method", "lora", "--option", "rank=0", phrase="rank must be a whole number >= 1"),
+    usage(*HEALING, "--method", "lora", "--option", "modules=embeddings", phrase="must be one of all, attention, mlp"),
+    usage(*HEALING, "--method", "lora", "--option", "ridge=1", phrase="has no option 'ridge'"),
+    usage(*HEALING, "--method", "lora", "--option", "learning_rate=-1", phrase="learning_rate must be > 0"),
+]
+
+ROWS = OPTION_ROWS + PLAN_FILE_ROWS + MODEL_AND_RESULT_ROWS + HEAL_ROWS + SELF_GENERATE_ROWS + HEALING_ROWS
 
 
 def _expand(arg, model: Path, files: Path, tmp: Path) -> str:

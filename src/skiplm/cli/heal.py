@@ -72,6 +72,9 @@ def heal(model, plan_path, method, extra_options, corpus, sequences, length, min
     specs = [HEALERS.get(name) for name in names]
     options = _parse_options(specs, extra_options)
     trains = any(spec.extra.get("trains") for spec in specs)
+    for spec in specs:
+        if spec.extra.get("trains"):
+            _check_training(spec.name, {k: v for k, v in options.items() if k in {o.name for o in spec.options}})
     if minutes is not None:
         if not trains:
             raise click.UsageError("--minutes bounds a training method's time; the bridge fits in seconds.")
@@ -131,6 +134,16 @@ def _methods(methods, method: str) -> list[str]:
         return methods(method)
     except SkipLMError as exc:
         raise click.BadParameter(str(exc), param_hint="--method") from None
+
+
+def _check_training(method: str, options: dict) -> None:
+    from ..heal.spans import HealError
+    from ..heal.train import check_training_options
+
+    try:
+        check_training_options(method, options)
+    except HealError as exc:
+        raise click.BadParameter(str(exc), param_hint="--option") from None
 
 
 def _parse_options(specs, pairs) -> dict:

@@ -49,6 +49,23 @@ def _training_options(learning_rate: float, steps: int) -> tuple[Option, ...]:
     )
 
 
+def check_training_options(method: str, options: dict[str, Any]) -> None:
+    """Refuse bad training options of ``method`` before any model loads or data is generated (a HealError)."""
+    from ..train.distill import TrainError
+
+    spec = HEALERS.get(method)
+    values = {**{o.name: o.default for o in spec.options}, **options}
+    try:
+        _settings(values)
+    except TrainError as exc:
+        raise HealError(str(exc)) from None
+    if values["held_out"] < 1:
+        raise HealError(f"held_out must be a whole number >= 1, got {values['held_out']!r}.")
+    for name in ("rank", "layers_per_cut"):
+        if name in values and values[name] < 1:
+            raise HealError(f"{name} must be a whole number >= 1, got {values[name]!r}.")
+
+
 def _settings(options: dict[str, Any]):
     from ..train.distill import TrainSettings
 
@@ -217,4 +234,4 @@ HEALERS.register(
     extra={"trains": True, "blocks_only": True},
 )(heal_partial)
 
-__all__ = ["cut_layers", "heal_lora", "heal_partial", "kept_linears"]
+__all__ = ["check_training_options", "cut_layers", "heal_lora", "heal_partial", "kept_linears"]
