@@ -256,3 +256,26 @@ def test_early_stop_keeps_the_best_evaluation(model):
     record = healed.provenance["lora"]["training"]
     assert record["stopped"] == "early stop" and record["steps"] == 4
     assert record["best_step"] == 0 and record["held_out"]["kl"] == record["evaluations"][0]["kl"]
+
+
+def test_a_bridge_fits_on_padded_training_data_without_its_padding(model):
+    ids = data(6, 32)
+    attention = torch.ones_like(ids, dtype=torch.bool)
+    attention[:, 20:] = False  # rows padded after 20 tokens: the pad ids must not enter the fit
+    padded = Sequences(ids.masked_fill(~attention, 0), attention_mask=attention)
+    trimmed = [ids[i:i + 1, :20] for i in range(6)]
+    a = heal(model, plan(model), "bridge", calibration=padded)
+    b = heal(model, plan(model), "bridge", calibration=trimmed)
+    assert all(torch.equal(a.maps[k], b.maps[k]) for k in b.maps)
+
+
+def test_planners_calibrate_on_self_generated_text(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPLM_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "plan.json"
+    result = run_cli("plan", tiny_folder, "--method", "block-influence", "--skip", "1", "--corpus", "self",
+                     "--sequences", "2", "--length", "32", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["provenance"]["calibration"]["source"] == "self"
+    assert any((tmp_path / "cache" / "self-generated").iterdir())  # generated once, cached for heal to reuse
+    result = run_cli("eval", tiny_folder, "--corpus", "self", "--tokens", "32", "-o", tmp_path / "eval")
+    assert "not held-out text" in str(result.exception)

@@ -166,7 +166,7 @@ def _data(model, tokenizer, corpus: str, sequences: int, length: int, seed: int)
     from ..planners.common import load_calibration
 
     if corpus != SELF:
-        calibration = load_calibration(tokenizer, corpus, sequences, length)
+        calibration = load_calibration(tokenizer, corpus, sequences, length, model=model)
         return calibration, f"{sequences} x {length} tokens of {calibration.source}"
     from ..train.data import GenerationSettings, self_generated
 

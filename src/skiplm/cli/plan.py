@@ -43,7 +43,7 @@ def _calibration_default(index: int) -> str:
 @click.option("--iterative", is_flag=True, help="similarity: re-score the remaining units after each drop")
 @click.option("--option", "extra_options", multiple=True, metavar="KEY=VALUE",
               help="any option of the method, e.g. --option candidates=16 (repeatable)")
-@click.option("--corpus", help="calibration text of data-driven methods: gsm8k, pydoc, or a text file  [default: gsm8k]")
+@click.option("--corpus", help="calibration text of data-driven methods: gsm8k, pydoc, self (text the model generates itself, cached), or a text file  [default: gsm8k]")
 @click.option("--sequences", type=POSITIVE, help=f"calibration sequences  {_calibration_default(0)}")
 @click.option("--length", type=POSITIVE, help=f"tokens per calibration sequence  {_calibration_default(1)}")
 @click.option("--prefill", type=click.Choice(["same", "full"]), default="same", show_default=True,
@@ -75,7 +75,7 @@ def plan(model, method, speedup, skip, latency_ms, max_kl, unit, iterative, extr
         corpus = DEFAULT_CORPUS if corpus is None else corpus
         sequences = spec.calibration[0] if sequences is None else sequences
         length = spec.calibration[1] if length is None else length
-        kwargs["calibration"] = load_calibration(tokenizer, corpus, sequences, length)
+        kwargs["calibration"] = load_calibration(tokenizer, corpus, sequences, length, model=hf_model)
     start = time.perf_counter()
     if spec.data_driven:  # data-driven planners report progress(done, total)
         with _progress() as progress:

@@ -60,7 +60,8 @@ class RegistryChoice(click.Choice):
 @click.option("--last-check", default="auto", show_default=True,
               help="last layer whose signal may halt a token: a layer index, 'all' (every layer that can), or 'auto' "
                    "(the horizon where later halts stop paying for the checks on the calibration text)")
-@click.option("--corpus", default="gsm8k", show_default=True, help="calibration text: gsm8k, pydoc, or a text file")
+@click.option("--corpus", default="gsm8k", show_default=True,
+              help="calibration text: gsm8k, pydoc, self (text the model generates itself, cached), or a text file")
 @click.option("--sequences", type=click.IntRange(min=1), help="calibration sequences  [default: per policy; 4]")
 @click.option("--length", type=click.IntRange(min=2), help="tokens per sequence  [default: per policy; 256]")
 @click.option("--out", "-o", type=Output("file"), required=True, help="policy file to write (JSON)")
@@ -89,7 +90,7 @@ def policy_command(model, method, skip_ratio, speedup, parts, window, options, p
     default_sequences, default_length = spec.calibration or (4, 256)
     sequences, length = sequences or default_sequences, length or default_length
     hf_model, tokenizer = _load(model, dtype, device)
-    calibration = load_calibration(tokenizer, corpus, sequences, length)
+    calibration = load_calibration(tokenizer, corpus, sequences, length, model=hf_model)
     start = time.perf_counter()
     latency = None
     if speedup is not None:

@@ -79,18 +79,22 @@ def heal(model: nn.Module, plan, method: str = "bridge", *, calibration: Any = N
         if spec.extra.get("trains"):
             healed = spec.target(model, plan, calibration=calibration, progress=progress, base=healed,
                                  run_dir=run_dir, resume=resume, **own)
-        else:
-            data = _first(calibration, spec.calibration[0]) if len(specs) > 1 else calibration
+        else:  # a fit on calibration batches: the first sequences of training data, each without its padding
+            data = calibration
+            if len(specs) > 1 or not isinstance(calibration, (list, tuple)):
+                data = _first(calibration, spec.calibration[0] if len(specs) > 1 else None)
             healed = spec.target(model, plan, calibration=data, progress=progress if len(specs) == 1 else None, **own)
     return healed
 
 
-def _first(calibration: Any, sequences: int) -> list:
-    """The first ``sequences`` sequences of training data, as [1, L] batches (what a bridge fits on)."""
+def _first(calibration: Any, sequences: int | None) -> list:
+    """The first ``sequences`` (None: all) sequences of training data as [1, L] batches of their real tokens (what a
+    bridge fits on: padding left out)."""
     from ..train.distill import Sequences
 
     data = Sequences.of(calibration)
-    return [data.input_ids[i:i + 1] for i in range(min(sequences, len(data)))]
+    count = len(data) if sequences is None else min(sequences, len(data))
+    return [data.input_ids[i][data.attention_mask[i]][None] for i in range(count)]
 
 
 __all__ = [

@@ -58,8 +58,15 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[key].strip() for key in sorted(topics))
 
 
+SELF_CORPUS = "self"  # text the model generates itself: a calibration corpus (it needs the model; see load_calibration)
+
+
 def load_corpus(name: str) -> str:
     """The text of a registered corpus by name, or of a text file by path."""
+    if name == SELF_CORPUS:
+        raise DataError(f"{SELF_CORPUS!r} (text the model generates itself) is a calibration and training corpus, "
+                        "not held-out text: evaluate on gsm8k, pydoc or a text file (skiplm self-generate -o FILE "
+                        "writes it as a file).")
     if name in CORPORA:
         return CORPORA.get(name).target()
     path = Path(name)
@@ -73,7 +80,7 @@ def load_corpus(name: str) -> str:
 
 def corpus_label(name: str) -> str:
     """How results name a corpus: its registered name, or a text file's file name."""
-    return name if name in CORPORA else Path(name).name
+    return name if name in CORPORA or name == SELF_CORPUS else Path(name).name
 
 
 # -- numbers in answers -----------------------------------------------------------------------------------------------

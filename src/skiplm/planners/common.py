@@ -279,23 +279,42 @@ class Calibration(list):
         }
 
 
-def load_calibration(tokenizer, corpus: str = DEFAULT_CORPUS, sequences: int = 8, length: int = 256) -> Calibration:
-    """``sequences`` consecutive chunks of ``length`` tokens from a shipped corpus (``gsm8k``, ``pydoc``) or a text
-    file, as [1, length] batches. Pass the result as ``calibration=`` to a data-driven planner."""
+def load_calibration(tokenizer, corpus: str = DEFAULT_CORPUS, sequences: int = 8, length: int = 256, *,
+                     model: nn.Module | None = None) -> Calibration:
+    """``sequences`` consecutive chunks of ``length`` tokens from a shipped corpus (``gsm8k``, ``pydoc``), a text
+    file, or ``self`` — text ``model`` generates itself (:func:`skiplm.train.data.self_generated`, cached; the same
+    text `skiplm heal` trains on by default) — as [1, length] batches. Pass the result as ``calibration=`` to a
+    data-driven planner."""
     from ..analysis.activations import calibration_batches
-    from ..models.data import corpus_label, load_corpus
+    from ..models.data import SELF_CORPUS, corpus_label, load_corpus
     from ..measure.perplexity import tokenize_corpus
 
     for value, option in ((sequences, "sequences"), (length, "length")):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DataError(f"calibration {option} must be a positive integer, got {value!r}.")
-    ids = tokenize_corpus(tokenizer, load_corpus(corpus), sequences * length)
+    if corpus == SELF_CORPUS:
+        text = _self_generated_text(model, tokenizer, sequences, length)
+    else:
+        text = load_corpus(corpus)
+    ids = tokenize_corpus(tokenizer, text, sequences * length)
     try:
         batches = calibration_batches(ids, sequences, length)
     except DataError as exc:
         raise DataError(f"calibration text {corpus_label(corpus)!r} is too short: {exc} Use a longer text, or fewer "
                         "or shorter sequences.") from None
     return Calibration(batches, source=corpus_label(corpus))
+
+
+def _self_generated_text(model, tokenizer, sequences: int, length: int) -> str:
+    """Enough self-generated text for ``sequences`` x ``length`` tokens (rows end early at EOS: a third more rows of
+    the data `skiplm heal` uses, 256 tokens each, from the same cache)."""
+    from ..models.data import SELF_CORPUS
+    from ..train.data import GenerationSettings, self_generated
+
+    if model is None:
+        raise DataError(f"the {SELF_CORPUS!r} corpus is text the model generates itself: pass model= as well.")
+    rows = -(-sequences * length * 4 // (3 * 256))
+    return self_generated(model, tokenizer, GenerationSettings(sequences=rows, length=256)).text()
 
 
 def as_calibration(calibration: Any, model: nn.Module, method: str, *, min_length: int = 1) -> Calibration:

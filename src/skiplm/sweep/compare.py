@@ -21,13 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis.activations import calibration_batches
 from ..errors import PlanError
 from ..measure.latency import LatencyModel
 from ..measure.perplexity import perplexity, tokenize_corpus
 from ..measure.speed import BenchSettings, Config, run_bench
 from ..models.data import corpus_label, load_corpus
-from ..planners.common import Planned, plan_each
+from ..planners.common import Planned, load_calibration, plan_each
 from ..policies import calibrate, skip_ratio_for_speedup
 from ..registry import PLANNERS, POLICIES, Spec
 from ..report.files import machine_info, markdown_table, write_json, write_text
@@ -245,8 +244,7 @@ def run_compare(model: nn.Module, tokenizer, methods: list[str], targets: list[f
     ``healed``: heal folders by name (:func:`skiplm.heal.load_healed`), each measured as one more point (``"healed":
     true``) at :func:`~.measurements.healed_target`."""
     method_spec_list = [method_spec(method) for method in methods]  # unknown names fail before anything runs
-    calibration = calibration_batches(tokenize_corpus(tokenizer, load_corpus(calibration_corpus), sequences * length),
-                                      sequences, length)
+    calibration = load_calibration(tokenizer, calibration_corpus, sequences, length, model=model)
     corpora = [eval_corpus] if isinstance(eval_corpus, str) else list(eval_corpus)
     eval_ids = held_out_texts(tokenizer, corpora, tokens, calibration_corpus, sequences * length)
     corpus_ids = tokenize_corpus(tokenizer, load_corpus("gsm8k"), 4096)

@@ -112,7 +112,8 @@ class Sweep:
         self.corpus_ids = tokenize_corpus(self.tokenizer, load_corpus("gsm8k"), max(s.bench.batch_sizes) * longest)
         self.calibration = None
         if any(is_data_driven(m) for m in s.methods):
-            self.calibration = load_calibration(self.tokenizer, s.calibration_corpus, s.sequences, s.length)
+            self.calibration = load_calibration(self.tokenizer, s.calibration_corpus, s.sequences, s.length,
+                                                model=self.model)
         identity = model_identity(self.model).to_json()
         identity.pop("name")  # a folder moved elsewhere is the same model
         self.common = {
