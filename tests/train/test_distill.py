@@ -117,6 +117,8 @@ def test_an_interrupted_run_resumed_gives_the_same_weights(model, tmp_path):
     assert resumed.record["steps"] == 10
     assert set(whole.step.state) == set(resumed.step.state)
     assert all(torch.equal(whole.step.state[k], resumed.step.state[k]) for k in whole.step.state)
+    assert resumed.record["evaluations"] == whole.record["evaluations"]  # the record continues the interrupted one
+    assert resumed.record["losses"] == whole.record["losses"] and resumed.record["tokens"] == whole.record["tokens"]
     # the run folder belongs to that run: another run is refused, and so is a fresh start over it
     with pytest.raises(TrainError, match="different run"):
         distill(model, plan(model), train, held, adapter=config(), settings=TrainSettings(steps=3, bf16=False),

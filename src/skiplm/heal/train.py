@@ -118,7 +118,7 @@ def _run(model, plan, base, calibration, progress, run_dir, resume, options, *, 
     plan, start_from = _base(model, plan, base)
     train, evaluation = _split(calibration, options["held_out"])
     identity = {"method": method, "plan": plan.to_json(), "base": None if base is None else base.method,
-                "options": {k: v for k, v in sorted(options.items())}}
+                "options": {k: v for k, v in sorted(options.items()) if k != "minutes"}}
     try:
         result = distill(model, start_from, train, evaluation, adapter=adapter, layers=layers,
                          settings=_settings(options), run_dir=run_dir, resume=resume, progress=progress,

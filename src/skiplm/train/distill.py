@@ -40,6 +40,7 @@ from ..files import write_bytes_atomic, write_text_atomic
 
 RUN_FILE = "run.json"
 BEST_FILE = "best.safetensors"
+LOG_FILE = "log.json"  # losses and evaluations so far (a resumed run's record starts from them)
 TRAINABLE_FILE = "trainable.safetensors"  # in each checkpoint-N/: the trained tensors only, never the whole model
 _BETTER = 0.995  # an evaluation counts as better when its KL is below 99.5% of the best so far
 
@@ -313,7 +314,9 @@ def distill(model: nn.Module, base, data: Any, held_out: Any, *, adapter=None, l
                 raise TrainError("resume needs the run folder of the interrupted run (run_dir).")
             run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="skiplm-train-"))
         run_dir = Path(run_dir)
-        run_record = {"identity": identity or {}, "settings": dataclasses.asdict(settings), "data": train.digest(),
+        # what a resumed run must match (the time bound may change: it only says when to stop)
+        run_record = {"identity": identity or {}, "settings": {k: v for k, v in dataclasses.asdict(settings).items()
+                                                               if k != "minutes"}, "data": train.digest(),
                       "held_out": evaluation.digest(), "bf16": bf16}
         checkpoint = _prepare_run_dir(run_dir, run_record, resume)
         from transformers import set_seed
@@ -323,7 +326,7 @@ def distill(model: nn.Module, base, data: Any, held_out: Any, *, adapter=None, l
         stack.callback(student.remove)
         stop = _Stopper(settings.minutes)
         stack.enter_context(stop.catching_ctrl_c())
-        log: dict[str, Any] = {"losses": [], "evaluations": []}
+        log = _load_log(run_dir, _checkpoint_step(checkpoint))
         best = _Best(run_dir, student, settings.patience)
 
         class _Callback(TrainerCallback):
@@ -358,8 +361,11 @@ def distill(model: nn.Module, base, data: Any, held_out: Any, *, adapter=None, l
                 return (loss, student_logits) if return_outputs else loss
 
             def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+                if stop.first_step and self.state.global_step == stop.first_step:  # resumed: evaluated before
+                    return {}
                 metrics = held_out_metrics(model, student, evaluation, settings.batch_size)
                 log["evaluations"].append({"step": self.state.global_step, **{k: round(v, 6) for k, v in metrics.items()}})
+                write_text_atomic(run_dir / LOG_FILE, json.dumps(log) + "\n")
                 if best.update(self.state.global_step, metrics["kl"]):
                     self.control.should_training_stop = True
                     stop.reason = stop.reason or "early stop"
@@ -374,6 +380,7 @@ def distill(model: nn.Module, base, data: Any, held_out: Any, *, adapter=None, l
                 folder.mkdir(parents=True, exist_ok=True)
                 tensors = {name: p.detach().cpu().contiguous() for name, p in student.trainable().items()}
                 write_bytes_atomic(folder / TRAINABLE_FILE, save(tensors))
+                write_text_atomic(run_dir / LOG_FILE, json.dumps(log) + "\n")
 
             def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
                 _load_trainable(student, Path(resume_from_checkpoint) / TRAINABLE_FILE)
@@ -404,7 +411,7 @@ def distill(model: nn.Module, base, data: Any, held_out: Any, *, adapter=None, l
         record = {
             "steps": trainer.state.global_step, "max_steps": settings.steps, "best_step": best.step,
             "stopped": stop.reason or "max steps", "seconds": round(time.perf_counter() - stop.start, 1),
-            "tokens": (trainer.state.global_step - stop.first_step) * tokens_per_step,
+            "tokens": trainer.state.global_step * tokens_per_step,  # positions trained on (batch x length)
             "train_loss": round(float(output.training_loss), 5), "bf16": bf16,
             "settings": dataclasses.asdict(settings), "data": {"source": train.source, "sequences": len(train),
                                                                "tokens": train.tokens(), "digest": train.digest()},
@@ -412,6 +419,14 @@ def distill(model: nn.Module, base, data: Any, held_out: Any, *, adapter=None, l
             **log,
         }
         return TrainResult(student.step(), record)
+
+
+def _load_log(run_dir: Path, step: int) -> dict[str, Any]:
+    """The losses and evaluations an interrupted run logged up to ``step`` (its checkpoint), to continue from."""
+    path = run_dir / LOG_FILE
+    log = json.loads(path.read_text(encoding="utf-8")) if step and path.is_file() else {}
+    return {"losses": [e for e in log.get("losses", []) if e[0] <= step],
+            "evaluations": [e for e in log.get("evaluations", []) if e["step"] <= step]}
 
 
 def _checkpoint_step(checkpoint: Path | None) -> int:
