@@ -139,3 +139,9 @@ def test_cli_eval_and_bench_report_full_json_and_same_named_plans_as_their_own_r
     speed = json.loads((tmp_path / "bench" / "bench.json").read_text())["speed"]
     assert list(speed) == [FULL, "full.json", "a/plan", "b/plan"]
     assert speed[FULL]["decode_b1"]["ideal_speedup"] == 1.0
+
+
+def test_folders_are_named_whole_even_with_dots_in_their_names(tmp_path):
+    # heal folders such as `plan-1.1-bridge` have no extension: their stems would all be `plan-1`
+    a, b = tmp_path / "plan-1.1-bridge", tmp_path / "plan-1.1-lora"
+    assert plan_names([a, b], folders=True) == {"plan-1.1-bridge": a, "plan-1.1-lora": b}

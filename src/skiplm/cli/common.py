@@ -146,7 +146,7 @@ def _load_skippers(plan_paths, heal_dirs, model, force: bool, *, reserved=None) 
     reserved = (FULL,) if reserved is None else reserved
     rows = {name: _load_plan(p, model, force) for name, p in plan_names(plan_paths, reserved=reserved).items()}
     folders = [Path(d).parent if Path(d).name == HEAL_FILE else Path(d) for d in heal_dirs]  # a heal.json: its folder
-    for name, folder in plan_names(folders, reserved=()).items():
+    for name, folder in plan_names(folders, reserved=(), folders=True).items():
         if name + HEALED_SUFFIX in rows:
             raise DataError(f"plan file {name + HEALED_SUFFIX}.json takes the name of heal folder {folder}'s row: "
                             "rename the plan file.")

@@ -21,11 +21,13 @@ FULL = "full"  # the full model's row in every result (also :data:`skiplm.measur
 DERIVED_SUFFIXES = (" (layers deleted)", " (decisions only)")
 
 
-def plan_names(paths: Sequence[str | Path], *, reserved: Iterable[str] = (FULL,)) -> dict[str, str | Path]:
+def plan_names(paths: Sequence[str | Path], *, reserved: Iterable[str] = (FULL,),
+               folders: bool = False) -> dict[str, str | Path]:
     """A row name for each plan file in ``paths`` (in order): its file name without the extension where that is
     unique, else the shortest suffix of its path that is (``a/plan``, ``b/plan``); a name in ``reserved`` (the full
     model's) is replaced by the file name with its extension (``full.json``). The same file given twice is a
-    :class:`~skiplm.errors.DataError`."""
+    :class:`~skiplm.errors.DataError`. ``folders``: the paths are folders, named whole (``heal-1.2`` has no
+    extension to drop)."""
     reserved = set(reserved)
     seen: dict[Path, str | Path] = {}
     for given in paths:
@@ -39,7 +41,7 @@ def plan_names(paths: Sequence[str | Path], *, reserved: Iterable[str] = (FULL,)
     def name(index: int) -> str:
         path_parts = parts[index]
         k = depth[index]
-        stem = Path(path_parts[-1]).stem
+        stem = path_parts[-1] if folders else Path(path_parts[-1]).stem
         candidate = "/".join([*path_parts[-k:-1], stem]) if k > 1 else stem
         if candidate in reserved and k == 1 and path_parts[-1] not in reserved:
             return path_parts[-1]  # full.json: its own name, not the full model's
