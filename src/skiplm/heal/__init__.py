@@ -5,7 +5,6 @@
 * ``bridge`` (:mod:`.bridge`) — ReplaceMe's least-squares map per span of skipped blocks, folded into a kept weight.
 * :class:`~.artifact.Healed` — the plan plus what heals it; a skipper (``skiplm.apply(model, healed)``),
   ``healed.save(folder)`` / :func:`load_healed`, ``merge=True`` for good, :func:`export_healed` for a vanilla checkpoint.
-
 * ``lora`` and ``partial`` (:mod:`.train`) — trained toward the full model (distillation, :mod:`skiplm.train`).
 * Combinations: ``heal(model, plan, "bridge+lora")`` — the bridge, then an adapter trained on top of it.
 """

@@ -38,10 +38,10 @@ from torch import nn
 
 from ..analysis.activations import trace_residuals
 from ..plan import SkipPlan, provenance
-from ..planners.common import as_calibration, check_unplanned
+from ..planners.common import as_calibration
 from ..registry import HEALERS, Option
 from .artifact import BridgeStep, Healed
-from .spans import HealError, Span, down_projection, resolve_spans
+from .spans import HealError, Span, checked_plan, down_projection, resolve_spans
 
 PAPER = "Shopkhoev et al. 2025, ReplaceMe: Network Simplification via Depth Pruning and Transformer Block Linearization (arXiv 2505.02819)"
 _EXACT_FOLD_TOLERANCE = 2e-2  # |h[start] - (A + M)| / |h[start]|: rounding of the residual add, in any dtype
@@ -147,11 +147,7 @@ def fit_bridge(
         raise HealError(f"the bridge's inputs must be 'healed' or 'full', got {inputs!r}.")
     if isinstance(skip_positions, bool) or not isinstance(skip_positions, int) or skip_positions < 0:
         raise HealError(f"skip_positions must be an integer >= 0, got {skip_positions!r}.")
-    check_unplanned(model)
-    if not isinstance(plan, SkipPlan):
-        raise HealError(f"a bridge heals a SkipPlan (skiplm plan), got {type(plan).__name__}.")
-    plan = plan.for_model(model) if plan.model is None else plan
-    plan.check_model(model)
+    plan = checked_plan(model, plan, "a bridge heals")
     spans = resolve_spans(model, plan)
     batches = as_calibration(calibration, model, "bridge", min_length=skip_positions + 1)
     d = model.get_input_embeddings().weight.shape[1]

@@ -121,3 +121,18 @@ def resolve_spans(model: nn.Module, plan) -> list[Span]:
 
 
 __all__ = ["HealError", "Span", "check_block_plan", "down_projection", "resolve_spans"]
+
+
+def checked_plan(model: nn.Module, plan, what: str):
+    """``plan`` for healing ``model``: a SkipPlan (``what`` names the method in the refusal), stamped with the
+    model's identity if it has none, checked against the model, on a model that carries no skipper."""
+    from ..plan import SkipPlan
+    from ..planners.common import check_unplanned
+
+    check_unplanned(model)
+    if not isinstance(plan, SkipPlan):
+        raise HealError(f"{what} a SkipPlan (skiplm plan), got {type(plan).__name__}.")
+    plan = plan.for_model(model) if plan.model is None else plan
+    plan.check_model(model)
+    return plan
+

@@ -25,7 +25,7 @@ from torch import nn
 from ..plan import SkipPlan, provenance
 from ..registry import HEALERS, Option
 from .artifact import Healed, peft_quietly
-from .spans import HealError, check_block_plan
+from .spans import HealError, check_block_plan, checked_plan
 
 LORA_PAPER = "Kim et al. 2024, Shortened LLaMA: Depth Pruning for LLMs (arXiv 2402.02834); self-data distillation: " \
              "Thangarasa et al. 2024 (arXiv 2410.09982)"
@@ -96,13 +96,7 @@ def _split(calibration: Any, held_out: int):
 
 def _base(model: nn.Module, plan: SkipPlan, base: Healed | None) -> tuple[SkipPlan, Any]:
     """The plan (checked against ``model``) and what the student starts from: the plan, or an earlier heal."""
-    from ..planners.common import check_unplanned
-
-    check_unplanned(model)
-    if not isinstance(plan, SkipPlan):
-        raise HealError(f"healing trains a SkipPlan (skiplm plan), got {type(plan).__name__}.")
-    plan = plan.for_model(model) if plan.model is None else plan
-    plan.check_model(model)
+    plan = checked_plan(model, plan, "healing trains")
     if plan.is_empty():
         raise HealError("the plan skips nothing: there is nothing to heal.")
     if base is not None and base.plan.to_json() != plan.to_json():
@@ -112,7 +106,7 @@ def _base(model: nn.Module, plan: SkipPlan, base: Healed | None) -> tuple[SkipPl
 
 def _run(model, plan, base, calibration, progress, run_dir, resume, options, *, method, paper, adapter=None,
          layers=None, extra_record=None) -> Healed:
-    from ..train.distill import TrainError, distill
+    from ..train.distill import TrainError, TrainingInterrupted, distill
 
     start = time.perf_counter()
     plan, start_from = _base(model, plan, base)
@@ -123,9 +117,9 @@ def _run(model, plan, base, calibration, progress, run_dir, resume, options, *, 
         result = distill(model, start_from, train, evaluation, adapter=adapter, layers=layers,
                          settings=_settings(options), run_dir=run_dir, resume=resume, progress=progress,
                          identity=identity)
+    except TrainingInterrupted:
+        raise  # the run folder holds its checkpoint: resume continues it
     except TrainError as exc:
-        if type(exc).__name__ == "TrainingInterrupted":
-            raise
         raise HealError(str(exc)) from None
     record = provenance(method, paper=paper, plan_method=plan.provenance.get("method"), options=options,
                         seconds=round(time.perf_counter() - start, 1))
