@@ -47,7 +47,7 @@ mid-generation is not supported: skipped attention layers hold placeholders, not
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -179,6 +179,7 @@ class SpeculativeDecoder:
         fallback: bool | SpeedMonitor = True,
         on_round: Callable[[RoundInfo], None] | None = None,
         sampling: Sampling | None = None,
+        stop_rows: Callable[[], Iterable[int]] | None = None,
     ) -> SpeculativeOutput:
         """Generate up to ``max_new_tokens`` per row from left-padded ``input_ids`` [B, T] (see the module docstring).
 
@@ -186,7 +187,10 @@ class SpeculativeDecoder:
         ``top_p`` and ``seed``). ``fallback``: True (this decoder's :class:`SpeedMonitor` for this batch size, which
         keeps what it measured between generations), a monitor of your own, or False (always speculate).
         ``streamer``: an object with ``put(tensor)`` / ``end()`` (e.g. transformers' ``TextStreamer``, batch 1), or
-        a callable receiving, per step, a list with each row's newly committed tokens.
+        a callable receiving, per step, a list with each row's newly committed tokens. ``stop_rows``: called after
+        the prefill and after every step; the rows it names finish now, as if they had emitted an end-of-sequence
+        token (their output ends where it is, they no longer hold the batch back; the other rows are unchanged) —
+        e.g. a row's own token limit, or a client that went away (:mod:`skiplm.serve`).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise DataError(f"input_ids must be [batch, tokens] with at least one token, got {tuple(input_ids.shape)}.")
@@ -223,7 +227,7 @@ class SpeculativeDecoder:
         t = time.perf_counter()
         state.commit(sampler.pick(self.verifier.prefill(state, mask))[:, None])
         stats.prefill_seconds = time.perf_counter() - t
-        while not state.done(max_new_tokens):
+        while not state.done(max_new_tokens, stop_rows):
             k_max = min(max_draft, max_new_tokens - state.new_tokens - 1)  # a round commits at most k + 1 tokens
             if k_max >= 1 and (monitor is None or monitor.speculate()):
                 at_token = state.new_tokens

@@ -8,6 +8,7 @@ output ends at the first EOS, which is kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -48,8 +49,18 @@ class Committed:
         """[B] True for the rows that have not finished."""
         return ~self.finished
 
-    def done(self, max_new_tokens: int) -> bool:
+    def done(self, max_new_tokens: int, stop_rows: Callable[[], Iterable[int]] | None = None) -> bool:
+        """Whether the generation is over; first, the rows ``stop_rows()`` names (if given) finish now."""
+        if stop_rows is not None:
+            self.finish(stop_rows())
         return self.new_tokens >= max_new_tokens or bool(self.finished.all())
+
+    def finish(self, rows: Iterable[int]) -> None:
+        """Finish ``rows`` now, as if they had emitted an end-of-sequence token: their outputs end here, they are
+        padded from now on and no longer count in a round's acceptance (the other rows are unaffected)."""
+        rows = sorted({int(row) for row in rows})
+        if rows:
+            self.finished[torch.tensor(rows, device=self.finished.device)] = True
 
     def positions(self, start: int, n: int) -> torch.Tensor:
         """Position ids [B, n] of sequence indices ``start..start + n - 1`` (each row counts from its first token)."""
