@@ -69,6 +69,11 @@ class SkipSet:
     def touched_layers(self) -> frozenset[int]:
         return self.attention | self.mlp
 
+    def half_blocks(self) -> dict[str, list[int]]:
+        """The layers whose attention only or MLP only is skipped (not the whole block), per part."""
+        blocks = set(self.blocks)
+        return {"attention": sorted(self.attention - blocks), "mlp": sorted(self.mlp - blocks)}
+
     def to_json(self) -> dict[str, list[int]]:
         blocks = set(self.blocks)
         return {

@@ -199,7 +199,7 @@ def check_block_plan(plan: SkipPlan) -> list[int]:
                         "set of layers.")
     skips = plan.decode
     blocks = set(skips.blocks)
-    partial = {"attention": sorted(skips.attention - blocks), "mlp": sorted(skips.mlp - blocks)}
+    partial = skips.half_blocks()
     if any(partial.values()):
         raise PlanError(
             f"this plan skips single sublayers (attention {partial['attention']}, mlp {partial['mlp']}); a GGUF "

@@ -57,7 +57,7 @@ def export_pruned(
         )
     skips = plan.decode
     blocks = set(skips.blocks)
-    partial = {"attention": sorted(skips.attention - blocks), "mlp": sorted(skips.mlp - blocks)}
+    partial = skips.half_blocks()
     if any(partial.values()) and not zero_sublayers:
         raise PlanError(
             f"this plan skips single sublayers (attention {partial['attention']}, mlp {partial['mlp']}); a standard "

@@ -70,7 +70,7 @@ def check_block_plan(plan) -> list[tuple[int, int]]:
                         "same blocks in both (this one runs prefill differently; make it with --prefill same).")
     skips = plan.decode
     blocks = set(skips.blocks)
-    partial = {"attention": sorted(skips.attention - blocks), "mlp": sorted(skips.mlp - blocks)}
+    partial = skips.half_blocks()
     if any(partial.values()):
         raise HealError(f"a bridge heals whole skipped blocks, and this plan skips single sublayers (attention "
                         f"{partial['attention']}, mlp {partial['mlp']}). Use a block plan (e.g. skiplm plan --method "
