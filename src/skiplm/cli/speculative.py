@@ -1,7 +1,10 @@
-"""`skiplm bench-speculative` and `skiplm draft-search`: self-speculative decoding measured."""
+"""`skiplm bench-speculative` and `skiplm draft-search`: self-speculative decoding measured; `skiplm draft-cache`: the
+drafts' weights kept on disk."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 
 import click
 
@@ -9,6 +12,29 @@ from ..measure.rows import plan_names
 from ..speculative.decoder import DEFAULT_MAX_DRAFT
 from .options import IntList, Output
 from .common import MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, cli, console
+
+NO_DRAFT_CACHE = click.option(
+    "--no-draft-cache", "no_draft_cache", is_flag=True,
+    help="make every draft's weights from the model now instead of reading them from the draft cache "
+         "(<skiplm cache>/drafts; as SKIPLM_DRAFT_CACHE=0)")
+
+
+@contextlib.contextmanager
+def _draft_cache_off(no_draft_cache: bool):
+    """--no-draft-cache: the default draft cache off for every decoder made inside (the environment put back after,
+    for in-process callers)."""
+    from ..speculative.cache import ENVIRONMENT
+
+    before = os.environ.get(ENVIRONMENT)
+    if no_draft_cache:
+        os.environ[ENVIRONMENT] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENVIRONMENT, None)
+        else:
+            os.environ[ENVIRONMENT] = before
 
 
 @cli.command("bench-speculative")
@@ -33,14 +59,16 @@ from .common import MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_opt
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1), help="rounds over every batch")
 @click.option("--force", is_flag=True, help="use draft plans made for other weights")
 @click.option("--out", "-o", type=Output("folder"), default="results/speculative", show_default=True)
+@NO_DRAFT_CACHE
 @_model_options
 def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, limit, batch_sizes, new_tokens, max_draft,
-                      repeats, force, out, dtype, device):
+                      repeats, force, out, no_draft_cache, dtype, device):
     """Self-speculative decoding against plain greedy decoding in the same run: tokens/s, speedup, acceptance,
     fallbacks and identical output, per prompt set, batch size and draft (JSON, markdown, plot in --out)."""
     from ..errors import PlanError
     from ..report.files import machine_info
     from ..speculative.bench import bench_drafts, prompt_set, run_speculative_bench, write_bench
+    from ..speculative.cache import enabled_by_environment
 
     if not plan_paths and not dtypes:
         raise PlanError("give a draft: --draft-plan PLAN (the layers it skips) and/or --draft-dtype DTYPE.")
@@ -49,13 +77,14 @@ def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, lim
     plans = {name: _load_plan(path, hf_model, force) for name, path in plan_names(plan_paths).items()}
     drafts = bench_drafts(plans, dtypes, adapt=adapt, lookup=lookup)
     prompts = {name: prompt_set(tokenizer, name, limit) for name in prompt_sets.split(",") if name.strip()}
-    with console.status("decoding") as status:
+    with console.status("decoding") as status, _draft_cache_off(no_draft_cache):
         result = run_speculative_bench(hf_model, prompts, drafts, batch_sizes=batches, new_tokens=new_tokens,
                                        repeats=repeats, max_draft=max_draft, eos_token_id=tokenizer.eos_token_id,
                                        pad_token_id=tokenizer.pad_token_id or 0,
                                        progress=lambda text: status.update(f"decoding: {text}"))
     settings = {"model": model, "command": _command_line(), "machine": machine_info(device), "limit": limit,
-                "new_tokens": new_tokens, "max_draft": max_draft, "repeats": repeats, "batch_sizes": list(batches)}
+                "new_tokens": new_tokens, "max_draft": max_draft, "repeats": repeats, "batch_sizes": list(batches),
+                "draft_cache": not no_draft_cache and enabled_by_environment()}
     console.print(write_bench(out, result, settings, f"self-speculative decoding, {model}"))
     console.print(f"wrote {out}/speculative.json, speculative.md, speculative.png")
 
@@ -80,9 +109,10 @@ def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, lim
               help="timing rounds per candidate (median); more rounds tell closer candidates apart, and take longer")
 @click.option("--max-draft", default=DEFAULT_MAX_DRAFT, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", "-o", type=Output("file"), required=True, help="draft plan file to write (JSON)")
+@NO_DRAFT_CACHE
 @_model_options
 def draft_search(model, max_blocks, precisions, prompt_source, alternatives, limit, new_tokens, repeats, max_draft, out,
-                 dtype, device):
+                 no_draft_cache, dtype, device):
     """Choose a self-speculative draft for MODEL by measurement: each candidate (a skip set and a precision) drafts
     whole generations on calibration prompts at batch 1, timed against plain greedy decoding; the fastest is saved
     as a draft plan (its precision included) for `generate --speculative --plan` and `bench-speculative
@@ -98,7 +128,7 @@ def draft_search(model, max_blocks, precisions, prompt_source, alternatives, lim
         console.print(f"[yellow]not searching {precision} drafts: {reason}[/yellow]")
     if not usable:
         raise click.UsageError("none of --precisions can draft on this device; try --precisions int8.")
-    with console.status("searching") as status:
+    with console.status("searching") as status, _draft_cache_off(no_draft_cache):
         search = run_draft_search(hf_model, tokenizer, precisions=usable, max_blocks=max_blocks, prompts=prompt_source,
                                   alternatives=alternatives, limit=limit, new_tokens=new_tokens, repeats=repeats,
                                   max_draft=max_draft, name=model, progress=status.update)
@@ -111,3 +141,31 @@ def draft_search(model, max_blocks, precisions, prompt_source, alternatives, lim
     console.print(f"best draft {search.best.name} ({search.plan.describe()}) {verdict}; search took "
                   f"{search.seconds:.1f} s")
     console.print(f"wrote {out}")
+
+
+@cli.command("draft-cache")
+@click.option("--clear", is_flag=True, help="delete every entry")
+def draft_cache(clear):
+    """The draft cache: speculative drafts' weights (quantized or cast) made once per model, engine and precision and
+    read back by later runs, in <skiplm cache>/drafts (SKIPLM_CACHE_DIR moves it; SKIPLM_DRAFT_CACHE=0 or
+    --no-draft-cache turns it off). Lists the entries; --clear deletes them."""
+    from ..speculative.cache import DraftCache
+
+    cache = DraftCache()
+    if clear:
+        freed = cache.clear()
+        console.print(f"cleared the draft cache {cache.root} ({freed / 2**20:.1f} MiB freed)")
+        return
+    entries = cache.entries()
+    if not entries:
+        console.print(f"the draft cache {cache.root} is empty")
+        return
+    for entry in entries:
+        manifest = entry["manifest"] or {}
+        key = manifest.get("key") or {}
+        what = (f"{(key.get('model') or {}).get('name')}: {key.get('precision')} draft, {key.get('engine')} engine, "
+                f"torch {key.get('torch')}, made {manifest.get('created')}" if manifest else "unreadable manifest")
+        click.echo(f"{entry['folder'].name}\t{entry['bytes'] / 2**20:.1f} MiB\t{what}")
+    total = sum(entry["bytes"] for entry in entries)
+    count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+    console.print(f"{count}, {total / 2**20:.1f} MiB in {cache.root}; `skiplm draft-cache --clear` deletes them")

@@ -38,6 +38,13 @@ falls back to plain steps (through the same verify path with no drafts), retries
 the stats report when and how long. With ``alternatives``, the draft's skip set is chosen on the fly
 (:class:`DraftSelector`, SWIFT-style).
 
+Setup. Making a low-precision draft (its weights quantized or cast, packed, the lean engine compiled and warmed up) and
+packing the verifier's head is paid once per decoder, in its constructor, and reported apart from decoding:
+:attr:`SpeculativeDecoder.setup` (a :class:`~skiplm.speculative.stats.SetupStats`), also attached to the stats of the
+decoder's first generation (``stats.setup``, not counted in ``total_seconds``). The draft's weights come from the draft
+cache (:mod:`skiplm.speculative.cache`) where it holds them: on disk from an earlier process, or shared with an engine
+the same :class:`~skiplm.speculative.cache.DraftCache` made in this process; ``draft_cache=False`` turns it off.
+
 Hooks left for later work: ``on_round`` (a callback receiving a :class:`RoundInfo` after every round — where an online
 skip-set search such as SWIFT's would observe acceptance), and :meth:`SpeculativeDecoder.set_plan` (swap the draft
 plan between generations — where an offline draft-plan search plugs in). Changing the plan of a live draft cache
@@ -57,6 +64,7 @@ from ..errors import DataError, PlanError
 from ..models.generation import check_context, greedy_decode
 from ..plan import SkipPlan
 from ..runtime import SkipHandle, installed_handle
+from .cache import DraftCache, resolve_draft_cache
 from .controllers import AdaptiveDraftLength, DraftSelector, SpeedMonitor
 from .drafts import PromptLookup, check_draft_plan, check_engine, draft_precision, make_draft
 from .lean import lean_draft_unsupported
@@ -64,7 +72,7 @@ from .quantize import packed_head, precision_name
 from .round import Round, Verifier, plain_step, speculative_round
 from .sampling import Sampling
 from .state import Committed, eos_ids, pad_id
-from .stats import RoundInfo, SpeculativeOutput, SpeculativeStats
+from .stats import RoundInfo, SetupStats, SpeculativeOutput, SpeculativeStats
 
 # drafted tokens per round at most; measured on the default model at batch 1 (8 GSM8K prompts) with the lean int8 /
 # int8-dynamic drafts, 8 beat 6 by 2% / 12% (most rounds were fully accepted) and 10 was no better than 8
@@ -79,17 +87,28 @@ class SpeculativeDecoder:
     threshold carries over). Call
     :meth:`close` (or use ``with``) to remove the plan it applied. With ``plan=None`` and a plan already applied to
     ``model``, that plan drafts (and stays applied after :meth:`close`).
+
+    ``draft_cache``: where a low-precision draft's weights are looked up and stored (see
+    :mod:`skiplm.speculative.cache`): None or True (the default cache, unless ``$SKIPLM_DRAFT_CACHE=0``), a
+    :class:`~skiplm.speculative.cache.DraftCache` (pass one to several decoders: they share the engines it made), a
+    folder, or False (none). What the setup cost is :attr:`setup`.
     """
 
     def __init__(self, model: nn.Module, plan: SkipPlan | None = None, *, draft_dtype: torch.dtype | str | None = None,
                  check_model: bool = True, draft_length: AdaptiveDraftLength | None = None,
                  alternatives: Sequence[SkipPlan] | DraftSelector = (), draft_engine: str = "auto",
-                 prompt_lookup: int | PromptLookup | None = None, pack_head: bool = True):
+                 prompt_lookup: int | PromptLookup | None = None, pack_head: bool = True,
+                 draft_cache: DraftCache | bool | str | None = None):
         check_engine(draft_engine)
+        setup_start = time.perf_counter()
+        self.setup = SetupStats()  # the one-time setup, apart from decoding
+        self._setup_reported = False  # attached to the first generation's stats
         self.model = model
         # combined with n-gram prompt lookup (an n-gram length, or a PromptLookup): kept between generations
         self.lookup = PromptLookup(prompt_lookup) if isinstance(prompt_lookup, int) else prompt_lookup
+        t = time.perf_counter()
         head = packed_head(model) if pack_head and lean_draft_unsupported(model) is None else None
+        self.setup.head_seconds = time.perf_counter() - t
         self.verifier = Verifier(model, head)
         self.draft_length = draft_length or AdaptiveDraftLength()
         # fallback=True: one monitor per batch size (a step's cost depends on it); what each learned carries over
@@ -106,7 +125,9 @@ class SpeculativeDecoder:
         # on-the-fly choice of the draft's skip set among plan and the alternatives
         self.selector = self._selector(plan, alternatives, check_model) if alternatives else None
         self._active_plan = 0  # the selector's plan applied to the draft now
-        self.draft = make_draft(model, precision, draft_engine, self.draft_length)
+        self.draft_cache = resolve_draft_cache(draft_cache) if precision is not None else None
+        self.draft = make_draft(model, precision, draft_engine, self.draft_length, cache=self.draft_cache,
+                                setup=self.setup)
         if plan is not None:
             self.draft.set_plan(plan)
         elif precision is None and self.draft.plan is None:  # the model itself, under no plan: nothing to draft with
@@ -116,6 +137,7 @@ class SpeculativeDecoder:
         self.draft_model = self.draft.model  # what drafts: the model itself, a copy of its modules, the lean engine
         self.draft_engine = self.draft.engine  # the registered draft kind: "lean" or "modules"
         self.draft_weight_bytes = self.draft.weight_bytes
+        self.setup.seconds = time.perf_counter() - setup_start
 
     def _selector(self, plan: SkipPlan | None, alternatives: Sequence[SkipPlan] | DraftSelector,
                   check_model: bool) -> DraftSelector:
@@ -220,6 +242,8 @@ class SpeculativeDecoder:
                                  draft_engine=self.draft.engine, verify_weight_bytes=head.nbytes if head is not None else 0)
         if self.selector is not None:
             stats.rounds_by_plan = [0] * len(self.selector.plans)
+        if not self._setup_reported:  # the setup this decoder paid, on its first generation
+            stats.setup, self._setup_reported = self.setup, True
         state = Committed(ids, mask, prompt_length + max_new_tokens + max_draft + 1, eos, pad, streamer)
         self.draft.reset()
 
@@ -296,14 +320,15 @@ def generate(model: nn.Module, tokenizer=None, input_ids: torch.Tensor | None = 
              attention_mask: torch.Tensor | None = None, *, plan: SkipPlan | None = None,
              draft_dtype: torch.dtype | str | None = None, alternatives: Sequence[SkipPlan] = (),
              draft_engine: str = "auto", prompt_lookup: int | None = None, check_model: bool = True,
-             **options: Any) -> SpeculativeOutput:
+             draft_cache: DraftCache | bool | str | None = None, **options: Any) -> SpeculativeOutput:
     """Self-speculative generation in one call: ``model`` under ``plan`` drafts, ``model`` verifies (with
     ``alternatives``, the draft's skip set is chosen on the fly among ``plan`` and them: :class:`DraftSelector`).
 
     ``tokenizer`` (optional) supplies the EOS / pad ids when the model's generation config lacks them, and decodes the
     outputs into ``texts``. The keyword ``options`` are :meth:`SpeculativeDecoder.generate`'s, with its defaults
     (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``max_draft``, ``seed``, ``streamer``,
-    ``fallback``, ``eos_token_id``, ``pad_token_id``, ``on_round``, ``sampling``). For many generations, keep a
+    ``fallback``, ``eos_token_id``, ``pad_token_id``, ``on_round``, ``sampling``). ``draft_cache``: as for
+    :class:`SpeculativeDecoder` (the setup is in ``stats.setup``). For many generations, keep a
     :class:`SpeculativeDecoder`.
     """
     if input_ids is None:
@@ -315,7 +340,7 @@ def generate(model: nn.Module, tokenizer=None, input_ids: torch.Tensor | None = 
             options["pad_token_id"] = tokenizer.pad_token_id
     with SpeculativeDecoder(model, plan, draft_dtype=draft_dtype, check_model=check_model,
                             alternatives=alternatives, draft_engine=draft_engine,
-                            prompt_lookup=prompt_lookup) as decoder:
+                            prompt_lookup=prompt_lookup, draft_cache=draft_cache) as decoder:
         output = decoder.generate(input_ids, attention_mask, **options)
     if tokenizer is not None:
         output.texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in output.tokens]

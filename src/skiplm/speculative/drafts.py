@@ -149,7 +149,7 @@ def _no_reason(model: nn.Module, precision: str | None) -> str | None:
 
 @DRAFTS.register("modules", paper="Zhang et al. 2023, Draft & Verify; Xia et al. 2024, SWIFT",
                  summary="the model's own modules under a skip plan, or a low-precision copy of them",
-                 extra={"engine": True, "priority": 0, "unsupported": _no_reason})
+                 extra={"engine": True, "priority": 0, "unsupported": _no_reason, "cached": True})
 class ModulesDraft(ModelDraft):
     """The model's own modules draft: ``module`` (the verifier itself, or a low-precision copy of it) under a skip
     plan applied to it — with ``plan=None``, the plan already applied to ``module``, if any (left applied)."""
@@ -165,11 +165,21 @@ class ModulesDraft(ModelDraft):
             self.set_plan(plan)
 
     @classmethod
-    def build(cls, model: nn.Module, precision: str | None, length: AdaptiveDraftLength) -> ModulesDraft:
-        """``model`` itself (``precision=None``) or its copy in ``precision``."""
+    def build(cls, model: nn.Module, precision: str | None, length: AdaptiveDraftLength, *, cache=None,
+              setup=None) -> ModulesDraft:
+        """``model`` itself (``precision=None``) or its copy in ``precision`` — with ``cache`` (a
+        :class:`~skiplm.speculative.cache.DraftCache`), its int8 weights from there where stored. ``setup`` (a
+        :class:`~skiplm.speculative.stats.SetupStats`) records what making it cost."""
         if precision is None:
             return cls(model, length)
-        copy = draft_copy(model, precision)
+        if cache is not None:
+            copy = cache.modules_copy(model, precision, setup)
+        else:
+            start = time.perf_counter()
+            copy = draft_copy(model, precision)
+            if setup is not None:
+                setup.copy_seconds += time.perf_counter() - start  # copied, cast and quantized
+                setup.draft_source = "built"
         return cls(copy, length, weight_bytes=_tensor_bytes(copy))
 
     def forward(self, state: Committed, start: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -281,9 +291,12 @@ def check_engine(engine: str) -> None:
         raise DataError(f"unknown draft engine {engine!r}; use one of {', '.join(draft_engines())}.")
 
 
-def make_draft(model: nn.Module, precision: str | None, engine: str, length: AdaptiveDraftLength) -> ModelDraft:
+def make_draft(model: nn.Module, precision: str | None, engine: str, length: AdaptiveDraftLength, *, cache=None,
+               setup=None) -> ModelDraft:
     """The draft model for ``model`` in ``precision`` (None: the model's own weights) by ``engine`` (a registered
-    engine, or ``"auto"``: the highest-priority one that supports them)."""
+    engine, or ``"auto"``: the highest-priority one that supports them). ``cache`` (a
+    :class:`~skiplm.speculative.cache.DraftCache`) and ``setup`` (a :class:`~skiplm.speculative.stats.SetupStats`)
+    go to engines registered with ``extra={"cached": True}``, whose ``build`` takes them."""
     check_engine(engine)
     if engine == AUTO:
         specs = sorted((s for s in DRAFTS if s.extra.get("engine")), key=lambda s: -s.extra["priority"])
@@ -293,6 +306,8 @@ def make_draft(model: nn.Module, precision: str | None, engine: str, length: Ada
         reason = spec.extra["unsupported"](model, precision)
         if reason is not None:
             raise PlanError(f"the {engine} draft engine {reason}.")
+    if spec.extra.get("cached"):
+        return spec.target.build(model, precision, length, cache=cache, setup=setup)
     return spec.target.build(model, precision, length)
 
 

@@ -24,6 +24,18 @@ Which models. Decoders whose layers are ``input_layernorm -> self_attn(q, k, v, 
 honoured. :func:`lean_draft_unsupported` says why a model is not one of them; the speculative decoder then drafts
 through the model's own modules.
 
+Setup. Making the engine was, on the default model in int8-dynamic (1 thread, a busy 2-core machine: indicative),
+~1.2 s to quantize the weights, ~0.8 s to pack them for fbgemm (its packing reads each row's scale one by one), ~0.4 s
+to compile the loop and ~0.4 s of TorchScript's first calls. :class:`LeanDraft` takes its weights from a
+:class:`~skiplm.speculative.quantize.DraftWeights` (``weights=``: stored tensors from the draft cache,
+:mod:`skiplm.speculative.cache`, skip the quantizing) and records what each part cost in :attr:`LeanDraft.setup`;
+compiling parses each class's methods once, not once per layer (~0.15 s); the loop runs without TorchScript's graph
+optimizations, which made no step faster here and cost the first calls' profiling; :meth:`LeanDraft.warm_up` pays
+what is left of the first calls (~0.05 s) in the setup. Packing cannot be stored: fbgemm's packed weight is opaque
+and torch re-packs it when loading one. TorchScript shares what it compiled between engines of the same structure in
+a process; :meth:`LeanDraft.shared` gives another draft over the same weights and compiled loop with a plan of its
+own, at no cost.
+
 In the speculative loop. :class:`LeanEngineDraft` is the ``lean`` draft kind (:data:`skiplm.registry.DRAFTS`): the
 :class:`~skiplm.speculative.drafts.ModelDraft` whose forward is :class:`LeanDraft`, and which, before drafting, takes
 the keys and values of the committed tokens it has not seen from the full model's cache (:meth:`LeanDraft.adopt`).
@@ -31,8 +43,11 @@ the keys and values of the committed tokens it has not seen from the full model'
 
 from __future__ import annotations
 
+import copy
 import logging
+import time
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +58,7 @@ from ..registry import DRAFTS
 from ..runtime import decoder_stack
 from .controllers import AdaptiveDraftLength
 from .drafts import ModelDraft
-from .quantize import compute_dtype, draft_linear, precision_name
+from .quantize import DraftWeights, compute_dtype, precision_name
 from .state import Committed
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -145,19 +160,24 @@ class _Layer(nn.Module):
     """One decoder layer's weights in the draft's format (its two norms folded into the products after them), and
     its two branches as TorchScript-compatible methods (see :class:`_Stack`)."""
 
-    def __init__(self, layer: nn.Module, precision: str, dtype: torch.dtype, probes: dict[str, bool], config):
+    def __init__(self, layer: nn.Module, name: str, weights: DraftWeights, dtype: torch.dtype, config):
+        """``name``: the prefix of its products in ``weights`` (which makes them, or takes them stored)."""
         super().__init__()
         attention, mlp = layer.self_attn, layer.mlp
         attention_norm = _Norm(layer.input_layernorm, dtype)
         mlp_norm = _Norm(layer.post_attention_layernorm, dtype)
         self.attention_floor, self.mlp_floor = attention_norm.floor, mlp_norm.floor
         projections = [attention.q_proj, attention.k_proj, attention.v_proj]
-        self.qkv = draft_linear(attention_norm.fold(torch.cat([p.weight for p in projections])),
-                                _cat_bias(*projections), precision, probes)
-        self.o = draft_linear(attention.o_proj.weight, attention.o_proj.bias, precision, probes)
-        self.gate_up = draft_linear(mlp_norm.fold(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                                    _cat_bias(mlp.gate_proj, mlp.up_proj), precision, probes)
-        self.down = draft_linear(mlp.down_proj.weight, mlp.down_proj.bias, precision, probes)
+        gate_up = [mlp.gate_proj, mlp.up_proj]
+        self.qkv = weights.product(
+            f"{name}.qkv", lambda: (attention_norm.fold(torch.cat([p.weight for p in projections])),
+                                    _cat_bias(*projections)),
+            _fused_shape(projections), _cat_bias(*projections) is not None)
+        self.o = _linear(weights, f"{name}.o", attention.o_proj)
+        self.gate_up = weights.product(
+            f"{name}.gate_up", lambda: (mlp_norm.fold(torch.cat([p.weight for p in gate_up])), _cat_bias(*gate_up)),
+            _fused_shape(gate_up), _cat_bias(*gate_up) is not None)
+        self.down = _linear(weights, f"{name}.down", mlp.down_proj)
         self.intermediate = mlp.gate_proj.out_features
         self.head_dim = attention.head_dim if hasattr(attention, "head_dim") else config.head_dim
         self.heads = attention.q_proj.out_features // self.head_dim
@@ -223,6 +243,16 @@ class _Stack(nn.Module):
         return hidden
 
 
+def _fused_shape(linears: list[nn.Linear]) -> tuple[int, int]:
+    """The [out, in] shape of ``linears`` fused into one product (their outputs one after another)."""
+    return sum(linear.out_features for linear in linears), linears[0].in_features
+
+
+def _linear(weights: DraftWeights, name: str, linear: nn.Linear) -> nn.Module:
+    return weights.product(name, lambda: (linear.weight, linear.bias), (linear.out_features, linear.in_features),
+                           linear.bias is not None)
+
+
 def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
     """The biases of ``linears`` fused into one (zeros for those without), or None when none has one."""
     if all(linear.bias is None for linear in linears):
@@ -234,25 +264,62 @@ def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
 class LeanDraft:
     """A speculative draft of ``model`` (see the module docstring): its weights in ``precision``, its layers run as
     :attr:`plan` says. Call like the model, with a :class:`LeanCache`; it returns ``(logits [B, keep, V] float32,
-    cache)``."""
+    cache)``.
 
-    def __init__(self, model: nn.Module, precision: str | torch.dtype, plan: SkipPlan | None = None):
+    ``weights``: where its products come from (:class:`~skiplm.speculative.quantize.DraftWeights`: computed from
+    ``model``'s weights and recorded, by default, or stored tensors from the draft cache). :attr:`setup` says what
+    making it cost, in seconds: ``quantize`` (computing the weights; reading them when stored), ``pack`` (packing them
+    for the kernels), ``compile`` (TorchScript) and, after :meth:`warm_up`, ``warmup``."""
+
+    def __init__(self, model: nn.Module, precision: str | torch.dtype, plan: SkipPlan | None = None, *,
+                 weights: DraftWeights | None = None):
         reason = lean_draft_unsupported(model)
         if reason is not None:
             raise ValueError(f"the lean draft does not support this model: {reason}.")
         self.precision = precision_name(precision)
         self.dtype = compute_dtype(self.precision)
-        probes: dict[str, bool] = {}
+        weights = weights if weights is not None else DraftWeights(self.precision)
+        if weights.precision != self.precision:
+            raise ValueError(f"weights in {weights.precision} for a {self.precision} draft.")
         with torch.no_grad():
-            self.layers = [_Layer(layer, self.precision, self.dtype, probes, model.config)
-                           for layer in get_adapter(model).decoder_layers(model)]
+            self.layers = [_Layer(layer, f"layers.{index}", weights, self.dtype, model.config)
+                           for index, layer in enumerate(get_adapter(model).decoder_layers(model))]
             head = model.get_output_embeddings()
             self.final_norm = _Norm(_get_path(model, get_adapter(model).final_norm), self.dtype)
-            self.head = draft_linear(self.final_norm.fold(head.weight), head.bias, self.precision, probes)
+            self.head = weights.product("head", lambda: (self.final_norm.fold(head.weight), head.bias),
+                                        tuple(head.weight.shape), head.bias is not None)
+        weights.check_complete()
         self.embed = model.get_input_embeddings()  # shared with the model: a lookup reads one row per token
         self.rotary = decoder_stack(model).rotary_emb
+        start = time.perf_counter()
         self.stack = _scripted(_Stack(self.layers))
+        self.setup = {"quantize": weights.quantize_seconds, "pack": weights.pack_seconds,
+                      "compile": time.perf_counter() - start, "warmup": 0.0}
         self.plan = plan if plan is not None else SkipPlan.from_layers(len(self.layers))
+
+    def warm_up(self) -> float:
+        """Run a few tokens through the engine once (nothing is kept), so that what its first calls cost (TorchScript
+        builds its execution plan, buffers are allocated: ~0.05 s on the default model) is paid in the setup, not in
+        the first speculative round. Returns the seconds."""
+        start = time.perf_counter()
+        device = self.embed.weight.device
+        ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+        mask = torch.ones(1, 5, dtype=torch.long, device=device)
+        positions = torch.arange(5, device=device)[None]
+        _, cache = self(ids, mask[:, :2], positions[:, :2], None)
+        for end in (3, 4, 5):  # TorchScript optimizes after its first profiled runs
+            _, cache = self(ids[:, :1], mask[:, :end], positions[:, end - 1:end], cache)
+        self.setup["warmup"] += time.perf_counter() - start
+        return time.perf_counter() - start
+
+    def shared(self, plan: SkipPlan | None = None) -> LeanDraft:
+        """Another draft over the same weights and compiled loop (nothing is copied or compiled), with its own plan —
+        e.g. for a second decoder of the same model in this process. The weights are never changed, so sharing them
+        is safe; the plan is the only state a draft changes."""
+        other = copy.copy(self)
+        other.setup = dict.fromkeys(self.setup, 0.0)
+        other.plan = plan if plan is not None else SkipPlan.from_layers(len(self.layers))
+        return other
 
     @property
     def plan(self) -> SkipPlan:
@@ -322,8 +389,12 @@ class LeanDraft:
         buffers = [cache.reserve(index, batch, 2 * layer.kv_heads, end, layer.head_dim, hidden) if runs
                    else hidden.new_empty(0) for index, (layer, runs) in enumerate(zip(self.layers, schedule[0]))]
         masks = [window_masks[layer.window] for layer in self.layers]
-        hidden = self.stack(hidden.reshape(batch * n, -1), cos, signed_sin, buffers, start, batch, n, masks,
-                            *schedule)
+        # TorchScript's graph optimizations (thread-local switch) are skipped: on this CPU they gave no faster steps
+        # (int8 / int8-dynamic, batch 1 and 4, measured interleaved), and the profiling runs they need cost ~0.4 s of
+        # first calls in every process
+        with torch.jit.optimized_execution(False):
+            hidden = self.stack(hidden.reshape(batch * n, -1), cos, signed_sin, buffers, start, batch, n, masks,
+                                *schedule)
         cache.length = end
         kept = hidden.view(batch, n, -1)[:, -logits_to_keep:].reshape(batch * min(logits_to_keep, n), -1)
         return self.head.product(self.final_norm(kept)).float().view(batch, -1, self.head.out_features), cache
@@ -336,10 +407,32 @@ def _scripted(stack: _Stack) -> nn.Module:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(stack)
+            return _script(stack)
     except Exception as error:  # noqa: BLE001 — any failure to compile leaves the eager module, which computes the same
         logging.getLogger(__name__).warning("the lean draft runs eagerly (slower): TorchScript failed: %s", error)
         return stack
+
+
+def _script(module: nn.Module) -> nn.Module:
+    """``torch.jit.script(module)``, with each submodule class's methods parsed once: torch parses the source of every
+    submodule's methods again for each instance (then finds them compiled already for its type), which was ~55% of
+    the ~0.35-0.45 s it took to compile the default model's 152 modules. The methods are the class's, so one parse
+    serves every instance. Goes through torch's own recursive scripting (``torch.jit._recursive``) with its
+    method-finding function memoized per class; plain ``torch.jit.script`` where those internals are not there."""
+    recursive = getattr(torch.jit, "_recursive", None)
+    create = getattr(recursive, "create_script_module", None)
+    infer = getattr(recursive, "infer_methods_to_compile", None)
+    if create is None or infer is None:
+        return torch.jit.script(module)
+    stubs: dict[type, Any] = {}
+
+    def methods(submodule: nn.Module):
+        kind = type(submodule)
+        if kind not in stubs:
+            stubs[kind] = infer(submodule)
+        return stubs[kind]
+
+    return create(module, methods)
 
 
 def _rotations(cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,15 +482,26 @@ def _lean_unsupported(model: nn.Module, precision: str | None) -> str | None:
 @DRAFTS.register("lean", paper="Zhang et al. 2023, Draft & Verify (the draft reuses the verifier's keys and values)",
                  summary="a low-precision copy run by a fused forward with an in-place cache (Llama-style families)",
                  needs={"precision"},
-                 extra={"engine": True, "priority": 1, "families": LEAN_MODEL_TYPES, "unsupported": _lean_unsupported})
+                 extra={"engine": True, "priority": 1, "families": LEAN_MODEL_TYPES, "unsupported": _lean_unsupported,
+                        "cached": True})
 class LeanEngineDraft(ModelDraft):
     """:class:`LeanDraft` drafting in the speculative loop (the preferred engine where the model's family allows)."""
 
     engine = "lean"
 
     @classmethod
-    def build(cls, model: nn.Module, precision: str, length: AdaptiveDraftLength) -> LeanEngineDraft:
-        lean = LeanDraft(model, precision)
+    def build(cls, model: nn.Module, precision: str, length: AdaptiveDraftLength, *, cache=None,
+              setup=None) -> LeanEngineDraft:
+        """The engine for ``model`` in ``precision``: from ``cache`` (a :class:`~skiplm.speculative.cache.DraftCache`:
+        an engine this process built already, or weights stored on disk) where it has it, else built (and stored);
+        warmed up. ``setup`` (a :class:`~skiplm.speculative.stats.SetupStats`) records what it cost."""
+        if cache is not None:
+            lean = cache.lean(model, precision, setup)
+        else:
+            lean = LeanDraft(model, precision)
+            lean.warm_up()
+            if setup is not None:
+                setup.record_engine(lean.setup, source="built")
         return cls(lean, length, lean.weight_bytes)
 
     def forward(self, state: Committed, start: int, tokens: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,13 @@ weight-only int8: every ``nn.Linear`` (the output head too) keeps its weight as 
 the rest in float32. :func:`draft_linear` makes one such product from a weight; the lean draft engine
 (:mod:`skiplm.speculative.lean`) builds its fused products with it.
 
+A product is made in two steps: :func:`draft_tensors` computes its weights in the draft's format (the int8 values and
+their scales, or the cast weight: the costly part, ~1 s for the default model's int8 copy) and :func:`draft_product`
+makes the product from them (packing them for the device's kernels). :class:`DraftWeights` runs the two steps for a
+whole draft and keeps the tensors of the first one by name — what the draft cache
+(:mod:`skiplm.speculative.cache`) stores; given stored tensors, it skips the first step, so a draft from the cache goes
+through the same second step with the same tensors as one built fresh, and is the same draft bit for bit.
+
 Measured on the 2-core Sapphire Rapids VM, default model, batch 1: the layers' weights (106M) for one input row take
 ~20 ms in float32 (memory-bound), ~13 ms in oneDNN-packed bfloat16, ~14 ms with int8 weights
 (``aten._weight_int8pack_mm``, compute-bound) and ~9 ms int8 x int8 (dynamic, fbgemm). A decode step through the lean
@@ -22,7 +29,9 @@ products).
 from __future__ import annotations
 
 import copy
+import time
 import warnings
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -68,13 +77,35 @@ class Int8Linear(nn.Module):
                  compute_dtype: torch.dtype = torch.bfloat16, use_kernel: bool | None = None):
         """``use_kernel``: whether torch's int8-weight kernel serves this device (None: find out)."""
         super().__init__()
+        self._take(self.quantize(weight, bias, compute_dtype), use_kernel)
+
+    @staticmethod
+    def quantize(weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+        """The stored form: ``weight`` (int8 [out, in]), ``scale`` ([out], ``compute_dtype``) and ``bias`` if any."""
         weight = weight.detach().float()
         scale = _row_scales(weight)
-        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(compute_dtype))
-        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
-        self.out_features, self.in_features = weight.shape
-        self.use_kernel = _kernel_works(self.weight_int8.device, compute_dtype) if use_kernel is None else use_kernel
+        tensors = {"weight": torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8),
+                   "scale": scale.to(compute_dtype)}
+        if bias is not None:
+            tensors["bias"] = bias.detach().to(compute_dtype)
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], use_kernel: bool | None = None) -> Int8Linear:
+        """The product of a stored form (:meth:`quantize`)."""
+        product = cls.__new__(cls)
+        nn.Module.__init__(product)
+        product._take(tensors, use_kernel)
+        return product
+
+    def _take(self, tensors: Mapping[str, torch.Tensor], use_kernel: bool | None) -> None:
+        self.register_buffer("weight_int8", tensors["weight"])
+        self.register_buffer("scale", tensors["scale"])
+        self.register_buffer("bias", tensors.get("bias"))
+        self.out_features, self.in_features = self.weight_int8.shape
+        compute = self.scale.dtype
+        self.use_kernel = _kernel_works(self.weight_int8.device, compute) if use_kernel is None else use_kernel
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.weight_int8, self.scale, self.bias)
                           if t is not None)
 
@@ -103,13 +134,40 @@ class DynamicInt8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
+        self._take(self.quantize(weight, bias))
+
+    @staticmethod
+    def quantize(weight: torch.Tensor, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The stored form: ``weight`` (the int8 values [out, in] torch's per-row quantization gives), ``scale``
+        ([out], float32) and ``bias`` (float32) if any."""
         weight = weight.detach().float()
         scale = _row_scales(weight)
         with warnings.catch_warnings():  # torch marks its quantized tensors deprecated; the kernels are what we use
             warnings.simplefilter("ignore")
             quantized = torch.quantize_per_channel(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long),
                                                    0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.detach().float())
+        tensors = {"weight": quantized.int_repr(), "scale": scale}
+        if bias is not None:
+            tensors["bias"] = bias.detach().float()
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> DynamicInt8Linear:
+        """The product of a stored form (:meth:`quantize`): packed for the kernels (the int8 values and scales are
+        those the quantization gave, so the packed weight is the same)."""
+        product = cls.__new__(cls)
+        nn.Module.__init__(product)
+        product._take(tensors)
+        return product
+
+    def _take(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        weight, scale, bias = tensors["weight"], tensors["scale"], tensors.get("bias")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantized = torch._make_per_channel_quantized_tensor(weight, scale.double(),
+                                                                 torch.zeros_like(scale, dtype=torch.long), 0)
+            # (fbgemm's packing reads each row's scale one by one: ~4 us a row, 0.8 s for the default model)
+            self.packed = torch.ops.quantized.linear_prepack(quantized, bias)
         self.out_features, self.in_features = weight.shape
         self.nbytes = weight.numel() + 4 * self.out_features * (2 if bias is None else 3)
 
@@ -128,8 +186,26 @@ class CastLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, packed: bool = False):
         super().__init__()
-        self.weight = weight.detach().to(dtype).contiguous()
-        self.bias = None if bias is None else bias.detach().to(dtype)
+        self._take(self.cast(weight, bias, dtype), packed)
+
+    @staticmethod
+    def cast(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The stored form: ``weight`` and ``bias`` (if any) in ``dtype``."""
+        tensors = {"weight": weight.detach().to(dtype).contiguous()}
+        if bias is not None:
+            tensors["bias"] = bias.detach().to(dtype)
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], packed: bool = False) -> CastLinear:
+        product = cls.__new__(cls)
+        nn.Module.__init__(product)
+        product._take(tensors, packed)
+        return product
+
+    def _take(self, tensors: Mapping[str, torch.Tensor], packed: bool) -> None:
+        self.weight = tensors["weight"]
+        self.bias = tensors.get("bias")
         self.out_features, self.in_features = self.weight.shape
         # the packed copy replaces the weight (it is all the product needs)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None) if packed else None
@@ -161,28 +237,135 @@ def packed_head(model: nn.Module) -> CastLinear | None:
         return CastLinear(head.weight, head.bias, torch.float32, packed=True)
 
 
+def draft_tensors(weight: torch.Tensor, bias: torch.Tensor | None, precision: str) -> dict[str, torch.Tensor]:
+    """The weights of a product by ``weight`` [out, in] (and ``bias``) in a draft ``precision``, in their stored form:
+    ``weight`` (int8 for the int8 precisions, else cast), ``scale`` (the int8 precisions: one per output row) and
+    ``bias`` where there is one. :func:`draft_product` makes the product from them."""
+    name = precision_name(precision)
+    if name == "int8-dynamic":
+        return DynamicInt8Linear.quantize(weight, bias)
+    if name == "int8":
+        return Int8Linear.quantize(weight, bias, compute_dtype(name))
+    return CastLinear.cast(weight, bias, getattr(torch, name))
+
+
+def stored_dtypes(precision: str) -> dict[str, torch.dtype]:
+    """The dtype of each tensor of a product's stored form (:func:`draft_tensors`) in ``precision``."""
+    name = precision_name(precision)
+    if name == "int8-dynamic":
+        return {"weight": torch.int8, "scale": torch.float32, "bias": torch.float32}
+    if name == "int8":
+        return {"weight": torch.int8, "scale": compute_dtype(name), "bias": compute_dtype(name)}
+    dtype = getattr(torch, name)
+    return {"weight": dtype, "bias": dtype}
+
+
+def draft_product(tensors: Mapping[str, torch.Tensor], precision: str, probes: dict[str, bool] | None = None
+                  ) -> nn.Module:
+    """The product whose stored form (:func:`draft_tensors`) is ``tensors``: :class:`DynamicInt8Linear`,
+    :class:`Int8Linear`, or a :class:`CastLinear` (bfloat16 packed for oneDNN where it runs). ``probes`` keeps what was
+    found out about the device's kernels, so it is probed once per draft, not per weight."""
+    probes = {} if probes is None else probes
+    name = precision_name(precision)
+    device = tensors["weight"].device
+    if name == "int8-dynamic":
+        _refuse_unavailable(name, device, probes)
+        return DynamicInt8Linear.from_tensors(tensors)
+    if name == "int8":
+        if "int8" not in probes:
+            probes["int8"] = _kernel_works(device, compute_dtype(name))
+        return Int8Linear.from_tensors(tensors, use_kernel=probes["int8"])
+    dtype = getattr(torch, name)
+    if dtype == torch.bfloat16 and "bf16_packed" not in probes:
+        probes["bf16_packed"] = _packed_works(device, torch.bfloat16)
+    return CastLinear.from_tensors(tensors, packed=dtype == torch.bfloat16 and probes["bf16_packed"])
+
+
 def draft_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str,
                  probes: dict[str, bool] | None = None) -> nn.Module:
     """A product by ``weight`` [out, in] (and ``bias``) in a draft ``precision`` (:data:`DRAFT_PRECISIONS`): int8
-    weights computing in bfloat16 (:class:`Int8Linear`), or a cast copy (:class:`CastLinear`). ``probes`` keeps what
-    was found out about the device's kernels, so it is probed once per draft, not per weight."""
-    probes = {} if probes is None else probes
+    weights computing in bfloat16 (:class:`Int8Linear`), int8 x int8 (:class:`DynamicInt8Linear`), or a cast copy
+    (:class:`CastLinear`): :func:`draft_product` of :func:`draft_tensors`."""
     name = precision_name(precision)
-    if name == "int8-dynamic":
+    probes = {} if probes is None else probes
+    _refuse_unavailable(name, weight.device, probes)  # before the weights are quantized
+    return draft_product(draft_tensors(weight, bias, name), name, probes)
+
+
+def _refuse_unavailable(precision: str, device: torch.device, probes: dict[str, bool]) -> None:
+    if precision == "int8-dynamic":
         if "int8-dynamic" not in probes:
-            probes["int8-dynamic"] = _dynamic_int8_works(weight.device)
+            probes["int8-dynamic"] = _dynamic_int8_works(device)
         if not probes["int8-dynamic"]:
             raise ModelLoadError(f"int8-dynamic drafts need {_DYNAMIC_KERNELS}, which this device or build lacks; use "
                                  "--draft-dtype int8.")
-        return DynamicInt8Linear(weight, bias)
-    if name == "int8":
-        if "int8" not in probes:
-            probes["int8"] = _kernel_works(weight.device, torch.bfloat16)
-        return Int8Linear(weight, bias, use_kernel=probes["int8"])
-    dtype = getattr(torch, name)
-    if dtype == torch.bfloat16 and "bf16_packed" not in probes:
-        probes["bf16_packed"] = _packed_works(weight.device, torch.bfloat16)
-    return CastLinear(weight, bias, dtype, packed=dtype == torch.bfloat16 and probes["bf16_packed"])
+
+
+class StoredDraftMismatch(ValueError):
+    """Stored tensors that do not fit the draft being made (another model, another format): the cache rebuilds."""
+
+
+class DraftWeights:
+    """The products of one draft in ``precision``, by name, and their stored forms (:func:`draft_tensors`).
+
+    Without ``stored``, each :meth:`product` computes its stored form from the model's weights and keeps it in
+    :attr:`tensors` (what the draft cache saves). With ``stored`` (a cache entry's tensors, by name), each product is
+    made from the stored form instead, after checking its tensors' names, shapes and dtypes
+    (:class:`StoredDraftMismatch` otherwise) — the same tensors through the same :func:`draft_product`, so the draft is
+    the one built fresh, bit for bit. Records the seconds spent computing (``quantize_seconds``) and packing
+    (``pack_seconds``)."""
+
+    def __init__(self, precision: str | torch.dtype, stored: Mapping[str, torch.Tensor] | None = None):
+        self.precision = precision_name(precision)
+        self.stored = stored
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.probes: dict[str, bool] = {}
+        self.quantize_seconds = 0.0
+        self.pack_seconds = 0.0
+
+    def product(self, name: str, source: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
+                shape: tuple[int, int], bias: bool) -> nn.Module:
+        """The product ``name``, of out x in ``shape`` (with a bias or not), from ``source()`` — ``(weight, bias)``,
+        only called when nothing is stored."""
+        start = time.perf_counter()
+        if self.stored is None:
+            weight, bias_tensor = source()
+            _refuse_unavailable(self.precision, weight.device, self.probes)  # before any work
+            tensors = draft_tensors(weight, bias_tensor, self.precision)
+        else:
+            tensors = self._stored(name, tuple(shape), bias)
+        for key, tensor in tensors.items():
+            self.tensors[f"{name}.{key}"] = tensor
+        packing = time.perf_counter()
+        self.quantize_seconds += packing - start
+        product = draft_product(tensors, self.precision, self.probes)
+        self.pack_seconds += time.perf_counter() - packing
+        return product
+
+    def _stored(self, name: str, shape: tuple[int, ...], bias: bool) -> dict[str, torch.Tensor]:
+        dtypes = stored_dtypes(self.precision)
+        wanted = {"weight": shape}
+        if "scale" in dtypes:
+            wanted["scale"] = shape[:1]
+        if bias:
+            wanted["bias"] = shape[:1]
+        tensors = {}
+        for key, expected in wanted.items():
+            tensor = self.stored.get(f"{name}.{key}")
+            if tensor is None:
+                raise StoredDraftMismatch(f"it has no tensor {name}.{key}")
+            if tuple(tensor.shape) != expected or tensor.dtype != dtypes[key]:
+                raise StoredDraftMismatch(f"its tensor {name}.{key} is {tensor.dtype} {tuple(tensor.shape)}, this "
+                                          f"draft needs {dtypes[key]} {expected}")
+            tensors[key] = tensor
+        return tensors
+
+    def check_complete(self) -> None:
+        """Refuse stored tensors no product took (they were made for another model)."""
+        if self.stored is not None:
+            extra = sorted(set(self.stored) - set(self.tensors))
+            if extra:
+                raise StoredDraftMismatch(f"it holds {len(extra)} tensor(s) this draft does not have ({extra[0]}, ...)")
 
 
 _DYNAMIC_KERNELS = "torch's CPU quantized kernels (fbgemm / oneDNN)"
@@ -233,15 +416,21 @@ def _kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def draft_copy(model: nn.Module, precision: str | torch.dtype) -> nn.Module:
-    """A copy of ``model`` in ``precision`` (see the module docstring), in eval mode; ``model`` is left as it is."""
+def draft_copy(model: nn.Module, precision: str | torch.dtype, weights: DraftWeights | None = None) -> nn.Module:
+    """A copy of ``model`` in ``precision`` (see the module docstring), in eval mode; ``model`` is left as it is.
+    ``weights``: where the int8 products come from (stored tensors from the draft cache) and are recorded (by module
+    name); a fresh :class:`DraftWeights` by default."""
     name = precision_name(precision)
     copied = copy.deepcopy(model).to(compute_dtype(name)).eval()
     if name not in INT8_PRECISIONS:
         return copied
-    probes: dict[str, bool] = {}  # the device's kernels, found out once, not per layer
-    for parent in list(copied.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, child_name, draft_linear(child.weight, child.bias, name, probes))
+    weights = weights if weights is not None else DraftWeights(name)
+    for module_name, module in list(copied.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):  # quantized from the cast copy's weights
+                path = f"{module_name}.{child_name}" if module_name else child_name
+                setattr(module, child_name, weights.product(path, lambda child=child: (child.weight, child.bias),
+                                                            (child.out_features, child.in_features),
+                                                            child.bias is not None))
+    weights.check_complete()
     return copied

@@ -1,10 +1,60 @@
 """What a speculative generation reports: :class:`SpeculativeStats` (the whole generation), :class:`RoundInfo` (one
-round, for the ``on_round`` hook) and :class:`SpeculativeOutput` (tokens, stats, texts)."""
+round, for the ``on_round`` hook), :class:`SpeculativeOutput` (tokens, stats, texts), and :class:`SetupStats` (what a
+decoder's one-time setup cost: the draft made or loaded, compiled, warmed up; the verifier's head packed)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+
+DRAFT_SOURCES = ("built", "disk", "memory", "model")
+
+
+@dataclasses.dataclass
+class SetupStats:
+    """What a :class:`~skiplm.speculative.SpeculativeDecoder`'s one-time setup cost, in seconds (wall clock), apart
+    from decoding: paid once per decoder, before its first generation (a decoder kept for many generations pays it
+    once). ``draft_source`` says where the draft's weights came from: ``"built"`` (computed from the model's weights
+    now), ``"disk"`` (the draft cache, :mod:`skiplm.speculative.cache`), ``"memory"`` (an engine this process had
+    built already) or ``"model"`` (the model's own weights: nothing to make)."""
+
+    seconds: float = 0.0  # the whole setup
+    draft_source: str = "model"
+    key_seconds: float = 0.0  # fingerprinting the model's weights for the cache key
+    load_seconds: float = 0.0  # reading the draft's weights from the cache
+    copy_seconds: float = 0.0  # copying the model's modules (a modules draft), cast to the draft's dtype
+    quantize_seconds: float = 0.0  # computing the draft's weights (quantizing, casting)
+    pack_seconds: float = 0.0  # packing them for the device's kernels
+    compile_seconds: float = 0.0  # compiling the lean engine (TorchScript)
+    warmup_seconds: float = 0.0  # its first calls (TorchScript profiles and optimizes)
+    store_seconds: float = 0.0  # writing the draft cache entry
+    head_seconds: float = 0.0  # packing the verifier's output head
+    cache_path: str | None = None  # the draft cache entry used or written
+    cache_note: str | None = None  # why the cache was not used, or was rebuilt
+
+    def record_engine(self, parts: dict[str, float], source: str) -> None:
+        """Add a lean engine's :attr:`~skiplm.speculative.lean.LeanDraft.setup` parts."""
+        self.draft_source = source
+        self.quantize_seconds += parts.get("quantize", 0.0)
+        self.pack_seconds += parts.get("pack", 0.0)
+        self.compile_seconds += parts.get("compile", 0.0)
+        self.warmup_seconds += parts.get("warmup", 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        parts = [(name, getattr(self, f"{name}_seconds")) for name in
+                 ("key", "load", "copy", "quantize", "pack", "compile", "warmup", "store", "head")]
+        shown = ", ".join(f"{name.replace('warmup', 'warm-up')} {seconds:.2f}" for name, seconds in parts
+                          if seconds >= 0.005)
+        source = {"built": "built now", "disk": "from the draft cache", "memory": "built earlier in this process",
+                  "model": "the model's own weights"}.get(self.draft_source, self.draft_source)
+        text = f"setup {self.seconds:.2f} s (draft {source}" + (f"; {shown} s" if shown else "") + ")"
+        if self.cache_note:
+            text += f"; draft cache: {self.cache_note}"
+        return text
 
 
 @dataclasses.dataclass
@@ -39,6 +89,14 @@ class SpeculativeStats:
     lookup_rounds: int = 0  # rounds whose drafts came from prompt lookup (no draft forward)
     lookup_committed: int = 0  # tokens those rounds kept from the lookup, summed over rows
     rounds_by_plan: list[int] = dataclasses.field(default_factory=list)  # speculative rounds per candidate plan
+    # the decoder's one-time setup, on the first generation after it was made (None after: already paid); it is not
+    # in total_seconds, which times the generation only
+    setup: SetupStats | None = None
+
+    @property
+    def setup_seconds(self) -> float:
+        """The setup this generation paid (0 when the decoder's setup was paid by an earlier generation)."""
+        return self.setup.seconds if self.setup is not None else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -63,7 +121,8 @@ class SpeculativeStats:
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.update(acceptance_rate=self.acceptance_rate, mean_accepted_per_round=self.mean_accepted_per_round,
-                    tokens_per_round=self.tokens_per_round, decode_tokens_per_second=self.decode_tokens_per_second)
+                    tokens_per_round=self.tokens_per_round, decode_tokens_per_second=self.decode_tokens_per_second,
+                    setup_seconds=self.setup_seconds)
         return data
 
     def describe(self) -> str:
@@ -82,6 +141,8 @@ class SpeculativeStats:
                  f"plain {self.plain_seconds:.2f} s; draft weights {self.draft_weight_bytes / 2**20:.1f} MiB extra")
         if self.verify_weight_bytes:
             text += f", packed verifier head {self.verify_weight_bytes / 2**20:.1f} MiB"
+        if self.setup is not None:
+            text += f"; {self.setup.describe()}"
         return text
 
 
@@ -106,4 +167,4 @@ class SpeculativeOutput:
     texts: list[str] | None = None  # decoded tokens, when a tokenizer was given
 
 
-__all__ = ["RoundInfo", "SpeculativeOutput", "SpeculativeStats"]
+__all__ = ["DRAFT_SOURCES", "RoundInfo", "SetupStats", "SpeculativeOutput", "SpeculativeStats"]
