@@ -1,10 +1,11 @@
-"""The measure-and-write workflows behind `skiplm eval`, `bench`, `agree` and `demo`, called from Python."""
+"""The measure-and-write workflows behind `skiplm eval`, `bench` and `agree`, called from Python (the demo's, end to
+end: tests/cli/test_demo.py)."""
 
 import json
 
 import skiplm
 from skiplm.measure.speed import BenchSettings
-from skiplm.measure.workflows import agree_and_report, bench_and_report, evaluate_and_report, write_demo_summary
+from skiplm.measure.workflows import agree_and_report, bench_and_report, evaluate_and_report
 from skiplm.models.adapters import count_layers
 from skiplm.models.data import Prompt
 
@@ -33,9 +34,6 @@ def test_workflows_measure_write_and_report_progress(tiny_folder, tmp_path):
     assert set(speed["speed"]) == {"full", "plan", "plan (layers deleted)"}
     assert (tmp_path / "bench.png").stat().st_size > 1000 and "prefill b1" in (tmp_path / "bench.md").read_text()
     assert [done for _, done, _ in calls] == list(range(1, len(calls) + 1)) and calls[-1][1] == calls[-1][2]
-
-    summary = write_demo_summary(tmp_path, plan, quality, speed)
-    assert "plan (layers deleted)" in summary.read_text()
 
     result, paths = agree_and_report(model, tokenizer, [Prompt("Hello"), Prompt("2 + 2 =", "#### 4")], {"plan": plan},
                                      new_tokens=3, batch_size=2, chat=False, source="mine", out=tmp_path / "agree",

@@ -141,7 +141,15 @@ def lm_eval_command(args):
 
     A heal folder (skiplm heal) in place of the plan: --model_args pretrained=smollm2-135m,heal=DIR (and merge=true to
     bake it into the weights for good: faster for LoRA-healed models).
+
+    skiplm's offline tasks (skiplm_gsm8k, skiplm_gpqa_diamond; tag skiplm_offline) are found by themselves; --limit N
+    scores the first N examples of each. `skiplm lm-eval --print-include-path` prints their folder, for the plain
+    harness: lm_eval --include_path "$(skiplm lm-eval --print-include-path)" --tasks skiplm_gsm8k ...
     """
+    from ..integrations.tasks import print_include_path
+
+    if print_include_path(args):  # (quick: before the harness is imported)
+        return
     try:
         from ..integrations.lm_eval import main as lm_eval_main
     except ImportError as exc:

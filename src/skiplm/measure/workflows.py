@@ -1,4 +1,5 @@
-"""Measure and write: the workflows behind ``skiplm eval``, ``bench``, ``agree`` and ``demo``, for Python users too.
+"""Measure and write: the workflows behind ``skiplm eval``, ``bench``, ``agree`` and ``demo`` (its result files; the
+demo itself is :func:`skiplm.demo.run_demo`), for Python users too.
 
 Each takes a loaded model and its tokenizer, the skippers to measure by name, and an output folder; measures them
 against the full model (:mod:`~skiplm.measure.perplexity`, :mod:`~skiplm.measure.speed`,
@@ -25,7 +26,7 @@ from torch import nn
 from ..errors import DataError
 from ..files import check_output
 from ..models.data import Prompt, corpus_label, encode_prompts, gsm8k_prompts, load_corpus
-from ..report.files import (demo_summary_markdown, machine_info, perplexity_markdown, speed_markdown, write_agreement,
+from ..report.files import (demo_markdown, machine_info, perplexity_markdown, speed_markdown, write_agreement,
                             write_json, write_text)
 from ..report.plots.speed import plot_speedups
 from ..skipper import Skipper
@@ -150,6 +151,9 @@ def _with_full_model(plans: Mapping[str, Skipper | None]) -> dict[str, Skipper |
     return {FULL: None, **others}
 
 
-def write_demo_summary(out: Path, plan: Skipper, quality: Mapping[str, Any], speed: Mapping[str, Any]) -> Path:
-    """The demo's ``summary.md``: the results of :func:`evaluate_and_report` and :func:`bench_and_report` side by side."""
-    return write_text(Path(out) / "summary.md", demo_summary_markdown(plan.describe(), quality, speed))
+def write_demo_summary(out: Path, result: Mapping[str, Any]) -> dict[str, Path]:
+    """The demo's result (:func:`skiplm.demo.run_demo`: the headline rows, the speculative check, the healing, the
+    timings, what to try next) as ``demo.json`` (which ``skiplm report`` renders) and ``summary.md``."""
+    out = Path(out)
+    return {"json": write_json(out / "demo.json", dict(result)), "markdown": write_text(out / "summary.md",
+                                                                                      demo_markdown(result))}

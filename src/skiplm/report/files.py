@@ -1,7 +1,8 @@
 """Result files and the tables in them: JSON with the machine and versions (:func:`machine_info`, :func:`write_json`),
 markdown tables (:func:`markdown_table`), and for each kind of result the rows its tables show and the markdown file
 that holds them — perplexity (``eval.md``), speed (``bench.md``), generation agreement (``agreement.json`` /
-``agreement.md``), the depth analysis (``analysis.md``), CoLa (``cola.md``) and the demo's ``summary.md``.
+``agreement.md``), the depth analysis (``analysis.md``), CoLa (``cola.md``) and the demo's headline and
+``summary.md``.
 
 Everything here reads results (plain JSON-ready dicts, or objects with the same fields) and writes text: nothing
 measures, and nothing imports the stages that measure. Plots are in :mod:`skiplm.report.plots`.
@@ -327,18 +328,49 @@ def write_cola(result: Mapping[str, Any], out: Path) -> dict[str, Path]:
 
 
 # -- the demo ---------------------------------------------------------------------------------------------------------
-def demo_summary_markdown(description: str, quality: Mapping[str, Any], speed: Mapping[str, Any]) -> str:
-    """The demo's ``summary.md``: per configuration, its perplexity on each corpus and its speed on each measure
-    (``description``: what the demo's plan skips)."""
-    names = list(speed["speed"])
-    headers = ["config"] + [f"ppl {c}" for c in quality["perplexity"]] + [
-        measure_label(m, speed["settings"]) for m in speed["speed"][FULL]]
+def demo_rows(result: Mapping[str, Any], *, describe: bool = True) -> tuple[list[str], list[list[str]]]:
+    """The demo's headline (``demo.json``, :func:`skiplm.demo.run_demo`): one row per configuration — what it is
+    (``describe``), held-out perplexity on each corpus (and its multiple of the full model's), and its speed against
+    the full model in the same run (speculative decoding: whole generations against plain greedy; plans: decode
+    steps, paired)."""
+    corpora = list(result["corpora"])
+    headers = ["config"] + (["what it is"] if describe else []) + [f"held-out ppl, {c}" for c in corpora] + [
+        "speed vs full model (same run)"]
     rows = []
-    for name in names:
-        plan_name = name.replace(" (layers deleted)", "")
-        ppl = [f"{quality['perplexity'][c][plan_name]['perplexity']:.2f}" for c in quality["perplexity"]]
-        times = [f"{r['tokens_per_s']:.1f} tok/s ({r['speedup']:.2f}x, ideal {r['ideal_speedup']:.2f}x)"
-                 for r in speed["speed"][name].values()]
-        rows.append([name] + ppl + times)
-    return (f"# skiplm demo: {description}\n\n{settings_line(speed['settings'])}.\n\n" + markdown_table(headers, rows)
-            + "\nThe layers-deleted copy has the same perplexity as the plan (same computation).\n")
+    for row in result["rows"]:
+        if row.get("lossless"):
+            cells = [f"{row['perplexity'][c]:.2f} (= full: lossless)" for c in corpora]
+        elif row["name"] == FULL:
+            cells = [f"{row['perplexity'][c]:.2f}" for c in corpora]
+        else:
+            cells = [f"{row['perplexity'][c]:.2f} ({row['perplexity_x_full'][c]:.2f}x)" for c in corpora]
+        rows.append([row["name"], *([row["what"]] if describe else []), *cells, demo_speed_text(row["speed"])])
+    return headers, rows
+
+
+def demo_speed_text(speed: Mapping[str, Any]) -> str:
+    """One demo row's speed in words: ``speed["kind"]`` is "reference" (the full model: its plain greedy and
+    decode rates), "generation" (whole generations against plain greedy) or "decode" (decode steps, paired)."""
+    if speed["kind"] == "reference":
+        return (f"1.00x ({speed['generation_tokens_per_s']:.1f} tok/s plain greedy, "
+                f"{speed['decode_tokens_per_s']:.1f} tok/s decode b1)")
+    if speed["kind"] == "generation":
+        return (f"{speed['speedup']:.2f}x ({speed['tokens_per_s']:.1f} vs {speed['plain_tokens_per_s']:.1f} tok/s, "
+                "whole generations)")
+    low, high = speed["ci95"]
+    return f"{speed['speedup']:.2f}x decode b1 (95% CI {low:.2f}-{high:.2f}; {speed['tokens_per_s']:.1f} tok/s)"
+
+
+def demo_markdown(result: Mapping[str, Any]) -> str:
+    """The demo's ``summary.md``: the headline table, what was measured and how, the timings, what to try next."""
+    headers, rows = demo_rows(result)
+    spec, seconds = result["speculative"], result["seconds"]
+    stages = ", ".join(f"{name.replace('_', ' ')} {value:.0f} s" for name, value in seconds.items() if name != "total")
+    notes = "\n".join(f"- {line}" for line in result["notes"])
+    steps = "\n".join(f"- `{command}` — {why}" for command, why in result["next"])
+    return (f"# skiplm demo, {result['model']}\n\n{result['machine']['cpu']}, {result['machine']['torch_threads']} "
+            f"threads, torch {result['machine']['torch']}; {result['created']}.\n\n"
+            + markdown_table(headers, rows)
+            + f"\n{notes}\n\nSpeculative output identical to plain greedy: {spec['identical_rows']} of {spec['rows']} "
+            f"generations, token for token.\n\nWall time {seconds['total']:.0f} s ({stages}).\n\n"
+            f"## What to try next\n\n{steps}\n")

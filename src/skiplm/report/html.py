@@ -1,7 +1,8 @@
 """`skiplm report`: one self-contained HTML page from result folders and files.
 
-Reads what the other commands write — ``sweep.json`` (``skiplm bench --sweep``), ``compare.json``, ``bench.json``,
-``eval.json`` and ``agreement.json`` — and renders, per result: the command that produced it (where recorded), its
+Reads what the other commands write — ``demo.json`` (``skiplm demo``), ``sweep.json`` (``skiplm bench --sweep``),
+``compare.json``, ``bench.json``, ``eval.json``, ``agreement.json`` and ``speculative.json`` (``skiplm
+bench-speculative``) — and renders, per result: the command that produced it (where recorded), its
 tables, its plots (the PNGs next to the JSON, embedded as base64 ``data:`` URIs), a layer x {attention, MLP} grid for
 every plan it measured, its settings and the machine. The page has no scripts and no references outside itself: it
 opens offline, and can be mailed or archived as one file.
@@ -27,6 +28,8 @@ from ..sweep.tables import settings_text, sweep_table
 
 # file name -> kind written in it
 RESULT_FILES = {
+    "demo.json": "demo",
+    "speculative.json": "speculative-bench",
     "sweep.json": "sweep",
     "compare.json": "planner-comparison",
     "bench.json": "speed",
@@ -34,14 +37,17 @@ RESULT_FILES = {
     "agreement.json": "generation-agreement",
 }
 TITLES = {
+    "demo": "skiplm demo",
     "sweep": "Scoreboard sweep",
     "planner-comparison": "Planners compared",
     "speed": "Speed",
     "perplexity": "Perplexity",
     "generation-agreement": "Generation agreement",
+    "speculative-bench": "Self-speculative decoding vs plain greedy",
 }
 # the plots each kind of result writes next to its JSON
-PLOTS = {"sweep": ("pareto.png",), "planner-comparison": ("pareto.png",), "speed": ("bench.png",)}
+PLOTS = {"sweep": ("pareto.png",), "planner-comparison": ("pareto.png",), "speed": ("bench.png",),
+         "speculative-bench": ("speculative.png",)}
 
 
 class Result:
@@ -53,7 +59,8 @@ class Result:
 
     @property
     def title(self) -> str:
-        return f"{TITLES[self.kind]}, {self.data.get('model', 'unknown model')}"
+        model = self.data.get("model") or _settings(self.data).get("model") or "unknown model"
+        return f"{TITLES[self.kind]}, {model}"
 
 
 def find_results(paths: Sequence[str | Path]) -> list[Result]:
@@ -95,7 +102,8 @@ def read_result(path: Path) -> Result:
     if not isinstance(data, dict) or data.get("kind") not in TITLES:
         kind = data.get("kind") if isinstance(data, dict) else None
         raise ReportError(f"{path} is not a result `skiplm report` knows (kind {kind!r}); it renders "
-                          f"{', '.join(RESULT_FILES)} as written by skiplm bench --sweep, compare, bench, eval and agree.")
+                          f"{', '.join(RESULT_FILES)} as written by skiplm demo, bench --sweep, compare, bench, eval, "
+                          "agree and bench-speculative.")
     kind = data["kind"]
     problem = shape_problem(data, SHAPES[kind])
     if problem is None and kind == "sweep":
@@ -160,8 +168,13 @@ def _key_values(data: dict[str, Any]) -> str:
     return html_table(["", ""], rows, "kv")
 
 
+def _settings(data: dict[str, Any]) -> dict[str, Any]:
+    settings = data.get("settings")
+    return settings if isinstance(settings, dict) else {}
+
+
 def _command(data: dict[str, Any]) -> str:
-    command = data.get("command")
+    command = data.get("command") or _settings(data).get("command")  # (bench-speculative keeps it in its settings)
     if isinstance(command, list):
         command = " ".join(command)
     if not command:
@@ -252,7 +265,32 @@ def _agreement_body(data: dict[str, Any]) -> tuple[str, list[tuple[str, dict]]]:
     return body + html_table(headers, rows), [(name, plan) for name, plan in data.get("plans", {}).items() if plan]
 
 
-BODIES = {"sweep": _sweep_body, "planner-comparison": _compare_body, "speed": _bench_body, "perplexity": _eval_body,
+def _demo_body(data: dict[str, Any]) -> tuple[str, list[tuple[str, dict]]]:
+    from .files import demo_rows
+
+    headers, rows = demo_rows(data)
+    spec, total = data["speculative"], data["seconds"]["total"]
+    notes = "".join(f"<li>{_e(line)}</li>" for line in data["notes"])
+    steps = "".join(f"<li><code>{_e(command)}</code> — {_e(why)}</li>" for command, why in data["next"])
+    body = (html_table(headers, rows) + f"<p>Speculative output identical to plain greedy: {spec['identical_rows']} of "
+            f"{spec['rows']} generations, token for token. Wall time {total:.0f} s.</p><ul>{notes}</ul>"
+            f"<h3>What to try next</h3><ul>{steps}</ul>")
+    return body, []
+
+
+def _speculative_body(data: dict[str, Any]) -> tuple[str, list[tuple[str, dict]]]:
+    from ..speculative.bench import table_rows
+
+    headers, rows = table_rows(data, data["settings"])
+    drafts = "".join(f"<li><code>{_e(name)}</code>: {_e(text)}</li>" for name, text in data["drafts"].items())
+    s = data["settings"]
+    body = (f"<p>{s['new_tokens']} new tokens per row, greedy; {s['repeats']} round(s), every batch decoded plainly "
+            "and by each draft in alternating order; speedup = plain time / draft time (median over rounds); identical "
+            f"rows: speculative output equal to plain greedy, token for token.</p><ul>{drafts}</ul>")
+    return body + html_table(headers, rows), []
+
+
+BODIES = {"demo": _demo_body, "speculative-bench": _speculative_body, "sweep": _sweep_body, "planner-comparison": _compare_body, "speed": _bench_body, "perplexity": _eval_body,
           "generation-agreement": _agreement_body}
 
 STYLE = """

@@ -84,6 +84,16 @@ _MEASURE = {"median_s": NUMBER, "tokens_per_s": NUMBER, "speedup": NUMBER, "spee
             "ideal_speedup": NUMBER}
 
 SHAPES: dict[str, Shape] = {
+    "demo": {
+        "corpora": list, "rows": list, "rows[].name": str, "rows[].what": str, "rows[].perplexity": dict,
+        "rows[].speed": dict, "rows[].speed.kind": str, "speculative": dict, "speculative.rows": NUMBER,
+        "speculative.identical_rows": NUMBER, "notes": list, "next": list, "seconds": dict, "seconds.total": NUMBER,
+    },
+    "speculative-bench": {
+        "settings": dict, "settings.new_tokens": NUMBER, "settings.repeats": NUMBER, "drafts": dict,
+        "drafts{}": str, "results": dict, "results{}.rows": NUMBER, "results{}.plain": dict,
+        "results{}.plain.tokens_per_second": NUMBER, "overall": dict,
+    },
     "sweep": {
         "settings": dict, "settings.bench": dict, "settings.bench.batch_sizes": list,
         **{f"settings.bench.{key}": NUMBER for key in ("prompt_tokens", "decode_prompt_tokens", "new_tokens",

@@ -110,16 +110,25 @@ def bench_drafts(plans: Mapping[str, SkipPlan], precisions: Sequence[str] = (), 
 def run_speculative_bench(model: nn.Module, prompts: dict[str, list[list[int]]], drafts: Sequence[Draft], *,
                           batch_sizes: Sequence[int] = (1, 4, 8), new_tokens: int = 128, repeats: int = 1,
                           max_draft: int = DEFAULT_MAX_DRAFT, eos_token_id=None, pad_token_id: int = 0, fallback: bool = True,
-                          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                          warmup: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time plain greedy decoding and every draft on each prompt set and batch size (see the module docstring).
-    ``fallback=False``: the drafts speculate all the way (what a draft itself is worth, without the monitor)."""
+    ``fallback=False``: the drafts speculate all the way (what a draft itself is worth, without the monitor).
+    ``warmup``: untimed generations first (the first prompt of the first set, plainly and by every draft), whose
+    seconds are reported in ``"warmup"``, as is each draft's set-up (its copy made, quantized, compiled) in
+    ``"setup_seconds"``; neither counts in a speedup."""
     if not drafts:
         raise DataError("give at least one draft: a plan (the layers it skips) and/or a dtype.")
-    if repeats < 1 or new_tokens < 1 or not batch_sizes or min(batch_sizes) < 1:
-        raise DataError("repeats, new tokens and batch sizes must be positive.")
-    decoders = {d.name: _DraftRunner(model, d, fallback) for d in drafts}
+    if repeats < 1 or new_tokens < 1 or not batch_sizes or min(batch_sizes) < 1 or warmup < 0:
+        raise DataError("repeats, new tokens and batch sizes must be positive, warm-up rounds not negative.")
+    decoders, setup = {}, {}
+    for d in drafts:
+        start = time.perf_counter()
+        decoders[d.name] = _DraftRunner(model, d, fallback)
+        setup[d.name] = time.perf_counter() - start
     results: dict[str, Any] = {}
     try:
+        warmup_seconds = _warm_up(model, decoders, prompts, warmup, new_tokens, max_draft, eos_token_id,
+                                  pad_token_id, progress)
         for set_name, encoded in prompts.items():
             for batch in batch_sizes:
                 if len(encoded) < batch:
@@ -139,7 +148,31 @@ def run_speculative_bench(model: nn.Module, prompts: dict[str, list[list[int]]],
         spent = sum(statistics.median(entry[d.name]["seconds"]) for entry in results.values())
         overall[d.name] = {"plain_seconds": plain, "draft_seconds": spent, "search_seconds": d.search_seconds,
                            "speedup_with_search": plain / (spent + d.search_seconds)}
-    return {"results": results, "drafts": {d.name: d.describe() for d in drafts}, "overall": overall}
+    return {"results": results, "drafts": {d.name: d.describe() for d in drafts}, "overall": overall,
+            "setup_seconds": setup, "warmup": {"generations": warmup, "seconds": warmup_seconds}}
+
+
+def _warm_up(model, decoders, prompts, generations, new_tokens, max_draft, eos_token_id, pad_token_id,
+             progress) -> dict[str, float]:
+    """``generations`` untimed generations of the first prompt of the first set, plainly and by every draft (a first
+    call compiles, packs and allocates); returns the seconds each took in all."""
+    seconds = {name: 0.0 for name in ["plain", *decoders]}
+    if not generations or not prompts:
+        return seconds
+    ids, mask = left_pad(next(iter(prompts.values()))[:1], pad_token_id)
+    if progress:
+        progress(f"warm-up: {generations} generation(s) of {new_tokens} tokens each, plain and by every draft")
+    for _ in range(generations):
+        for name in seconds:
+            start = time.perf_counter()
+            if name == "plain":
+                plain_generate(model, ids, mask, max_new_tokens=new_tokens, eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id)
+            else:
+                decoders[name].generate(ids, mask, max_new_tokens=new_tokens, max_draft=max_draft,
+                                        eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+            seconds[name] += time.perf_counter() - start
+    return seconds
 
 
 class _DraftRunner:
@@ -237,8 +270,8 @@ def _pooled(all_stats: list[SpeculativeStats]) -> dict[str, Any]:
     }
 
 
-def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
-    """The benchmark as a markdown page: settings, the drafts, one table row per prompt set, batch size and draft."""
+def table_rows(result: dict[str, Any], settings: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per prompt set, batch size and draft: rates, speedup, acceptance, fallbacks, identical rows, memory."""
     headers = ["prompts", "batch", "draft", "plain tok/s", "draft tok/s", "speedup", "acceptance",
                "accepted / round", "tokens / round", "fallbacks (plain steps)", "lookup rounds (kept)",
                "identical rows", "extra MiB"]
@@ -254,6 +287,12 @@ def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
                          f"{d.get('lookup_rounds', 0)} ({d.get('lookup_committed', 0)})",
                          f"{d['identical_rows']}/{entry['rows'] * settings['repeats']}",
                          f"{d['draft_weight_mib'] + d.get('verify_weight_mib', 0):.0f}"])
+    return headers, rows
+
+
+def markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
+    """The benchmark as a markdown page: settings, the drafts, one table row per prompt set, batch size and draft."""
+    headers, rows = table_rows(result, settings)
     drafts = "\n".join(f"- `{name}`: {text}; whole run {result['overall'][name]['speedup_with_search']:.3f}x "
                        f"including {result['overall'][name]['search_seconds']:.1f} s of draft search"
                        for name, text in result["drafts"].items())
@@ -278,4 +317,4 @@ def write_bench(out: str | Path, result: dict[str, Any], settings: dict[str, Any
     return text
 
 
-__all__ = ["Draft", "bench_drafts", "markdown", "prompt_set", "run_speculative_bench", "write_bench"]
+__all__ = ["Draft", "bench_drafts", "markdown", "prompt_set", "run_speculative_bench", "table_rows", "write_bench"]

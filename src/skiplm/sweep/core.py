@@ -13,6 +13,14 @@ Per *point* (a method at a target; plus the full model as the baseline point) on
 The full-model point compares the full model with itself: its agreement is the batch determinism of greedy decoding
 (100% on a deterministic backend) and its speed ratios are an A/A measurement, the noise floor of the others.
 
+Task accuracy (optional, ``tasks=``; ``--tasks``). Each point is also scored on skiplm's offline lm-evaluation-harness
+tasks (GSM8K exact match, GPQA Diamond accuracy), the first ``task_limit`` examples of each, in process on the model
+already loaded (:func:`skiplm.integrations.lm_eval.score_task`); per task the point records the accuracy, its standard
+error, each example's score, and the settings it was measured with (under ``"tasks"``). A point's other numbers do not
+depend on them: asking for tasks on a finished sweep scores only the tasks of its finished points (and appends the
+completed record to ``points.jsonl``, whose last line per point counts); a task result measured with other task
+settings (another ``task_limit``, say) is refused like any stale result.
+
 Healed points. Heal folders (``skiplm heal``; ``healed=`` by name) are measured as points beside the planned ones,
 each at :func:`~.measurements.healed_target` and marked ``"healed": true``; their settings include a hash of the
 heal record, so a changed heal folder is never reused silently either.
@@ -42,6 +50,7 @@ from torch import nn
 
 from ..errors import PlanError, SweepError
 from ..files import check_output
+from ..integrations.tasks import offline_task
 from ..measure.agreement import encode_prompts, eos_token_ids, load_prompts
 from ..measure.perplexity import tokenize_corpus, windows
 from ..measure.speed import BenchSettings, total_work
@@ -52,7 +61,7 @@ from ..report.files import machine_info
 from ..skipper import Skipper, is_healed, load_skipper
 from .compare import is_data_driven, make_plans
 from .measurements import (AgreementInputs, agreement_summary, generate, healed_target, ideal_speedups,
-                           measure_perplexity, measure_speed)
+                           measure_perplexity, measure_speed, measure_task)
 from .settings import (FULL_TARGET, PLANS_FOLDER, POINTS_FILE, SweepSettings, append_point, differences, load_points,
                        plan_file_name, point_key, settings_hash, target_label, token_hash)
 from .tables import write_sweep
@@ -92,6 +101,7 @@ class Sweep:
         self.points_path = self.out / POINTS_FILE
         self.plans_dir = self.out / PLANS_FOLDER
         self._reference: list[list[int]] | None = None
+        self._task_manager: Any = None  # lm-eval's, made on the first task scored and reused for every point
         clash = sorted(set(healed or {}) & set(settings.methods))
         if clash:
             raise SweepError(f"a heal folder's point may not take a method's name ({', '.join(clash)}).")
@@ -128,6 +138,9 @@ class Sweep:
                           "batch_size": s.agree_batch_size, "chat": s.chat, "token_ids": token_hash(encoded)},
             "speed": {**_bench_settings(s.bench), "token_ids": token_hash(self.corpus_ids)},
         }
+        self.tasks = s.task_names()
+        self.task_fingerprints = {task: offline_task(task).fingerprint() for task in self.tasks}
+        self.lm_eval_version = _lm_eval_version() if self.tasks else None
 
     def plan_settings(self, method: str) -> dict[str, Any]:
         """What a plan of ``method`` depends on."""
@@ -148,6 +161,23 @@ class Sweep:
             return {**self.common, "heal": {"record": settings_hash(self.healed[method].to_json())}}
         return {**self.common, "plan": self.plan_settings(method)}
 
+    def task_settings(self, method: str | None, task: str) -> dict[str, Any]:
+        """What a point's accuracy on ``task`` depends on: the point's own settings (by their hash), the task (its task
+        file and data, by a hash), how many examples, how they were batched, and the harness's version."""
+        s = self.settings
+        settings = {"point": settings_hash(self.point_settings(method)), "task": task,
+                    "task_fingerprint": self.task_fingerprints[task], "limit": s.task_limit,
+                    "batch_size": s.task_batch_size, "lm_eval": self.lm_eval_version}
+        if offline_task(task).generative:
+            settings["max_tokens"] = s.task_max_tokens
+        return settings
+
+    def _missing_tasks(self, record: dict[str, Any]) -> list[str]:
+        """The tasks of this run a finished point has no result for (none for a point that could not be planned)."""
+        if record.get("error"):
+            return []
+        return [task for task in self.tasks if task not in record.get("tasks", {})]
+
     # -- the run
     def run(self, progress: SweepProgress | None = None) -> dict[str, Any]:
         progress = progress or SweepProgress()
@@ -165,12 +195,19 @@ class Sweep:
         plans = self._plans(finished, progress)
         plans.update({point_key(m, t): skipper for (m, t), skipper in healed_keys.items()})
         pending = [(m, t) for m, t in keys if point_key(m, t) not in finished]
+        tasks_only = [(m, t) for m, t in keys
+                      if (m, t) not in pending and self._missing_tasks(finished[point_key(m, t)])]
         total = sum(self._steps(m) for m, _ in pending)
+        total += sum(len(self._missing_tasks(finished[point_key(m, t)])) for m, t in tasks_only)
         if pending and pending[0][0] is not None:
             total += self.agreement.batches  # the full model's reference outputs, generated again for this run
-        progress.start(total, len(pending), resumed)
-        for method, target in pending:
-            record = self._measure(method, target, plans.get(point_key(method, target)), progress)
+        progress.start(total, len(pending) + len(tasks_only), resumed)
+        for method, target in [key for key in keys if key in pending or key in tasks_only]:
+            key = point_key(method, target)
+            if key in finished:  # measured before: only the tasks it lacks
+                record = self._add_tasks(finished[key], method, target, plans.get(key), progress)
+            else:
+                record = self._measure(method, target, plans.get(key), progress)
             append_point(self.points_path, record)
             finished[point_key(method, target)] = record
             progress.finished(record)
@@ -193,6 +230,13 @@ class Sweep:
             if record is not None and record["settings_hash"] != settings_hash(self.point_settings(method)):
                 stale.append((f"{method} @ {target_label(target)}", record.get("settings", {}),
                               self.point_settings(method)))
+            elif record is not None:
+                for task in self.tasks:
+                    done = record.get("tasks", {}).get(task)
+                    if done is not None and done["settings_hash"] != settings_hash(self.task_settings(method, task)):
+                        stale.append((f"{task} of {method} @ {target_label(target)}",
+                                      {"tasks": {task: done.get("settings", {})}},
+                                      {"tasks": {task: self.task_settings(method, task)}}))
             plan_path = self.plans_dir / plan_file_name(method, target)
             if method not in (None, *self.healed) and record is None and plan_path.exists():
                 saved = _read_plan(plan_path).provenance.get("sweep", {})
@@ -215,7 +259,10 @@ class Sweep:
         for method in self.settings.methods:
             missing = []
             for target in self.settings.targets:
-                if point_key(method, target) in finished:
+                record = finished.get(point_key(method, target))
+                if record is not None:
+                    if self._missing_tasks(record):  # finished, but to be scored on tasks: with the plan it ran
+                        plans[point_key(method, target)] = self._finished_plan(record)
                     continue
                 path = self.plans_dir / plan_file_name(method, target)
                 if path.exists():
@@ -242,12 +289,26 @@ class Sweep:
                 plans[point_key(method, point.target)] = plan
         return plans
 
+    def _finished_plan(self, record: dict[str, Any]) -> Skipper:
+        """The plan a finished point was measured with, from the file this sweep saved (checked against the record)."""
+        path = self.out / record.get("plan_file", "")
+        if not record.get("plan_file") or not path.is_file():
+            raise SweepError(f"the plan of {record['method']} @ {target_label(record['target'])} ({path}) is missing; "
+                             "scoring --tasks at that finished point needs it. Pass --fresh to start the sweep over.")
+        plan = _read_plan(path)
+        if plan.to_json() != record.get("plan"):
+            raise SweepError(f"{path} is not the plan {record['method']} @ {target_label(record['target'])} was "
+                             "measured with (the file was changed). Pass --fresh to start the sweep over.")
+        plan.check_model(self.model)
+        return plan
+
     def _steps(self, method: str | None) -> int:
-        """Progress steps of measuring one point: perplexity windows, generation batches, timing measurements."""
+        """Progress steps of measuring one point: perplexity windows, generation batches, timing measurements, and
+        one per task."""
         s = self.settings
         perplexity_steps = len(windows(self.eval_ids.numel(), s.context, s.stride))
         generation = self.agreement.batches * (2 if method is None else 1)  # the full point makes the reference
-        return perplexity_steps + generation + total_work([None, None], s.bench)
+        return perplexity_steps + generation + total_work([None, None], s.bench) + len(self.tasks)
 
     def _measure(self, method: str | None, target: float, plan: Skipper | None,
                  progress: SweepProgress) -> dict[str, Any]:
@@ -274,8 +335,39 @@ class Sweep:
                               lambda what: progress.step(f"{label}: timing {what}"))
         seconds["speed"] = time.perf_counter() - start
         seconds_to_plan = (plan.provenance.get("sweep", {}).get("seconds_to_plan") if plan is not None else None)
-        return self._record(method, target, plan, perplexity=ppl, agreement=agreement, speed=speed, seconds=seconds,
-                            seconds_to_plan=seconds_to_plan)
+        fields: dict[str, Any] = {"perplexity": ppl, "agreement": agreement, "speed": speed, "seconds": seconds,
+                                  "seconds_to_plan": seconds_to_plan}
+        if self.tasks:
+            fields["tasks"] = self._score_tasks(method, target, plan, self.tasks, progress)
+        return self._record(method, target, plan, **fields)
+
+    def _add_tasks(self, record: dict[str, Any], method: str | None, target: float, plan: Skipper | None,
+                   progress: SweepProgress) -> dict[str, Any]:
+        """A finished point's record with the tasks of this run it lacked scored and added."""
+        scored = self._score_tasks(method, target, plan, self._missing_tasks(record), progress)
+        return {**record, "tasks": {**record.get("tasks", {}), **scored}}
+
+    def _score_tasks(self, method: str | None, target: float, plan: Skipper | None, tasks: list[str] | tuple[str, ...],
+                     progress: SweepProgress) -> dict[str, dict[str, Any]]:
+        """Each task's accuracy under ``plan`` (None: the full model), with the settings it was measured with."""
+        from ..integrations.lm_eval import offline_task_manager
+
+        if self._task_manager is None:
+            self._task_manager = offline_task_manager()
+        s = self.settings
+        label = "full model" if method is None else f"{method} @ {target_label(target)}"
+        results = {}
+        for task in tasks:
+            progress.step(f"{label}: {task}", steps=0)
+            settings = self.task_settings(method, task)
+            start = time.perf_counter()
+            result = measure_task(self.model, self.tokenizer, plan, task, limit=s.task_limit,
+                                  batch_size=s.task_batch_size, max_tokens=s.task_max_tokens,
+                                  task_manager=self._task_manager)
+            results[task] = {**result, "seconds": time.perf_counter() - start, "finished_at": _now(),
+                             "settings_hash": settings_hash(settings), "settings": settings}
+            progress.step(f"{label}: {task}")
+        return results
 
     def _record(self, method: str | None, target: float, plan: Skipper | None, **fields: Any) -> dict[str, Any]:
         settings = self.point_settings(method)
@@ -349,6 +441,12 @@ def _bench_settings(bench: BenchSettings) -> dict[str, Any]:
     settings = {**dataclasses.asdict(bench), "batch_sizes": list(bench.batch_sizes)}
     settings.pop("decode_prompts")
     return settings
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
 
 
 def _read_plan(path: Path) -> Skipper:

@@ -1,5 +1,6 @@
-"""What a sweep measures at each point: held-out perplexity, generation agreement with the full model, and speed
-paired with the full model — each for a skipper (a plan or a policy) or, given None, the full model itself."""
+"""What a sweep measures at each point: held-out perplexity, generation agreement with the full model, speed paired
+with the full model and, optionally, accuracy on skiplm's offline lm-evaluation-harness tasks — each for a skipper (a
+plan or a policy) or, given None, the full model itself."""
 
 from __future__ import annotations
 
@@ -97,6 +98,17 @@ def measure_speed(model: nn.Module, plan: Skipper | None, corpus_ids: torch.Tens
         ideal = ideal_speedups(model, plan)  # None: run_bench fills it in from what the skipper skipped while timed
         candidate = Config("plan", model, plan) if ideal is None else Config("plan", model, plan, *ideal)
     return run_bench([Config("full", model), candidate], corpus_ids, settings, progress)
+
+
+def measure_task(model: nn.Module, tokenizer, plan: Skipper | None, task: str, *, limit: int, batch_size: int,
+                 max_tokens: int | None, task_manager: Any) -> dict[str, Any]:
+    """Accuracy on the offline harness task ``task`` under ``plan`` (None: the full model), its first ``limit``
+    examples, on the loaded model (:func:`skiplm.integrations.lm_eval.score_task`; its progress bars and its logs
+    below errors off, the sweep draws its own)."""
+    from ..integrations.lm_eval import score_task
+
+    return score_task(model, tokenizer, plan, task, limit=limit, batch_size=batch_size, max_tokens=max_tokens,
+                      task_manager=task_manager, check_model=False, quiet=True)
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -18,7 +19,8 @@ from typing import Any
 
 import torch
 
-from ..errors import SweepError
+from ..errors import DataError, SweepError
+from ..integrations.tasks import resolve_tasks
 from ..measure.speed import BenchSettings
 from ..report.shapes import NUMBER, shape_problem
 from .compare import method_names
@@ -57,6 +59,13 @@ class SweepSettings:
     length: int = _setting(512, "tokens per calibration sequence", minimum=1)
     bench: BenchSettings = BenchSettings()
     seed: int = _setting(0, "torch seed")
+    tasks: tuple[str, ...] = _setting((), "task accuracy at each point, through lm-evaluation-harness, offline: "
+                                          "comma-separated skiplm_gsm8k, skiplm_gpqa_diamond, or skiplm_offline for "
+                                          "both (default: none)")
+    task_limit: int = _setting(20, "with --tasks, score the first N examples of each task", minimum=1)
+    task_max_tokens: int | None = _setting(None, "with --tasks, at most N generated tokens per GSM8K problem "
+                                                 "(default: the task's own, 256)", minimum=1)
+    task_batch_size: int = 8
 
     @classmethod
     def options(cls) -> list[dataclasses.Field]:
@@ -90,14 +99,27 @@ class SweepSettings:
                       "--new-tokens": (b.new_tokens, 1), "--decode-prompt-tokens": (b.decode_prompt_tokens, 1),
                       "--warmup": (b.warmup, 0)})
         for option, (value, minimum) in least.items():
-            if value < minimum:
+            if value is not None and value < minimum:
                 raise SweepError(f"{option} must be at least {minimum}, got {value}.")
         if not b.batch_sizes or min(b.batch_sizes) < 1:
             raise SweepError(f"batch sizes must be positive integers, got {b.batch_sizes}.")
+        if self.tasks:
+            self.task_names()  # refuses an unknown name, listing the offline tasks
+            if importlib.util.find_spec("lm_eval") is None:
+                raise SweepError("--tasks scores each point through lm-evaluation-harness, which is not installed: "
+                                 "`pip install 'skiplm[lm-eval]'`.")
+
+    def task_names(self) -> tuple[str, ...]:
+        """The offline tasks scored at each point (the tag ``skiplm_offline`` expanded); an unknown name is refused."""
+        try:
+            return resolve_tasks(self.tasks)
+        except DataError as exc:
+            raise SweepError(str(exc)) from None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["methods"], data["targets"] = list(self.methods), list(self.targets)
+        data["tasks"] = list(self.task_names())
         data["bench"]["batch_sizes"] = list(self.bench.batch_sizes)
         return data
 
@@ -121,6 +143,9 @@ def is_full_model(record: dict[str, Any]) -> bool:
 POINT_SHAPE = {"method": str, "target": NUMBER, "settings_hash": str}
 MEASURED_POINT_SHAPE = {"perplexity.perplexity": NUMBER, "agreement": dict, "speed": dict, "speed.plan": dict,
                         "speed.plan{}": dict, "ideal_speedup": dict}
+# and what its task accuracy holds, where it has any (`--tasks`): per task, the accuracy and what it was measured on
+TASKS_SHAPE = {"tasks": dict, "tasks{}": dict, "tasks{}.accuracy": NUMBER, "tasks{}.stderr": (*NUMBER, type(None)),
+               "tasks{}.examples": NUMBER, "tasks{}.settings_hash": str}
 
 
 def point_problem(record: Any, where: str = "the record") -> str | None:
@@ -131,6 +156,8 @@ def point_problem(record: Any, where: str = "the record") -> str | None:
     problem = shape_problem(record, POINT_SHAPE)
     if problem is None and "error" in record and record["error"] is None:  # says it was measured: it must hold them
         problem = shape_problem(record, MEASURED_POINT_SHAPE)
+    if problem is None and "tasks" in record:
+        problem = shape_problem(record, TASKS_SHAPE)
     if problem is not None and where:
         problem = f"{where}: {problem}"
     return problem

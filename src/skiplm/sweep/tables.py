@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..integrations.tasks import TASKS
 from ..models.data import corpus_label
 from ..plan import FORMAT_NAME as PLAN_FORMAT
 from ..report.files import markdown_table, write_json, write_text
@@ -27,11 +28,37 @@ def _percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
+def task_columns(result: dict[str, Any], *, short: bool = False) -> list[tuple[str, str]]:
+    """(task, header) of each offline task the sweep asked for or any of its points holds, in :data:`TASKS` order;
+    the header says how many examples each point was scored on (``short``: only the task's short name)."""
+    asked = set(result["settings"].get("tasks") or ())
+    columns = []
+    for task in TASKS:
+        counts = {p["tasks"][task.name]["examples"] for p in result["points"] if task.name in p.get("tasks", {})}
+        if task.name in asked or counts:
+            header = task.short if short else task.label + (f" (n={counts.pop()})" if len(counts) == 1 else "")
+            columns.append((task.name, header))
+    return columns
+
+
+def _task_cell(point: dict[str, Any], task: str, *, stderr: bool = True) -> str:
+    """A point's accuracy on ``task`` (± one standard error), or — where it has none."""
+    result = point.get("tasks", {}).get(task)
+    if result is None:
+        return "—"
+    text = _percent(result["accuracy"])
+    if stderr and result.get("stderr") is not None:
+        text += f" ± {100 * result['stderr']:.1f}"
+    return text
+
+
 def sweep_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """One row per point (the full model first): plan, perplexity, agreement, and each measured speedup."""
     measures = speed_measures(result)
+    tasks = task_columns(result)
     headers = ["method", "target", "skipped (decode)", "ideal", "perplexity", "ppl / full", "prefix agreement",
                "exact match", "answer agreement", "accuracy"]
+    headers += [header for _, header in tasks]
     headers += [f"{m.replace('_b', ' b')}" for m in measures]
     rows = []
     for point in result["points"]:
@@ -49,6 +76,7 @@ def sweep_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         a = point["agreement"]
         row += [_percent(a["prefix_agreement"]), _percent(a["exact_match"]), _percent(a["answer_agreement"]),
                 _percent(a.get("accuracy"))]
+        row += [_task_cell(point, task) for task, _ in tasks]
         for measure in measures:
             r = point["speed"]["plan"][measure]
             if full:  # A/A: the full model against itself, and its absolute speed
@@ -63,7 +91,9 @@ def sweep_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def compact_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The table for a terminal: quality and the measured speedups only (sweep.md has everything)."""
     measures = speed_measures(result)
-    headers = ["point", "ppl / full", "prefix agr.", "answer agr."] + [m.replace("_b", " b") for m in measures]
+    tasks = task_columns(result, short=True)
+    headers = ["point", "ppl / full", "prefix agr.", "answer agr."] + [header for _, header in tasks]
+    headers += [m.replace("_b", " b") for m in measures]
     rows = []
     for point in result["points"]:
         name = FULL_MODEL if is_full_model(point) else f"{point['method']} @ {target_label(point['target'])}"
@@ -73,6 +103,7 @@ def compact_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         a = point["agreement"]
         rows.append([name, f"{point['perplexity_ratio']:.2f}x", _percent(a["prefix_agreement"]),
                      _percent(a["answer_agreement"])]
+                    + [_task_cell(point, task, stderr=False) for task, _ in tasks]
                     + [f"{point['speed']['plan'][m]['speedup']:.2f}x" for m in measures])
     return headers, rows
 
@@ -105,8 +136,35 @@ def settings_text(result: dict[str, Any]) -> str:
         f"data-driven planners: {s['sequences']} x {s['length']} tokens of {corpus_label(s['calibration_corpus'])}. "
         "Targets are each method's own (ideal by the cost model; `search`: predicted by its measured latency model). "
         "The full model's row compares it with itself: agreement is greedy decoding's determinism, speed an A/A "
-        "ratio (the noise floor)."
+        "ratio (the noise floor)." + _tasks_text(result)
     )
+
+
+def _tasks_text(result: dict[str, Any]) -> str:
+    """The sentence on task accuracy, where the sweep has any: how each task was scored, as its results record it."""
+    columns = {task for task, _ in task_columns(result)}
+    recorded: dict[str, dict[str, Any]] = {}
+    for point in result["points"]:
+        for task, scored in point.get("tasks", {}).items():
+            recorded.setdefault(task, scored)
+    described = []
+    for task in (t for t in TASKS if t.name in columns):
+        scored = recorded.get(task.name, {})
+        settings = scored.get("settings", {})
+        text = f"{task.name}: {task.how}"
+        if "limit" in settings:
+            text += f", the first {settings['limit']} examples"
+        if scored.get("num_fewshot") is not None:
+            text += f", {scored['num_fewshot']}-shot"
+        if task.generative and "max_tokens" in settings:
+            tokens = settings["max_tokens"]
+            text += f", up to {tokens} generated tokens" if tokens else ", the task's own limit on generated tokens"
+        described.append(text)
+    if not described:
+        return ""
+    return (" Task accuracy: lm-evaluation-harness on skiplm's offline tasks, scored in process on the loaded model "
+            f"with the point's plan applied ({'; '.join(described)}); ± one standard error (sample standard deviation "
+            "/ sqrt(n)).")
 
 
 
