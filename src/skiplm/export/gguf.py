@@ -323,7 +323,7 @@ def export_gguf(
     if num_blocks != plan.num_layers:
         raise GGUFExportError(f"{source} has {num_blocks} blocks but the plan is for {plan.num_layers} layers: it is "
                               "not the GGUF this model was loaded from.")
-    kept = [block for block in range(num_blocks) if block not in set(deleted)]
+    kept = sorted(set(range(num_blocks)) - set(deleted))
     new_index = {old: new for new, old in enumerate(kept)}
     if precision.needs_importance:
         if importance is None:
@@ -333,10 +333,9 @@ def export_gguf(
 
     hf_names = hf_weights_by_gguf_name(model, arch)
     processor = _processor(model, arch)
-    tensors = [t for t in reader.tensors if _block_of(t.name) is None or _block_of(t.name) in new_index]
+    tensors = [t for t in reader.tensors if _block_of(t.name)[0] in (None, *new_index)]
     copied = requantized = 0
-    matrix_bits: list[tuple[int, float]] = []  # (elements, bits per weight) of the kept block matrices
-    per_block: dict[int, dict[str, int]] = {}
+    per_block: dict[int, dict[Any, int]] = {}  # new block -> its matrices' elements per type
 
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
@@ -348,15 +347,15 @@ def export_gguf(
             writer.add_array("skiplm.kept_blocks", kept)
             arrays = []
             for tensor in tensors:
-                block = _block_of(tensor.name)
-                rest = _BLOCK_TENSOR.match(tensor.name)[2] if block is not None else None
+                block, rest = _block_of(tensor.name)
                 name = tensor.name if block is None else f"blk.{new_index[block]}.{rest}"
                 matrix = rest is not None and rest.startswith(_MATRICES)
                 wanted = types[block] if matrix else None
-                hf_name = hf_names.get(tensor.name)
-                weight = state.get(hf_name) if hf_name is not None else None
-                changed = weight is not None and not _same_as_source(tensor, weight, processor)
+                weight = state.get(hf_names.get(tensor.name))
                 source_type = tensor.tensor_type.name.lower()
+                # Whether the model still holds the source's weight matters only where it could be copied.
+                changed = (wanted in (None, source_type) and weight is not None
+                           and not _same_as_source(tensor, weight, processor))
                 if changed and wanted is None:
                     wanted = changed_type
                 if wanted is None or (wanted == source_type and not changed):
@@ -369,10 +368,8 @@ def export_gguf(
                     data, qtype = gguf_tensor(model, arch, tensor.name, weight, wanted, processor)
                     requantized += 1
                 if matrix:
-                    kind = qtype.name.lower()
-                    matrix_bits.append((int(tensor.n_elements), bits_per_weight(qtype)))
                     kinds = per_block.setdefault(new_index[block], {})
-                    kinds[kind] = kinds.get(kind, 0) + int(tensor.n_elements)
+                    kinds[qtype] = kinds.get(qtype, 0) + int(tensor.n_elements)
                 writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, qtype)
                 arrays.append(data)
             writer.write_header_to_file()
@@ -388,9 +385,10 @@ def export_gguf(
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    elements = sum(n for n, _ in matrix_bits)
-    bits = sum(n * b for n, b in matrix_bits) / elements if elements else float("nan")
-    block_types = {block: max(kinds, key=kinds.get) for block, kinds in sorted(per_block.items())}
+    counts = [(qtype, n) for kinds in per_block.values() for qtype, n in kinds.items()]
+    elements = sum(n for _, n in counts)
+    bits = sum(n * bits_per_weight(qtype) for qtype, n in counts) / elements if elements else float("nan")
+    block_types = {block: max(kinds, key=kinds.get).name.lower() for block, kinds in sorted(per_block.items())}
     record = {"source": str(source), "architecture": arch, "deleted_blocks": deleted, "kept_blocks": kept,
               "precision": precision.describe(), "block_types": {str(b): t for b, t in block_types.items()},
               "block_bits_per_weight": round(bits, 4), "copied_tensors": copied, "requantized_tensors": requantized,
@@ -423,9 +421,10 @@ def _field(reader, key: str):
     return field.contents()
 
 
-def _block_of(name: str) -> int | None:
+def _block_of(name: str) -> tuple[int | None, str | None]:
+    """(block index, the rest of the name) of a ``blk.N.rest`` tensor; (None, None) for the others."""
     match = _BLOCK_TENSOR.match(name)
-    return int(match[1]) if match else None
+    return (int(match[1]), match[2]) if match else (None, None)
 
 
 def _same_as_source(tensor, weight: torch.Tensor, processor) -> bool:
