@@ -191,8 +191,11 @@ POLICIES = Registry("policy", load="skiplm.policies")
 DRAFTS = Registry("draft kind", load="skiplm.speculative")
 CORPORA = Registry("corpus", load="skiplm.models.data")
 PROMPT_SETS = Registry("prompt set", load="skiplm.models.data")
-SKIPPER_FILES = Registry("skipper file format", load=("skiplm.plan", "skiplm.policies"))
+SKIPPER_FILES = Registry("skipper file format", load=("skiplm.plan", "skiplm.policies", "skiplm.routers",
+                                                         "skiplm.lora_drop"))
 HEALERS = Registry("healing method", load="skiplm.heal")
+ROUTERS = Registry("router kind", load="skiplm.routers")  # trained per-sequence routers (FiRST)
+REUSE = Registry("layer-reuse method", load="skiplm.lora_drop")  # temporal reuse of layer outputs (LoRA-Drop)
 
-__all__ = ["CORPORA", "DRAFTS", "HEALERS", "Option", "PLANNERS", "POLICIES", "PROMPT_SETS", "Registry", "SKIPPER_FILES",
-           "Spec", "UnknownNameError"]
+__all__ = ["CORPORA", "DRAFTS", "HEALERS", "Option", "PLANNERS", "POLICIES", "PROMPT_SETS", "REUSE", "ROUTERS", "Registry",
+           "SKIPPER_FILES", "Spec", "UnknownNameError"]

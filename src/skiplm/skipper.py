@@ -121,6 +121,11 @@ def load_skipper(path: str | Path) -> Skipper:
     from .heal.artifact import HEAL_FILE, load_healed
 
     path = Path(path)
+    if path.is_dir():  # a folder whose record file a registered format names (FiRST's first.json), else a heal folder
+        for spec in SKIPPER_FILES:
+            record = spec.extra.get("folder_file")
+            if record and (path / record).is_file():
+                return spec.extra["load"](path)
     if path.is_dir() or path.name == HEAL_FILE:
         return load_healed(path)  # its errors say what is wrong with the folder (one without heal.json included)
     try:
@@ -129,6 +134,8 @@ def load_skipper(path: str | Path) -> Skipper:
         data = None
     fmt = data.get("format") if isinstance(data, dict) else None
     if fmt in SKIPPER_FILES and fmt != PLAN_FORMAT:
+        if "folder_file" in SKIPPER_FILES.get(fmt).extra:  # a folder's record: the folder is read whole
+            return SKIPPER_FILES.get(fmt).extra["load"](path)
         try:
             return SKIPPER_FILES.get(fmt).target(data)
         except PlanError as exc:

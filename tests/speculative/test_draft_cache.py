@@ -112,7 +112,7 @@ def test_speculative_output_with_a_cached_draft_is_the_fresh_drafts_and_exact(ca
 
 
 def test_a_cached_modules_copy_equals_a_fresh_one(cache_root):
-    model = cached_tiny_model("gemma2")  # not a lean family: the draft is a copy of its modules
+    model = cached_tiny_model("gemma2")  # the draft is a copy of its modules
     fresh = draft_copy(model, "int8-dynamic")
     _cache().modules_copy(model, "int8-dynamic")
     setup = draft_cache_module.SetupStats()
@@ -125,7 +125,8 @@ def test_a_cached_modules_copy_equals_a_fresh_one(cache_root):
         _assert_bitwise(_product_state(loaded_modules[name]), _product_state(fresh_modules[name]))
     _assert_bitwise(dict(loaded.state_dict()), dict(fresh.state_dict()))
     ids, mask = left_padded([6, 10], seed=4)
-    with SpeculativeDecoder(model, draft_dtype="int8-dynamic", draft_cache=_cache()) as decoder:
+    with SpeculativeDecoder(model, draft_dtype="int8-dynamic", draft_cache=_cache(),
+                            draft_engine="modules") as decoder:
         assert decoder.draft_engine == "modules" and decoder.setup.draft_source == "disk"
         assert decoder.generate(ids, mask, max_new_tokens=TOKENS, eos_token_id=[]).tokens == oracle(model, ids, mask,
                                                                                                   TOKENS)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import skiplm
-from skiplm.speculative.lean import LeanCache, LeanDraft, lean_draft_unsupported
+from skiplm.speculative.lean import LeanCache, LeanDraft
 from skiplm.errors import DataError, PlanError
 from skiplm.speculative.quantize import CastLinear, DynamicInt8Linear, draft_linear
 from skiplm.speculative import SpeculativeDecoder
@@ -99,20 +99,7 @@ def test_the_lean_draft_is_close_to_the_model_in_low_precision():
         assert error < tolerance, (precision, float(error))
 
 
-@pytest.mark.parametrize("family", ["gemma2", "phi3", "olmo2"])
-def test_families_the_lean_draft_does_not_know_draft_through_their_modules(family):
-    model = cached_tiny_model(family)
-    reason = lean_draft_unsupported(model)
-    assert reason is not None and family in reason
-    ids, mask = left_padded([7, 10], seed=8)
-    with SpeculativeDecoder(model, draft_dtype="int8") as decoder:  # auto: the model's own modules
-        assert decoder.draft_engine == "modules"
-        assert decoder.generate(ids, mask, max_new_tokens=16, fallback=False, eos_token_id=[]).tokens == oracle(
-            model, ids, mask, 16)
-    with pytest.raises(PlanError, match="lean draft engine does not support this model"):
-        SpeculativeDecoder(model, draft_dtype="int8", draft_engine="lean")
-    with pytest.raises(ValueError, match="does not support"):
-        LeanDraft(model, "int8")
+# (the families the lean draft leaves out, and why: tests/speculative/test_lean_families.py)
 
 
 def test_draft_engine_choices_are_checked():
@@ -204,9 +191,10 @@ def test_the_verifier_head_is_packed_for_lean_families_only_and_stays_exact():
 def test_int8_drafts_through_the_models_own_modules_are_exact(precision):
     from skiplm.speculative.quantize import Int8Linear
 
-    model = cached_tiny_model("gemma2")  # no lean draft: a copy of its modules drafts
+    model = cached_tiny_model("gemma2")  # a copy of its modules drafts
     ids, mask = left_padded([8, 5], seed=11)
-    with SpeculativeDecoder(model, plan_for(model, blocks=[2]), draft_dtype=precision) as decoder:
+    with SpeculativeDecoder(model, plan_for(model, blocks=[2]), draft_dtype=precision,
+                            draft_engine="modules") as decoder:
         assert decoder.draft_engine == "modules"
         kind = Int8Linear if precision == "int8" else DynamicInt8Linear
         assert all(isinstance(m, kind) for m in [decoder.draft_model.lm_head,

@@ -49,12 +49,18 @@ from .options import NON_NEGATIVE, POSITIVE, TEMPERATURE, TOP_K, TOP_P, Output
                    "(n-gram prompt lookup, no draft forward), kept only while it pays; 0: off")
 @click.option("--draft-engine", type=click.Choice(["auto", "lean", "modules"]), default="auto", show_default=True,
               help="--speculative with a draft precision: run the copy through skiplm's lean forward (fused "
-                   "products, in-place cache; Llama, Mistral, Qwen2/3) or through the model's own modules; auto: lean "
+                   "products, in-place cache; Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2, Granite) or through "
+                   "the model's own modules; auto: lean "
                    "where the family allows")
 @click.option("--no-draft-cache", "no_draft_cache", is_flag=True,
               help="--speculative: make the draft's weights from the model now instead of reading them from the "
                    "draft cache (<skiplm cache>/drafts, filled by the first run; `skiplm draft-cache --clear` empties "
                    "it; SKIPLM_DRAFT_CACHE=0 turns it off for every command)")
+@click.option("--draft-vocab", "draft_vocab", type=NON_NEGATIVE, default=None,
+              help="--speculative: the draft proposes only the N most frequent tokens (counted on the second half of "
+                   "the gsm8k and pydoc corpora, cached), so its output head is N rows instead of the whole "
+                   "vocabulary (lean engine); lossless (the full model verifies); 0: the whole vocabulary; default: "
+                   "what a draft plan from `skiplm draft-search --draft-vocab` records, else the whole vocabulary")
 @click.option("--policy", "policy_path", help="input-adaptive policy file made by `skiplm policy` (ffn-skip, lac)")
 @click.option("--activation-map", type=Output("file"),
               help="--policy: write which layers ran for which tokens to this PNG (and a JSON next to it)")
@@ -63,8 +69,8 @@ from .options import NON_NEGATIVE, POSITIVE, TEMPERATURE, TOP_K, TOP_P, Output
 @click.option("--force", is_flag=True, help="apply the plan (or heal folder) even if made for other weights")
 @_model_options
 def generate(model, plan_path, heal_dir, merge, prompt, max_new_tokens, chat, temperature, top_p, top_k, seed,
-             speculative, max_draft, adapt, draft_dtype, prompt_lookup, draft_engine, no_draft_cache, policy_path,
-             activation_map, truncate_prompt, force, dtype, device):
+             speculative, max_draft, adapt, draft_dtype, prompt_lookup, draft_engine, no_draft_cache, draft_vocab,
+             policy_path, activation_map, truncate_prompt, force, dtype, device):
     """Generate text with MODEL (under a plan or a heal folder if given, or speculatively with --speculative),
     streaming to stdout."""
     import torch
@@ -108,23 +114,34 @@ def generate(model, plan_path, heal_dir, merge, prompt, max_new_tokens, chat, te
 
         if draft_dtype is None and skip_plan is None:
             raise PlanError("--speculative needs a draft: a --plan (the layers the draft skips) and/or --draft-dtype.")
+        from ..speculative.trained import load_adapter_for
+
+        # a trained draft plan (skiplm draft-train / draft-search --train) drafts with the adapter saved beside it
+        adapter = load_adapter_for(source, skip_plan) if source is not None and policy is None else None
         alternatives = draft_alternatives(skip_plan) if adapt else []
         if adapt and not alternatives:
             raise PlanError("--adapt needs a --plan made by `skiplm draft-search --alternatives N` (N >= 1); this plan "
                             "records no runner-up skip sets.")
+        from ..speculative.vocab import resolve_draft_vocab
+
+        # a reduced-vocabulary draft head: --draft-vocab N, else the one the draft plan records
+        vocab = resolve_draft_vocab(tokenizer, draft_vocab, skip_plan,
+                                    vocab_size=hf_model.get_output_embeddings().weight.shape[0])
         start = time.perf_counter()
         result = speculative_generate(
             hf_model, tokenizer, inputs["input_ids"], inputs.get("attention_mask"), plan=skip_plan,
             draft_dtype=draft_dtype, alternatives=alternatives, draft_engine=draft_engine,
             prompt_lookup=prompt_lookup or None, draft_cache=False if no_draft_cache else None,
-            max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            draft_adapter=adapter, draft_vocab=vocab, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0, top_k=top_k, top_p=top_p, max_draft=max_draft,
             seed=seed, streamer=TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True), check_model=False)
         elapsed = time.perf_counter() - start
         new = len(result.tokens[0])
         precision = draft_dtype or draft_precision(skip_plan)
         draft = "; ".join(filter(None, [skip_plan.describe() if skip_plan else "",
-                                        f"{precision} copy" if precision else ""]))
+                                        f"{precision} copy" if precision else "",
+                                        f"proposing {vocab.describe()}" if vocab is not None else "",
+                                        f"trained ({adapter.describe()})" if adapter is not None else ""]))
         # decoding (as the plain path times it) apart from the one-time setup (making or loading the draft)
         decoding = result.stats.total_seconds
         console.print(f"[dim]{new} tokens in {decoding:.2f} s ({new / max(decoding, 1e-9):.1f} tokens/s, including "

@@ -53,6 +53,7 @@ def _generate_option(name: str, help: str | None = None):
                                       f"else the model's own weights with --plan, else {DEFAULT_DRAFT_DTYPE}")
 @_generate_option("prompt_lookup")
 @_generate_option("draft_engine")
+@_generate_option("draft_vocab")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to listen on (0.0.0.0: every interface; the API has no authentication)")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="port to listen on")
@@ -72,8 +73,8 @@ def _generate_option(name: str, help: str | None = None):
               show_default=True, help="uvicorn's log level (info: one line per request)")
 @_generate_option("force")
 @_model_options
-def serve(model, plan_path, heal_dir, merge, plain, max_draft, adapt, draft_dtype, prompt_lookup, draft_engine, host,
-          port, max_batch, batch_wait, max_tokens, warmup, served_name, log_level, force, dtype, device):
+def serve(model, plan_path, heal_dir, merge, plain, max_draft, adapt, draft_dtype, prompt_lookup, draft_engine,
+          draft_vocab, host, port, max_batch, batch_wait, max_tokens, warmup, served_name, log_level, force, dtype, device):
     """Serve MODEL over an OpenAI-compatible HTTP API (POST /v1/chat/completions and /v1/completions, streaming
     included; GET /v1/models, /health, /v1/skiplm/stats), decoding with lossless self-speculative decoding (greedy
     output is the full model's, token for token) and batching concurrent requests."""
@@ -101,8 +102,12 @@ def serve(model, plan_path, heal_dir, merge, plain, max_draft, adapt, draft_dtyp
     hf_model, tokenizer = _load(model, dtype, device)
     load_seconds = time.perf_counter() - start
     skip_plan = _load_plan(source, hf_model, force, heal=heal)
-    alternatives = []
+    alternatives, vocab = [], None
     if not plain:
+        from ..speculative.vocab import resolve_draft_vocab
+
+        vocab = resolve_draft_vocab(tokenizer, draft_vocab, skip_plan,
+                                    vocab_size=hf_model.get_output_embeddings().weight.shape[0])
         if draft_dtype is None and skip_plan is None:
             draft_dtype = DEFAULT_DRAFT_DTYPE
             console.print(f"[dim]drafting with an {DEFAULT_DRAFT_DTYPE} copy of the weights (the default; --plan / "
@@ -116,7 +121,7 @@ def serve(model, plan_path, heal_dir, merge, plain, max_draft, adapt, draft_dtyp
                        draft_dtype=draft_dtype, alternatives=alternatives, draft_engine=draft_engine,
                        prompt_lookup=prompt_lookup or None, max_draft=max_draft, max_batch=max_batch,
                        batch_wait=batch_wait, max_tokens=max_tokens, warmup=warmup, check_model=False, merge=merge,
-                       setup_seconds={"load": load_seconds})
+                       setup_seconds={"load": load_seconds}, draft_vocab=vocab)
     setup = ", ".join(f"{k} {v:.1f} s" for k, v in served.setup_seconds.items())
     if plain:
         what = "plain decoding" + (f" under {skip_plan.describe()}" if skip_plan is not None else "")
@@ -124,7 +129,8 @@ def serve(model, plan_path, heal_dir, merge, plain, max_draft, adapt, draft_dtyp
         precision = draft_dtype or draft_precision(skip_plan)
         what = "self-speculative decoding, draft: " + "; ".join(filter(None, [
             skip_plan.describe() if skip_plan is not None else "", f"{precision} copy" if precision else "",
-            f"prompt lookup {prompt_lookup}" if prompt_lookup else ""]))
+            f"prompt lookup {prompt_lookup}" if prompt_lookup else "",
+            f"proposing {vocab.describe()}" if vocab is not None else ""]))
     console.print(f"serving {served.name} ({what}; up to {max_batch} requests per batch, {max_tokens} new tokens per "
                   f"request) at http://{host}:{port}/v1  [dim](setup: {setup})[/dim]")
     serve_app.run_server(served, host, port, log_level=log_level)

@@ -239,10 +239,15 @@ def account_policies(results: dict, configs: list[Config], policy_stats: dict, s
             entry["policy"] = {"skipped_mlps_per_token": skipped,
                                "mlp_skip_ratio": statistics.mean(s["mlp_skip_ratio"] for s in stats),
                                "attention_skip_ratio": statistics.mean(s["attention_skip_ratio"] for s in stats)}
+            for key in ("skipped_blocks_per_token", "blocks_skipped_by_every_row"):  # a block-skipping router's
+                if all(key in s for s in stats):
+                    entry["policy"][key] = statistics.mean(s[key] for s in stats)
             if config.dry_run:  # it skipped nothing; "skipped" is what it would have skipped
                 entry["policy"]["decision_overhead_s_per_token"] = -saved_by(entry["speedup"])
                 continue
-            entry["ideal_speedup"] = costs.ideal_speedup_of_skipped_mlps(skipped)
+            ideal = [s.get("ideal_speedup") for s in stats]  # a skipper that skips whole blocks says its own
+            entry["ideal_speedup"] = (statistics.mean(ideal) if all(v is not None for v in ideal)
+                                      else costs.ideal_speedup_of_skipped_mlps(skipped))
             entry["policy"]["saved_s_per_token"] = saved = saved_by(entry["speedup"])
             dry = results.get(f"{config.name} (decisions only)", {}).get(measure)
             if dry is not None:

@@ -57,8 +57,8 @@ class Adapter:
 _LLAMA_LIKE = dict(attention_norms=("input_layernorm",), mlp_norms=("post_attention_layernorm",))
 
 BUILTIN_ADAPTERS: tuple[Adapter, ...] = (
-    # Llama also covers SmolLM / SmolLM2 (model_type "llama").
-    Adapter(model_types=("llama", "mistral", "qwen2", "qwen3", "phi3", "granite"), **_LLAMA_LIKE),
+    # Llama also covers SmolLM / SmolLM2 (model_type "llama"); Gemma (1) and SmolLM 3 have Llama's two pre-norms.
+    Adapter(model_types=("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma", "smollm3"), **_LLAMA_LIKE),
     # Gemma 2/3 wrap each branch in a pre- and a post-norm ("sandwich" norms).
     Adapter(
         model_types=("gemma2", "gemma3_text"),

@@ -70,12 +70,13 @@ def build(model: nn.Module, tokenizer, *, name: str, speculative: bool = True, p
           draft_engine: str = "auto", prompt_lookup: int | None = None, max_draft: int = DEFAULT_MAX_DRAFT,
           max_batch: int = DEFAULT_MAX_BATCH, batch_wait: float = 0.0, max_tokens: int = DEFAULT_MAX_TOKENS,
           warmup: bool = True, check_model: bool = True, merge: bool = False,
-          setup_seconds: dict[str, float] | None = None) -> ServedModel:
+          setup_seconds: dict[str, float] | None = None, draft_vocab=None) -> ServedModel:
     """Get ``model`` ready to serve as ``name``: with ``speculative``, a :class:`SpeculativeDecoder` drafting with
     ``plan`` and/or ``draft_dtype`` (the other draft options are its own); else plain decoding of the model under
     ``plan`` if given (a skip plan or a heal folder's healed plan, ``merge`` as in :func:`skiplm.apply`), which is then
     applied until :meth:`ServedModel.close`. ``warmup``: one short generation first, so the first request does not
-    pay for one-time work. ``setup_seconds``: earlier setup (e.g. ``{"load": ...}``), reported with this one's."""
+    pay for one-time work. ``setup_seconds``: earlier setup (e.g. ``{"load": ...}``), reported with this one's.
+    ``draft_vocab``: a reduced-vocabulary draft head (:mod:`skiplm.speculative.vocab`), as for the decoder."""
     if max_tokens < 1:
         raise SkipLMError(f"max_tokens must be at least 1, got {max_tokens}.")
     setup = dict(setup_seconds or {})
@@ -83,11 +84,13 @@ def build(model: nn.Module, tokenizer, *, name: str, speculative: bool = True, p
     handle = None
     if speculative:
         decoder = SpeculativeDecoder(model, plan, draft_dtype=draft_dtype, check_model=check_model,
-                                     alternatives=alternatives, draft_engine=draft_engine, prompt_lookup=prompt_lookup)
+                                     alternatives=alternatives, draft_engine=draft_engine, prompt_lookup=prompt_lookup,
+                                     draft_vocab=draft_vocab)
         settings = {"draft": {"plan": plan.describe() if plan is not None else None,
                               "precision": str(draft_dtype) if draft_dtype is not None else None,
                               "engine": decoder.draft_engine, "weight_bytes": decoder.draft_weight_bytes,
-                              "prompt_lookup": prompt_lookup, "alternatives": len(alternatives)},
+                              "prompt_lookup": prompt_lookup, "alternatives": len(alternatives),
+                              "vocab": getattr(draft_vocab, "size", None)},
                     "max_draft": max_draft}
     else:
         if plan is not None:

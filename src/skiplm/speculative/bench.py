@@ -46,6 +46,8 @@ class Draft:
     alternatives: tuple[SkipPlan, ...] = ()  # other skip sets to choose among on the fly (DraftSelector)
     engine: str = "auto"  # how a lower-precision copy runs: "lean", "modules", or "auto" (lean where supported)
     lookup: int | None = None  # combined with prompt lookup of this n-gram length (PromptLookup)
+    adapter: Any = None  # a trained draft's adapter (skiplm.speculative.trained.DraftAdapter), on the draft path only
+    vocab: Any = None  # a reduced-vocabulary draft head (skiplm.speculative.vocab.DraftVocab); None: the whole vocabulary
 
     @classmethod
     def from_spec(cls, spec: str) -> Draft:
@@ -64,12 +66,16 @@ class Draft:
     def search_seconds(self) -> float:
         """Time `skiplm draft-search` spent choosing this draft (0 for a draft given by hand)."""
         found = (self.plan.provenance or {}).get("draft_search", {}) if self.plan is not None else {}
-        return float(found.get("seconds", 0.0))
+        # a trained draft: its training counts too, unless the search that chose it trained it (then included)
+        training = self.adapter.training_seconds if self.adapter is not None and not found.get("trained") else 0.0
+        return float(found.get("seconds", 0.0)) + training
 
     def describe(self) -> str:
         engine = f" ({self.engine} engine)" if self.engine != "auto" else ""
         parts = [self.plan.describe() if self.plan is not None else "",
                  f"{self.precision} copy{engine}" if self.precision else "",
+                 f"trained: {self.adapter.describe()}" if self.adapter is not None else "",
+                 f"proposing {self.vocab.describe()}" if self.vocab is not None else "",
                  f"chosen on the fly among it and {len(self.alternatives)} other skip set(s) "
                  f"({'; '.join(a.describe() for a in self.alternatives)})" if self.alternatives else "",
                  f"combined with {self.lookup}-gram prompt lookup" if self.lookup else ""]
@@ -89,11 +95,19 @@ def prompt_set(tokenizer, name: str, count: int, pydoc_tokens: int = 64) -> list
 
 
 def bench_drafts(plans: Mapping[str, SkipPlan], precisions: Sequence[str] = (), *, adapt: bool = False,
-                 lookup: int | None = None) -> list[Draft]:
+                 lookup: int | None = None, adapters: Mapping[str, Any] | None = None,
+                 vocabs: Sequence[Any] = (), plan_vocabs: Mapping[str, Any] | None = None) -> list[Draft]:
     """The drafts ``skiplm bench-speculative`` compares: one per named plan; with ``adapt``, each plan that records
     runner-up skip sets again as ``NAME-adapt``, its skip set chosen on the fly; one full-depth copy per
-    ``PRECISION[:ENGINE]``; with ``lookup``, every draft again as ``NAME+lookup``, combined with prompt lookup."""
-    drafts = [Draft(name, plan=plan) for name, plan in plans.items()]
+    ``PRECISION[:ENGINE]``; with ``lookup``, every draft again as ``NAME+lookup``, combined with prompt lookup.
+    ``adapters``: by plan name, the trained adapter of a trained draft plan (:mod:`skiplm.speculative.trained`).
+    ``plan_vocabs``: by plan name, the reduced draft vocabulary a draft plan records
+    (:func:`~skiplm.speculative.vocab.resolve_draft_vocab`). ``vocabs`` (``--draft-vocab N,...``): every draft with a
+    precision once per entry instead — a :class:`~skiplm.speculative.vocab.DraftVocab` as ``NAME-vN``, None as the
+    draft over the whole vocabulary — so that the sizes are measured paired, in one run."""
+    adapters, plan_vocabs = adapters or {}, plan_vocabs or {}
+    drafts = [Draft(name, plan=plan, adapter=adapters.get(name), vocab=plan_vocabs.get(name))
+              for name, plan in plans.items()]
     if adapt:
         adaptive = [dataclasses.replace(d, name=f"{d.name}-adapt", alternatives=alternatives)
                     for d in drafts if (alternatives := tuple(draft_alternatives(d.plan)))]
@@ -102,6 +116,10 @@ def bench_drafts(plans: Mapping[str, SkipPlan], precisions: Sequence[str] = (), 
                             "none of the plans given records runner-up skip sets.")
         drafts += adaptive
     drafts += [Draft.from_spec(spec) for spec in precisions]
+    if vocabs:
+        drafts = [variant for d in drafts for variant in (
+            [dataclasses.replace(d, name=f"{d.name}-v{v.size}" if v is not None else d.name, vocab=v) for v in vocabs]
+            if d.precision else [d])]
     if lookup:
         drafts += [dataclasses.replace(d, name=f"{d.name}+lookup", lookup=lookup) for d in drafts]
     return drafts
@@ -188,15 +206,16 @@ class _DraftRunner:
         self.lookup = PromptLookup(draft.lookup) if draft.lookup else None  # what it learned carries over
         self.copy = (SpeculativeDecoder(model, draft.plan, draft_dtype=draft.precision, draft_length=self.length,
                                         alternatives=self.selector, draft_engine=draft.engine,
-                                        prompt_lookup=self.lookup)
+                                        prompt_lookup=self.lookup, draft_adapter=draft.adapter,
+                                        draft_vocab=draft.vocab)
                      if draft.precision else None)
 
     def generate(self, ids: torch.Tensor, mask: torch.Tensor, **options: Any) -> SpeculativeOutput:
         monitor = self.monitors.setdefault(ids.shape[0], SpeedMonitor()) if self.fallback else False
         if self.copy is not None:
             return self.copy.generate(ids, mask, fallback=monitor, **options)
-        with SpeculativeDecoder(self.model, self.draft.plan, draft_length=self.length,
-                                alternatives=self.selector, prompt_lookup=self.lookup) as decoder:
+        with SpeculativeDecoder(self.model, self.draft.plan, draft_length=self.length, alternatives=self.selector,
+                                prompt_lookup=self.lookup, draft_adapter=self.draft.adapter) as decoder:
             return decoder.generate(ids, mask, fallback=monitor, **options)
 
     def close(self) -> None:

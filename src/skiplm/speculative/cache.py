@@ -17,7 +17,9 @@ and a plan only chooses which run.
 The key. The model's identity (:func:`skiplm.plan.model_identity`: family, layer count, the fingerprint of parameter
 names and shapes), a digest of its weights (:func:`skiplm.train.data.weights_digest`: every parameter's name, dtype,
 shape and the exact bits of elements spread over it; the self-generated data cache uses it too), the engine, the
-precision, the cache's format version and torch's version. An entry whose manifest holds another key (other weights:
+precision, the cache's format version and torch's version; for a trained draft
+(:mod:`skiplm.speculative.trained`), its adapter's digest too, and the folder's name ends in ``-lora-<digest>`` — a
+trained draft never reads an untrained entry, nor the other way round, and the two are kept side by side. An entry whose manifest holds another key (other weights:
 the model changed; another torch or format), whose weights file is missing, of another size than the manifest says
 (truncated), does not load, or whose tensors do not fit the model (names, shapes, dtypes) is rebuilt and replaced,
 with a warning saying why. A draft only proposes tokens the full model verifies, so a stale draft could cost speed,
@@ -99,41 +101,55 @@ class DraftCache:
         return self._root
 
     # -- the key -------------------------------------------------------------------------------------------------
-    def key(self, model: nn.Module, engine: str, precision: str) -> dict[str, Any]:
-        """What an entry must have been made from to serve ``model`` in ``precision`` by ``engine``."""
+    def key(self, model: nn.Module, engine: str, precision: str, adapter=None) -> dict[str, Any]:
+        """What an entry must have been made from to serve ``model`` in ``precision`` by ``engine`` — with
+        ``adapter`` (a trained draft's :class:`~skiplm.speculative.trained.DraftAdapter`), its digest too (an
+        untrained draft's key has no ``adapter`` field, so the two never serve each other)."""
         from ..train.data import weights_digest
 
         identity = model_identity(model)
         parameter = next(model.parameters())
-        return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "torch": torch.__version__, "engine": engine,
-                "precision": precision_name(precision),
-                "model": {"name": identity.name, "model_type": identity.model_type, "num_layers": identity.num_layers,
-                          "fingerprint": identity.fingerprint, "weights": weights_digest(model),
-                          "dtype": str(parameter.dtype)}}
+        key = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "torch": torch.__version__, "engine": engine,
+               "precision": precision_name(precision),
+               "model": {"name": identity.name, "model_type": identity.model_type, "num_layers": identity.num_layers,
+                         "fingerprint": identity.fingerprint, "weights": weights_digest(model),
+                         "dtype": str(parameter.dtype)}}
+        if adapter is not None:
+            key["adapter"] = {"method": adapter.method, "digest": adapter.digest()}
+        return key
 
     def folder(self, key: dict[str, Any]) -> Path:
-        """The entry for ``key``: one per model (name and fingerprint), engine and precision — other weights of the
-        same model replace it."""
+        """The entry for ``key``: one per model (name and fingerprint), engine, precision and trained adapter (if
+        any: ``-lora-<digest>``) — other weights of the same model replace it."""
         model = key["model"]
         name = str(model["name"] or model["model_type"])
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name or model["model_type"])[:48] or "model"
         tag = hashlib.sha256(f"{name}\0{model['fingerprint']}".encode()).hexdigest()[:12]
-        return self.root / f"{slug}-{tag}-{key['engine']}-{key['precision']}"
+        adapter = key.get("adapter")
+        trained = f"-{adapter['method']}-{adapter['digest'][:12]}" if adapter else ""
+        return self.root / f"{slug}-{tag}-{key['engine']}-{key['precision']}{trained}"
 
     def stores(self, model: nn.Module) -> bool:
         """Whether drafts of ``model`` are stored on disk (large enough to be worth it)."""
         return sum(p.numel() for p in model.parameters()) >= self.min_parameters
 
     # -- drafts --------------------------------------------------------------------------------------------------
-    def lean(self, model: nn.Module, precision: str, setup: SetupStats | None = None):
+    def lean(self, model: nn.Module, precision: str, setup: SetupStats | None = None, *, adapter=None,
+             vocab: torch.Tensor | None = None):
         """The lean engine (:class:`~skiplm.speculative.lean.LeanDraft`) of ``model`` in ``precision``, warmed up:
-        shared with one this cache made in this process, else from stored weights, else built (and stored)."""
+        shared with one this cache made in this process, else from stored weights, else built (and stored).
+        ``adapter``: a trained draft's adapter, merged into the engine's weights (and part of the key). ``vocab``: the
+        token ids of a reduced-vocabulary head (:mod:`skiplm.speculative.vocab`) — part of the key of the engines kept
+        in this process; the entry on disk holds the whole head, whose rows serve every vocabulary."""
         from .lean import LeanDraft
 
         setup = setup if setup is not None else SetupStats()
         start = time.perf_counter()
-        key = self.key(model, "lean", precision)
+        key = self.key(model, "lean", precision, adapter)
         digest = _digest(key)
+        if vocab is not None:
+            ids = torch.as_tensor(vocab, dtype=torch.long).flatten().cpu().numpy().tobytes()
+            digest += "-vocab-" + hashlib.sha256(ids).hexdigest()[:12]
         setup.key_seconds += time.perf_counter() - start
         known = self._engines.get(digest)
         if known is not None and known[0]() is model:
@@ -141,7 +157,9 @@ class DraftCache:
             return known[1].shared()
 
         def build(weights: DraftWeights) -> LeanDraft:
-            return LeanDraft(model, precision, weights=weights)
+            # a trained draft: from a view of the model with its adapter merged (the model itself is untouched)
+            source = adapter.merged(model) if adapter is not None else model
+            return LeanDraft(source, precision, weights=weights, vocab=vocab)
 
         lean, source = self._made(model, key, build, setup)
         lean.warm_up()
@@ -150,25 +168,27 @@ class DraftCache:
         self._engines[digest] = (weakref.ref(model), lean)
         return lean
 
-    def modules_copy(self, model: nn.Module, precision: str, setup: SetupStats | None = None) -> nn.Module:
+    def modules_copy(self, model: nn.Module, precision: str, setup: SetupStats | None = None, *,
+                     adapter=None) -> nn.Module:
         """A copy of ``model``'s modules in ``precision`` (:func:`~skiplm.speculative.quantize.draft_copy`) whose int8
         products come from stored weights where there are some (else made, and stored). Never shared between
-        decoders: a draft applies its plan to its modules."""
+        decoders: a draft applies its plan to its modules. ``adapter``: a trained draft's adapter, merged into the
+        copy's weights (and part of the key)."""
         setup = setup if setup is not None else SetupStats()
         name = precision_name(precision)
         if name not in ("int8", "int8-dynamic"):  # a cast copy: nothing worth storing
             start = time.perf_counter()
-            copied = draft_copy(model, name)
+            copied = draft_copy(model, name, adapter=adapter)
             setup.copy_seconds += time.perf_counter() - start
             setup.draft_source = "built"
             return copied
         start = time.perf_counter()
-        key = self.key(model, "modules", name)
+        key = self.key(model, "modules", name, adapter)
         setup.key_seconds += time.perf_counter() - start
 
         def build(weights: DraftWeights) -> nn.Module:
             built = time.perf_counter()
-            copied = draft_copy(model, name, weights)
+            copied = draft_copy(model, name, weights, adapter=adapter)
             products = weights.quantize_seconds + weights.pack_seconds
             setup.copy_seconds += time.perf_counter() - built - products  # the deep copy and cast
             setup.quantize_seconds += weights.quantize_seconds
@@ -330,6 +350,10 @@ def _difference(stored: Any, key: dict[str, Any]) -> str:
         return "its manifest records no key"
     if stored.get("torch") != key["torch"]:
         return f"it was made with torch {stored.get('torch')}, this is {key['torch']}"
+    if stored.get("adapter") != key.get("adapter"):
+        return ("it holds an untrained draft, this one is trained" if not stored.get("adapter") else
+                "it holds a trained draft, this one is untrained" if not key.get("adapter") else
+                "it holds a draft with another trained adapter")
     if (stored.get("engine"), stored.get("precision")) != (key["engine"], key["precision"]):
         return (f"it holds a {stored.get('precision')} draft for the {stored.get('engine')} engine, not "
                 f"{key['precision']} for {key['engine']}")

@@ -33,6 +33,11 @@ class AdaptiveDraftLength:
         """``confidence``: [rows] top-1 draft probabilities of the token just drafted (unfinished rows)."""
         return bool(confidence.numel()) and float(confidence.min()) < self.threshold
 
+    def confident(self, confidence: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` [B] (bool) less those whose draft just now (top-1 probability ``confidence`` [B]) is below the
+        threshold: the rows still likely to accept what is drafted next."""
+        return rows & (confidence >= self.threshold)
+
     def update(self, drafted: int, accepted: int) -> None:
         if not self.adapt or drafted == 0:
             return
@@ -182,7 +187,7 @@ class DraftSelector:
         return min((i for i, rate in enumerate(self.rate) if rate is not None), key=lambda i: self.rate[i],
                    default=self.current)
 
-    def observe(self, index: int, seconds: float, tokens: int) -> None:
+    def observe(self, index: int, seconds: float, tokens: float) -> None:
         rate = seconds / max(tokens, 1)
         old = self.rate[index]
         self.rate[index] = rate if old is None else self.smoothing * old + (1 - self.smoothing) * rate

@@ -23,16 +23,19 @@ the first speculative round and after tokens were committed while speculation wa
 changed: the lean draft then takes those tokens' keys and values from the full model's cache (Draft & Verify's
 sharing; :meth:`~skiplm.speculative.lean.LeanDraft.adopt`), a modules draft runs them through itself in one chunk.
 
-Batch > 1. Rows accept different numbers of drafts; every row advances by the fewest any unfinished row accepted, plus
-one (exact, see :mod:`skiplm.speculative.round`). The waste: drafts a row accepted beyond that are thrown away and
-re-drafted next round (:attr:`SpeculativeStats.discarded`); with many rows, few drafts are kept and speculation
-degenerates into plain decoding plus draft overhead. Left padding is handled with the attention mask and per-row
-position ids; a row that emits an end-of-sequence token is finished (:class:`~skiplm.speculative.state.Committed`).
+Batch > 1. Rows accept different numbers of drafts, and each row commits its own (ragged rounds, exact, see
+:mod:`skiplm.speculative.round`): the batch advances by the most drafts a row accepted, and the rows that accepted
+fewer leave masked holes in both caches, so one slow row does not stall the others. Models with a sliding attention
+window cannot take holes: there every row advances by the fewest drafts any unfinished row accepted, plus one, and
+the drafts a row accepted beyond that are re-drafted next round (:attr:`SpeculativeStats.discarded`). Left padding is
+handled with the attention mask and per-row position ids; a row that emits an end-of-sequence token, or has its
+``max_new_tokens``, is finished (:class:`~skiplm.speculative.state.Committed`).
 
 What decides (:mod:`skiplm.speculative.controllers`). Draft length (Draft & Verify, Zhang et al. 2023): drafting stops
-after a token whose draft probability (top-1 of the draft distribution; at batch > 1, in any unfinished row, since the
-batch advances by its least accepting row) is below a threshold, or after ``max_draft`` tokens; the threshold follows
-acceptance (:class:`AdaptiveDraftLength`). Never slower (:class:`SpeedMonitor`): the seconds per committed token of
+after a token whose draft probability (top-1 of the draft distribution) is below a threshold — at batch > 1, once
+fewer than half the unfinished rows are still confident (in ragged rounds; else in any row, since the batch advances
+by its least accepting row) — or after ``max_draft`` tokens; the threshold follows acceptance
+(:class:`AdaptiveDraftLength`). Never slower (:class:`SpeedMonitor`): the seconds per committed token of
 speculative rounds and of plain decoding steps are tracked online; when speculation is slower than plain decoding it
 falls back to plain steps (through the same verify path with no drafts), retries later with a doubling back-off, and
 the stats report when and how long. With ``alternatives``, the draft's skip set is chosen on the fly
@@ -53,6 +56,7 @@ mid-generation is not supported: skipped attention layers hold placeholders, not
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -68,6 +72,7 @@ from .cache import DraftCache, resolve_draft_cache
 from .controllers import AdaptiveDraftLength, DraftSelector, SpeedMonitor
 from .drafts import PromptLookup, check_draft_plan, check_engine, draft_precision, make_draft
 from .lean import lean_draft_unsupported
+from .trained import recorded_adapter
 from .quantize import packed_head, precision_name
 from .round import Round, Verifier, plain_step, speculative_round
 from .sampling import Sampling
@@ -92,18 +97,29 @@ class SpeculativeDecoder:
     :mod:`skiplm.speculative.cache`): None or True (the default cache, unless ``$SKIPLM_DRAFT_CACHE=0``), a
     :class:`~skiplm.speculative.cache.DraftCache` (pass one to several decoders: they share the engines it made), a
     folder, or False (none). What the setup cost is :attr:`setup`.
+
+    ``draft_adapter``: a trained draft's :class:`~skiplm.speculative.trained.DraftAdapter` (``skiplm draft-train``;
+    :func:`~skiplm.speculative.trained.load_trained_draft` reads a plan and its adapter): active on the draft path
+    only — merged into a draft copy's weights, or attached to the model's own modules with the plan and off while
+    the full model verifies.
+
+    ``draft_vocab``: the draft proposes only these tokens (a :class:`~skiplm.speculative.vocab.DraftVocab` or token
+    ids; the lean engine): its head is that many rows of the model's (:mod:`skiplm.speculative.vocab`). Lossless, as
+    every draft: greedy output is still plain greedy's, sampling still the full model's distribution.
     """
 
     def __init__(self, model: nn.Module, plan: SkipPlan | None = None, *, draft_dtype: torch.dtype | str | None = None,
                  check_model: bool = True, draft_length: AdaptiveDraftLength | None = None,
                  alternatives: Sequence[SkipPlan] | DraftSelector = (), draft_engine: str = "auto",
                  prompt_lookup: int | PromptLookup | None = None, pack_head: bool = True,
-                 draft_cache: DraftCache | bool | str | None = None):
+                 draft_cache: DraftCache | bool | str | None = None, draft_adapter=None, draft_vocab=None):
         check_engine(draft_engine)
         setup_start = time.perf_counter()
         self.setup = SetupStats()  # the one-time setup, apart from decoding
         self._setup_reported = False  # attached to the first generation's stats
         self.model = model
+        # batch > 1: each row commits its own accepted drafts (holes in the caches), except under a sliding window
+        self.ragged = not has_sliding_window(model)
         # combined with n-gram prompt lookup (an n-gram length, or a PromptLookup): kept between generations
         self.lookup = PromptLookup(prompt_lookup) if isinstance(prompt_lookup, int) else prompt_lookup
         t = time.perf_counter()
@@ -126,8 +142,18 @@ class SpeculativeDecoder:
         self.selector = self._selector(plan, alternatives, check_model) if alternatives else None
         self._active_plan = 0  # the selector's plan applied to the draft now
         self.draft_cache = resolve_draft_cache(draft_cache) if precision is not None else None
+        if draft_adapter is not None and plan is not None:
+            draft_adapter.check_plan(plan)  # trained for this skip set (a DraftAdapterError otherwise)
+        elif draft_adapter is None and recorded_adapter(plan) is not None:
+            logging.getLogger(__name__).warning(
+                "the draft plan names a trained adapter, which was not given: drafting untrained (still lossless). "
+                "Load both with skiplm.speculative.trained.load_trained_draft(path).")
+        self.draft_adapter = draft_adapter  # a trained draft's adapter (skiplm.speculative.trained): the draft's only
+        # a reduced-vocabulary draft head (skiplm.speculative.vocab): a DraftVocab, or token ids
+        self.draft_vocab = draft_vocab
+        vocab = {"vocab": getattr(draft_vocab, "ids", draft_vocab)} if draft_vocab is not None else {}
         self.draft = make_draft(model, precision, draft_engine, self.draft_length, cache=self.draft_cache,
-                                setup=self.setup)
+                                setup=self.setup, adapter=draft_adapter, **vocab)
         if plan is not None:
             self.draft.set_plan(plan)
         elif precision is None and self.draft.plan is None:  # the model itself, under no plan: nothing to draft with
@@ -244,7 +270,9 @@ class SpeculativeDecoder:
             stats.rounds_by_plan = [0] * len(self.selector.plans)
         if not self._setup_reported:  # the setup this decoder paid, on its first generation
             stats.setup, self._setup_reported = self.setup, True
-        state = Committed(ids, mask, prompt_length + max_new_tokens + max_draft + 1, eos, pad, streamer)
+        ragged = self.ragged and batch > 1
+        state = Committed(ids, mask, prompt_length + max_new_tokens + max_draft + 1, eos, pad, streamer,
+                          limit=max_new_tokens, ragged=ragged)
         self.draft.reset()
 
         # prefill of the full model; its last logits give the first token
@@ -252,11 +280,11 @@ class SpeculativeDecoder:
         state.commit(sampler.pick(self.verifier.prefill(state, mask))[:, None])
         stats.prefill_seconds = time.perf_counter() - t
         while not state.done(max_new_tokens, stop_rows):
-            k_max = min(max_draft, max_new_tokens - state.new_tokens - 1)  # a round commits at most k + 1 tokens
+            k_max = min(max_draft, state.room(max_new_tokens) - 1)  # a round commits at most k + 1 tokens per row
             if k_max >= 1 and (monitor is None or monitor.speculate()):
                 at_token = state.new_tokens
                 self._choose_plan(stats)
-                step = speculative_round(self.drafters, self.verifier, state, sampler, k_max)
+                step = speculative_round(self.drafters, self.verifier, state, sampler, k_max, ragged=ragged)
                 self._record_round(step, stats, monitor, at_token, on_round)
             else:
                 step = plain_step(self.drafters, self.verifier, state, sampler)
@@ -288,11 +316,12 @@ class SpeculativeDecoder:
                       on_round: Callable[[RoundInfo], None] | None) -> None:
         """Count a speculative round in ``stats``, and tell the drafter, the selector and the monitor how it went."""
         k, kept, rows, accepted = step.drafted, step.kept, len(step.accepted), sum(step.accepted)
+        committed = step.committed  # tokens per unfinished row, on average
         stats.rounds += 1
         stats.row_rounds += rows
         stats.drafted += k * rows
         stats.accepted += accepted
-        stats.committed_from_draft += kept * rows
+        stats.committed_from_draft += round((committed - 1) * rows)
         stats.discarded = stats.accepted - stats.committed_from_draft
         stats.draft_seconds += step.draft_seconds
         stats.draft_prefill_seconds += step.prefill_seconds
@@ -300,27 +329,42 @@ class SpeculativeDecoder:
         if len(stats.accepted_histogram) <= kept:
             stats.accepted_histogram.extend([0] * (kept + 1 - len(stats.accepted_histogram)))
         stats.accepted_histogram[kept] += 1
-        step.drafter.record(k * rows, accepted, kept)  # the draft model's confidence threshold, or lookup's record
+        # the draft model's confidence threshold, or lookup's record (drafts every row kept, on average)
+        step.drafter.record(k * rows, accepted, committed - 1)
         if step.drafter is self.lookup:
             stats.lookup_rounds += 1
-            stats.lookup_committed += kept * rows
+            stats.lookup_committed += round((committed - 1) * rows)
         elif self.selector is not None:  # the draft plan's speed; a switch's refill is this round's cost
             self.selector.observe(self._active_plan, step.prefill_seconds + step.draft_seconds + step.verify_seconds,
-                                  kept + 1)
+                                  committed)
             stats.rounds_by_plan[self._active_plan] += 1
         if monitor is not None:
-            monitor.observe_round(step.draft_seconds + step.verify_seconds, kept + 1, at_token=at_token,
+            monitor.observe_round(step.draft_seconds + step.verify_seconds, committed, at_token=at_token,
                                   source=step.drafter)
         if on_round is not None:
-            on_round(RoundInfo(stats.rounds - 1, k, tuple(step.accepted), kept + 1, step.draft_seconds,
+            on_round(RoundInfo(stats.rounds - 1, k, tuple(step.accepted), committed, step.draft_seconds,
                                step.verify_seconds, self.draft_length.threshold, step.proposal.drafter))
+
+
+def has_sliding_window(model: nn.Module) -> bool:
+    """Whether some attention layer of ``model`` attends over a sliding window (its config's ``layer_types`` name
+    one, or it sets ``sliding_window`` without switching it off). Such a window counts cache columns, so a row with
+    holes would see fewer of its own tokens than decoded alone: rounds are then not ragged."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    types = getattr(config, "layer_types", None)
+    if types:
+        return any("sliding" in str(kind) for kind in types)
+    return bool(getattr(config, "sliding_window", None)) and bool(getattr(config, "use_sliding_window", True))
 
 
 def generate(model: nn.Module, tokenizer=None, input_ids: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None, *, plan: SkipPlan | None = None,
              draft_dtype: torch.dtype | str | None = None, alternatives: Sequence[SkipPlan] = (),
              draft_engine: str = "auto", prompt_lookup: int | None = None, check_model: bool = True,
-             draft_cache: DraftCache | bool | str | None = None, **options: Any) -> SpeculativeOutput:
+             draft_cache: DraftCache | bool | str | None = None, draft_adapter=None, draft_vocab=None,
+             **options: Any) -> SpeculativeOutput:
     """Self-speculative generation in one call: ``model`` under ``plan`` drafts, ``model`` verifies (with
     ``alternatives``, the draft's skip set is chosen on the fly among ``plan`` and them: :class:`DraftSelector`).
 
@@ -328,7 +372,7 @@ def generate(model: nn.Module, tokenizer=None, input_ids: torch.Tensor | None = 
     outputs into ``texts``. The keyword ``options`` are :meth:`SpeculativeDecoder.generate`'s, with its defaults
     (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``max_draft``, ``seed``, ``streamer``,
     ``fallback``, ``eos_token_id``, ``pad_token_id``, ``on_round``, ``sampling``). ``draft_cache``: as for
-    :class:`SpeculativeDecoder` (the setup is in ``stats.setup``). For many generations, keep a
+    :class:`SpeculativeDecoder` (the setup is in ``stats.setup``); ``draft_vocab`` too. For many generations, keep a
     :class:`SpeculativeDecoder`.
     """
     if input_ids is None:
@@ -340,7 +384,8 @@ def generate(model: nn.Module, tokenizer=None, input_ids: torch.Tensor | None = 
             options["pad_token_id"] = tokenizer.pad_token_id
     with SpeculativeDecoder(model, plan, draft_dtype=draft_dtype, check_model=check_model,
                             alternatives=alternatives, draft_engine=draft_engine,
-                            prompt_lookup=prompt_lookup, draft_cache=draft_cache) as decoder:
+                            prompt_lookup=prompt_lookup, draft_cache=draft_cache,
+                            draft_adapter=draft_adapter, draft_vocab=draft_vocab) as decoder:
         output = decoder.generate(input_ids, attention_mask, **options)
     if tokenizer is not None:
         output.texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in output.tokens]

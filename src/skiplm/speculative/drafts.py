@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -58,8 +58,9 @@ class Drafter(Protocol):
     def crop(self, state: Committed) -> None:
         """Tokens were committed: forget what was drafted beyond them (a cache keeps all but the last committed)."""
 
-    def record(self, drafted: int, accepted: int, kept: int) -> None:
-        """The outcome of a round it drafted: drafts made and accepted over unfinished rows, and kept by every row."""
+    def record(self, drafted: int, accepted: int, kept: float) -> None:
+        """The outcome of a round it drafted: drafts made and accepted over unfinished rows, and committed per row
+        (on average)."""
 
 
 # -- draft models ----------------------------------------------------------------------------------------------------
@@ -85,6 +86,7 @@ class ModelDraft:
         self.catch_up(state)
         feed = state.seq[:, self.seen:state.committed]  # committed tokens it has not seen, [B, >= 1]; first: its prefill
         active = state.active
+        confident = active  # ragged rounds: the rows whose drafts so far were all confident
         tokens, probs, prefill = [], [], 0.0
         for i in range(k_max):
             logits = self.forward(state, self.seen, feed)  # [B, V]
@@ -95,7 +97,13 @@ class ModelDraft:
             token, q = sampler.propose(logits)
             tokens.append(token)
             probs.append(q)
-            if i + 1 == k_max or self.length.stop(q.max(-1).values[active]):
+            if i + 1 == k_max:
+                break
+            if state.ragged:  # each row commits its own drafts: go on while at least half the rows are confident
+                confident = self.length.confident(q.max(-1).values, confident)
+                if 2 * int(confident.sum()) < int(active.sum()):
+                    break
+            elif self.length.stop(q.max(-1).values[active]):  # the batch advances by its least accepting row
                 break
             feed = token[:, None]
         return Proposal(torch.stack(tokens, dim=1), probs, self.drafter, prefill)
@@ -106,7 +114,7 @@ class ModelDraft:
             self.cache.crop(-excess)
         self.seen -= excess
 
-    def record(self, drafted: int, accepted: int, kept: int) -> None:
+    def record(self, drafted: int, accepted: int, kept: float) -> None:
         self.length.update(drafted, accepted)
 
     # -- what a subclass provides ---------------------------------------------------------------------------------
@@ -157,26 +165,33 @@ class ModulesDraft(ModelDraft):
     engine = "modules"
 
     def __init__(self, module: nn.Module, length: AdaptiveDraftLength, *, plan: SkipPlan | None = None,
-                 weight_bytes: int = 0):
+                 weight_bytes: int = 0, adapter=None):
         super().__init__(module, length, weight_bytes)
         self.handle = installed_handle(module)
         self.owned = False  # whether this draft applied the handle (and removes it)
+        self.adapter = adapter  # a trained draft's adapter, attached with every plan (DraftAdapter.on)
+        if adapter is not None and self.handle is not None:
+            raise PlanError("a trained draft's adapter goes on with its plan: remove the plan applied to the model "
+                            "and pass it as plan=.")
         if plan is not None:
             self.set_plan(plan)
 
     @classmethod
     def build(cls, model: nn.Module, precision: str | None, length: AdaptiveDraftLength, *, cache=None,
-              setup=None) -> ModulesDraft:
+              setup=None, adapter=None) -> ModulesDraft:
         """``model`` itself (``precision=None``) or its copy in ``precision`` — with ``cache`` (a
         :class:`~skiplm.speculative.cache.DraftCache`), its int8 weights from there where stored. ``setup`` (a
-        :class:`~skiplm.speculative.stats.SetupStats`) records what making it cost."""
+        :class:`~skiplm.speculative.stats.SetupStats`) records what making it cost. ``adapter`` (a trained draft's
+        :class:`~skiplm.speculative.trained.DraftAdapter`): merged into a copy's weights; on the model itself,
+        attached in place with each plan (:meth:`set_plan`), and off whenever the verifier runs."""
         if precision is None:
-            return cls(model, length)
+            return cls(model, length, adapter=adapter)
         if cache is not None:
-            copy = cache.modules_copy(model, precision, setup)
+            copy = cache.modules_copy(model, precision, setup, adapter=adapter) if adapter is not None else \
+                cache.modules_copy(model, precision, setup)
         else:
             start = time.perf_counter()
-            copy = draft_copy(model, precision)
+            copy = draft_copy(model, precision, adapter=adapter)
             if setup is not None:
                 setup.copy_seconds += time.perf_counter() - start  # copied, cast and quantized
                 setup.draft_source = "built"
@@ -197,7 +212,8 @@ class ModulesDraft(ModelDraft):
         if self.handle is not None and not self.owned:
             raise PlanError("the draft plan was applied by the caller; remove it and pass plan= instead.")
         self.close()
-        self.handle, self.owned = apply(self.model, plan, check_model=False), True
+        skipper = plan if self.adapter is None else self.adapter.on(plan, self.model)  # the verifier turns both off
+        self.handle, self.owned = apply(self.model, skipper, check_model=False), True
         self.reset()
 
     def close(self) -> None:
@@ -239,9 +255,9 @@ class PromptLookup:
         self.since_lookup = 0
 
     def propose(self, seq: torch.Tensor, committed: int, pads: torch.Tensor, active: torch.Tensor, k_max: int,
-                pad: int) -> torch.Tensor | None:
+                pad: int, rows: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Drafts [B, k] (k <= k_max; finished rows get ``pad``), or None: no match in some row, or lookup does not
-        pay now."""
+        pay now. ``rows``: row index -> its committed tokens (holes left out), else ``seq[row, pads[row]:committed]``."""
         if self.kept is not None and self.kept < self.min_kept and self.since_lookup < self.retry_every:
             self.since_lookup += 1
             return None
@@ -250,7 +266,7 @@ class PromptLookup:
             if not bool(active[row]):
                 proposals.append(None)
                 continue
-            tokens = seq[row, int(pads[row]):committed]
+            tokens = rows(row) if rows is not None else seq[row, int(pads[row]):committed]
             if tokens.shape[0] <= self.ngram:
                 return None
             windows = tokens.unfold(0, self.ngram, 1)[:-1]  # every earlier n-gram, by its start
@@ -263,20 +279,21 @@ class PromptLookup:
         self.since_lookup = 0
         return torch.stack([p[:k] if p is not None else seq.new_full((k,), pad) for p in proposals])
 
-    def observe(self, kept: int) -> None:
-        """Tokens every row kept from a lookup round's drafts."""
+    def observe(self, kept: float) -> None:
+        """Tokens a row kept from a lookup round's drafts (on average over the unfinished rows)."""
         a = self.smoothing
         self.kept = kept if self.kept is None else a * self.kept + (1 - a) * kept
 
     # -- the Drafter interface ------------------------------------------------------------------------------------
     def draft(self, state: Committed, k_max: int, sampler: Sampler) -> Proposal | None:
-        tokens = self.propose(state.seq, state.committed, state.pads, state.active, k_max, state.pad)
+        tokens = self.propose(state.seq, state.committed, state.pads, state.active, k_max, state.pad,
+                              state.row_tokens)
         return Proposal(tokens, None, self.drafter) if tokens is not None else None
 
     def crop(self, state: Committed) -> None:
         """Nothing to forget: lookup reads the committed tokens."""
 
-    def record(self, drafted: int, accepted: int, kept: int) -> None:
+    def record(self, drafted: int, accepted: int, kept: float) -> None:
         self.observe(kept)
 
 
@@ -292,23 +309,37 @@ def check_engine(engine: str) -> None:
 
 
 def make_draft(model: nn.Module, precision: str | None, engine: str, length: AdaptiveDraftLength, *, cache=None,
-               setup=None) -> ModelDraft:
+               setup=None, adapter=None, vocab=None) -> ModelDraft:
     """The draft model for ``model`` in ``precision`` (None: the model's own weights) by ``engine`` (a registered
     engine, or ``"auto"``: the highest-priority one that supports them). ``cache`` (a
     :class:`~skiplm.speculative.cache.DraftCache`) and ``setup`` (a :class:`~skiplm.speculative.stats.SetupStats`)
-    go to engines registered with ``extra={"cached": True}``, whose ``build`` takes them."""
+    go to engines registered with ``extra={"cached": True}``, whose ``build`` takes them. ``adapter``: a trained
+    draft's :class:`~skiplm.speculative.trained.DraftAdapter` (given only when there is one). ``vocab``: the token
+    ids of a reduced-vocabulary draft head (:mod:`skiplm.speculative.vocab`), for engines registered with
+    ``extra={"vocab": True}``."""
     check_engine(engine)
     if engine == AUTO:
         specs = sorted((s for s in DRAFTS if s.extra.get("engine")), key=lambda s: -s.extra["priority"])
-        spec = next(s for s in specs if s.extra["unsupported"](model, precision) is None)
+        if vocab is not None:  # a reduced vocabulary: only the engines that draft over one
+            specs = [s for s in specs if s.extra.get("vocab")]
+        spec = next((s for s in specs if s.extra["unsupported"](model, precision) is None), None)
+        if spec is None:
+            reasons = "; ".join(f"the {s.name} engine {s.extra['unsupported'](model, precision)}" for s in specs)
+            raise PlanError(f"a reduced draft vocabulary needs a draft engine that drafts over one: {reasons}.")
     else:
         spec = DRAFTS.get(engine)
         reason = spec.extra["unsupported"](model, precision)
         if reason is not None:
             raise PlanError(f"the {engine} draft engine {reason}.")
+        if vocab is not None and not spec.extra.get("vocab"):
+            raise PlanError(f"the {engine} draft engine drafts over the whole vocabulary; a reduced draft vocabulary "
+                            "(draft_vocab=, --draft-vocab) needs the lean engine.")
+    extra = {"adapter": adapter} if adapter is not None else {}  # a trained draft (skiplm.speculative.trained)
+    if vocab is not None:
+        extra["vocab"] = vocab
     if spec.extra.get("cached"):
-        return spec.target.build(model, precision, length, cache=cache, setup=setup)
-    return spec.target.build(model, precision, length)
+        return spec.target.build(model, precision, length, cache=cache, setup=setup, **extra)
+    return spec.target.build(model, precision, length, **extra)
 
 
 def check_draft_plan(plan: Any, model: nn.Module, check_model: bool) -> None:

@@ -227,10 +227,14 @@ class CastLinear(nn.Module):
 
 def packed_head(model: nn.Module) -> CastLinear | None:
     """The model's float32 output head pre-packed for oneDNN, for verification passes over several tokens (see
-    :class:`CastLinear`), or None where that does not apply (not an ``nn.Linear``, not float32 on a CPU with oneDNN).
+    :class:`CastLinear`), or None where that does not apply (logits that are not the head's output as it is — soft-capped,
+    scaled, or a family the lean engine does not know: :func:`~skiplm.speculative.lean.plain_logits` —, not an
+    ``nn.Linear``, not float32 on a CPU with oneDNN).
     The packed copy is extra memory: as much as the head's weight."""
+    from .lean import plain_logits  # (lean builds on this module)
+
     head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear) or head.weight.dtype != torch.float32 or \
+    if not plain_logits(model) or not isinstance(head, nn.Linear) or head.weight.dtype != torch.float32 or \
             not _packed_works(head.weight.device, torch.float32):
         return None
     with torch.no_grad():
@@ -324,9 +328,12 @@ class DraftWeights:
         self.pack_seconds = 0.0
 
     def product(self, name: str, source: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
-                shape: tuple[int, int], bias: bool) -> nn.Module:
+                shape: tuple[int, int], bias: bool, rows: torch.Tensor | None = None) -> nn.Module:
         """The product ``name``, of out x in ``shape`` (with a bias or not), from ``source()`` — ``(weight, bias)``,
-        only called when nothing is stored."""
+        only called when nothing is stored. ``rows`` (output row indices): the product over those rows only, e.g. a
+        reduced-vocabulary head; the stored form recorded is still the whole weight's, and since every stored
+        precision quantizes each output row on its own (one scale per row), the rows of the stored form are exactly
+        the stored form of the rows."""
         start = time.perf_counter()
         if self.stored is None:
             weight, bias_tensor = source()
@@ -336,6 +343,8 @@ class DraftWeights:
             tensors = self._stored(name, tuple(shape), bias)
         for key, tensor in tensors.items():
             self.tensors[f"{name}.{key}"] = tensor
+        if rows is not None:
+            tensors = {key: tensor.index_select(0, rows.to(tensor.device)) for key, tensor in tensors.items()}
         packing = time.perf_counter()
         self.quantize_seconds += packing - start
         product = draft_product(tensors, self.precision, self.probes)
@@ -416,12 +425,16 @@ def _kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def draft_copy(model: nn.Module, precision: str | torch.dtype, weights: DraftWeights | None = None) -> nn.Module:
+def draft_copy(model: nn.Module, precision: str | torch.dtype, weights: DraftWeights | None = None, *,
+               adapter=None) -> nn.Module:
     """A copy of ``model`` in ``precision`` (see the module docstring), in eval mode; ``model`` is left as it is.
     ``weights``: where the int8 products come from (stored tensors from the draft cache) and are recorded (by module
-    name); a fresh :class:`DraftWeights` by default."""
+    name); a fresh :class:`DraftWeights` by default. ``adapter``: a trained draft's
+    :class:`~skiplm.speculative.trained.DraftAdapter`, merged into the copy's weights before they are cast or
+    quantized."""
     name = precision_name(precision)
-    copied = copy.deepcopy(model).to(compute_dtype(name)).eval()
+    source = adapter.merged(model) if adapter is not None else model  # (a view: deep-copied whole below)
+    copied = copy.deepcopy(source).to(compute_dtype(name)).eval()
     if name not in INT8_PRECISIONS:
         return copied
     weights = weights if weights is not None else DraftWeights(name)

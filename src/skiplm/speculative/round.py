@@ -6,13 +6,17 @@ the full model but not yet fed to it)::
     draft:   d1..dk ~ q(.|x), q(.|x, d1), ...     up to k_max tokens         (k draft forwards of 1 token, or a lookup)
     verify:  p0..pk = full(x[S-1], d1..dk)                                   (1 forward of k + 1 tokens)
     accept:  n = leading d_i the full model keeps (greedy: d_i == argmax p_{i-1}; sampling: rejection sampling)
-    commit:  d1..dm, then the full model's own token: m = the fewest drafts any unfinished row accepted
+    commit:  per row r, its n_r accepted drafts, then the full model's own token
 
-Every row advances by ``m + 1``: the first ``m`` drafts are accepted by every row, and token ``m + 1`` is, per row,
-the full model's own choice or a draft that row accepted — in all cases what the full model would produce. Drafts a
-row accepted beyond ``m`` are re-drafted next round. Greedy output is the full model's greedy output token for token
-(up to floating-point differences between a (k+1)-token and a 1-token forward, which flip an argmax only at exact
-near-ties).
+Ragged rounds (the default): every row commits its own ``n_r + 1`` tokens. The batch advances by ``M + 1`` columns,
+``M`` the most drafts an unfinished row accepted; a row that accepted fewer leaves holes — masked columns holding the
+drafts it rejected (:class:`~skiplm.speculative.state.Committed`) — so one slow row does not hold the batch back.
+Models with a sliding attention window cannot take holes (a window counts columns, so it would reach back further
+than decoding alone does): there every row advances by ``m + 1``, ``m`` the fewest drafts an unfinished row accepted,
+token ``m + 1`` being per row the full model's own choice or a draft that row accepted; drafts a row accepted beyond
+``m`` are re-drafted next round. Either way each row's tokens are what the full model produces: greedy output is the
+full model's greedy output token for token (up to floating-point differences between a (k+1)-token and a 1-token
+forward, which flip an argmax only at exact near-ties).
 """
 
 from __future__ import annotations
@@ -84,10 +88,11 @@ class Round:
 
     proposal: Proposal | None
     drafter: Drafter | None
-    accepted: list[int]  # per unfinished row, the drafts it accepted (before the batch minimum)
-    kept: int  # drafts every row committed (m)
+    accepted: list[int]  # per unfinished row, the drafts it accepted
+    kept: int  # drafts every unfinished row committed (the fewest any accepted)
     draft_seconds: float = 0.0  # drafting, the draft's prefill excluded
     verify_seconds: float = 0.0  # verification, acceptance and commit
+    committed: float = 1.0  # tokens an unfinished row committed, on average (kept + 1 unless ragged)
 
     @property
     def drafted(self) -> int:
@@ -99,10 +104,12 @@ class Round:
 
 
 def speculative_round(drafters: Sequence[Drafter], verifier: Verifier, state: Committed, sampler: Sampler,
-                      k_max: int) -> Round:
+                      k_max: int, *, ragged: bool = True) -> Round:
     """Draft up to ``k_max`` tokens with the first of ``drafters`` that proposes, verify them in one forward of the
-    full model, accept, commit (see the module docstring)."""
+    full model, accept, commit (see the module docstring; ``ragged=False``: every row advances by the fewest
+    accepted drafts)."""
     active = state.active
+    state.reserve(state.committed + k_max + 1)
     # draft: prompt lookup where the text repeats itself, else the draft model
     t = time.perf_counter()
     drafter, proposal = _first_proposal(drafters, state, k_max, sampler)
@@ -112,12 +119,20 @@ def speculative_round(drafters: Sequence[Drafter], verifier: Verifier, state: Co
     logits = verifier.verify(state, proposal.tokens)  # [B, k + 1, V]
     # accept: per row, the leading drafts the full model keeps; its tokens are those drafts, then its own token
     accepted, tokens = sampler.accept(proposal.tokens, proposal.probs, logits)
-    accepted = accepted[active]
-    kept = int(accepted.min()) if accepted.numel() else 0
-    # commit: every row advances by the fewest drafts an unfinished row accepted, plus one; caches drop the rest
-    state.commit(tokens[:, :kept + 1])
-    _crop(drafters, verifier, state, proposal.tokens.shape[1] - kept)
-    return Round(proposal, drafter, accepted.tolist(), kept, draft_seconds, time.perf_counter() - t)
+    by_row = accepted[active]
+    kept = int(by_row.min()) if by_row.numel() else 0
+    advance = int(by_row.max()) if ragged and by_row.numel() else kept
+    if advance > kept:
+        # ragged commit: each row its accepted drafts and the full model's token, over advance + 1 columns
+        state.commit(tokens[:, :advance + 1], lengths=accepted.clamp(max=advance) + 1)
+        committed = sum(by_row.tolist()) / by_row.numel() + 1
+    else:
+        # every row advances by the fewest drafts an unfinished row accepted, plus one
+        state.commit(tokens[:, :kept + 1])
+        committed = kept + 1.0
+    # caches drop the columns beyond the committed ones
+    _crop(drafters, verifier, state, proposal.tokens.shape[1] - advance)
+    return Round(proposal, drafter, by_row.tolist(), kept, draft_seconds, time.perf_counter() - t, committed)
 
 
 def plain_step(drafters: Sequence[Drafter], verifier: Verifier, state: Committed, sampler: Sampler) -> Round:

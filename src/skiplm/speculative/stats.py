@@ -153,7 +153,7 @@ class RoundInfo:
     index: int
     drafted: int  # k
     accepted: tuple[int, ...]  # per unfinished row
-    committed: int  # tokens every row advanced (min accepted + 1)
+    committed: float  # tokens an unfinished row committed, on average (accepted + 1)
     draft_seconds: float
     verify_seconds: float
     threshold: float | None

@@ -176,6 +176,10 @@ class Student:
                 for name in self.layer_names:
                     parameters[name].requires_grad_(True)
                 self.trainable_module = model
+            # a base whose handle trains parameters of its own (FiRST's routers, a submodule of the model while
+            # installed) names them; they train beside the adapter or layers
+            for param in getattr(self.handle, "trainable_parameters", lambda: [])():
+                param.requires_grad_(True)
         except BaseException:
             self.remove()
             raise
@@ -245,6 +249,12 @@ def _masked_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask:
     return (t.exp() * (t - s)).sum(-1).mean()
 
 
+def _masked_nll(student_logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked positions of the next-token cross-entropy, fp32. Logits [B, L, V], ids and mask [B, L]."""
+    mask = mask[:, 1:]
+    return torch.nn.functional.cross_entropy(student_logits[:, :-1][mask].float(), ids[:, 1:][mask])
+
+
 @torch.no_grad()
 def held_out_metrics(model: nn.Module, student: Student, data: Sequences, batch_size: int) -> dict[str, float]:
     """KL to the teacher, acceptance proxy sum(min(p, q)), student perplexity and top-1 agreement on ``data``."""
@@ -293,13 +303,17 @@ class TrainResult:
 def distill(model: nn.Module, base, data: Any, held_out: Any, *, adapter=None, layers: list[str] | None = None,
             settings: TrainSettings = TrainSettings(), run_dir: str | Path | None = None, resume: bool = False,
             progress: Callable[[int, int, dict[str, float]], None] | None = None,
-            identity: dict[str, Any] | None = None) -> TrainResult:
+            identity: dict[str, Any] | None = None, objective: str = "kl") -> TrainResult:
     """Train ``adapter`` (a peft ``LoraConfig``) or ``layers`` (parameter names) of ``model`` with ``base`` applied
     toward the full model, on ``data``; evaluate on ``held_out``. ``run_dir`` keeps checkpoints (a temporary folder
     if None: then nothing resumes); ``resume`` continues the run there. ``progress(step, total, info)`` after every
     step. ``identity``: what the run is (plan, method, options) — a resumed run must match it. ``model`` is unchanged
-    afterwards."""
+    afterwards. ``objective``: ``kl`` (to the teacher, the default) or ``lm`` (the student's next-token
+    cross-entropy on the data itself, no teacher forward; evaluations and the best checkpoint still go by KL)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    if objective not in ("kl", "lm"):
+        raise TrainError(f"objective must be 'kl' (to the full model) or 'lm' (next-token loss), got {objective!r}.")
 
     train, evaluation = Sequences.of(data), Sequences.of(held_out)
     if len(evaluation) == 0 or evaluation.tokens() == 0:
@@ -354,10 +368,15 @@ def distill(model: nn.Module, base, data: Any, held_out: Any, *, adapter=None, l
                 ids, attention, mask = inputs["input_ids"], inputs["attention_mask"], inputs["loss_mask"]
                 # explicit autocast (the Trainer's own bf16 flag left autocast off on CPU here: fp32 speed)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    with torch.no_grad(), student.teacher():
-                        teacher_logits = model_(input_ids=ids, attention_mask=attention, use_cache=False).logits
+                    if objective == "kl":
+                        with torch.no_grad(), student.teacher():
+                            teacher_logits = model_(input_ids=ids, attention_mask=attention, use_cache=False).logits
                     student_logits = model_(input_ids=ids, attention_mask=attention, use_cache=False).logits
-                loss = _masked_kl(teacher_logits, student_logits, mask)
+                loss = (_masked_kl(teacher_logits, student_logits, mask) if objective == "kl"
+                        else _masked_nll(student_logits, ids, mask))
+                extra = getattr(student.handle, "training_loss", None)  # a base's own term (FiRST's skip-rate cost)
+                if extra is not None:
+                    loss = loss + extra().to(loss.device)
                 return (loss, student_logits) if return_outputs else loss
 
             def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
