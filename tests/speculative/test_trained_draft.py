@@ -193,6 +193,15 @@ def test_adapter_save_load_roundtrip_and_refusals(tmp_path):
     assert set(loaded.state) == set(adapter.state)
     assert all(torch.equal(loaded.state[k], adapter.state[k]) for k in adapter.state)
     assert skiplm.SkipPlan.load(path) == plan  # still an ordinary plan file
+    # another process (string hashing differs: peft's target_modules set is written in another order) reads it too
+    import subprocess
+    import sys
+
+    code = f"from skiplm.speculative.trained import load_trained_draft; print(load_trained_draft({str(path)!r})[1].digest())"
+    for seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**__import__("os").environ, "PYTHONHASHSEED": seed, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0 and done.stdout.strip() == adapter.digest(), done.stderr[-500:]
 
     with pytest.raises(DraftAdapterError, match="trained for another skip set"):
         SpeculativeDecoder(model, plan_for(model, blocks=[2]), draft_adapter=loaded)

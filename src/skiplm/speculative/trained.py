@@ -229,6 +229,8 @@ class DraftAdapter:
         kept = {k: v for k, v in record.items() if k in ("paper", "decode", "plan", "precision", "options",
                                                          "training", "seconds")}
         adapter = cls(config, state, kept)
+        # its identity is the files as written (peft's JSON of a config read back may differ, e.g. in key order)
+        adapter._files = {name: (folder / name).read_bytes() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)}
         if record.get("digest") not in (None, adapter.digest()):
             raise DraftAdapterError(f"{folder}: its files do not give the digest its record names; train again.")
         return adapter
