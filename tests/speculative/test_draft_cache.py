@@ -328,8 +328,83 @@ def test_generate_reports_setup_and_takes_no_draft_cache(tiny_folder, cache_root
         outcome = run_cli(*args)
         assert outcome.exit_code == 0, outcome.output
         printed = " ".join(outcome.output.split())  # (the console wraps lines)
-        assert "s of setup" in printed and source in printed, printed
+        # (a one-shot command builds the draft in the background, while the first plain steps decode)
+        assert "the draft built meanwhile in" in printed and source in printed, printed
     assert len(list(cache_root.iterdir())) == 1
     listing = run_cli("draft-cache")
     assert listing.exit_code == 0 and "int8 draft, lean engine" in listing.output
     assert run_cli("draft-cache", "--clear").exit_code == 0 and not cache_root.exists()
+
+
+def _held_build(monkeypatch):
+    """make_draft held until the returned event is set (a slow build, on the test's schedule)."""
+    import threading
+
+    from skiplm.speculative import decoder as decoder_module
+
+    release, real = threading.Event(), decoder_module.make_draft
+
+    def held(*args, **kwargs):
+        assert release.wait(60), "the test never released the build"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder_module, "make_draft", held)
+    return release
+
+
+def test_a_draft_built_in_the_background_decodes_plain_steps_meanwhile_and_stays_exact(cache_root, monkeypatch):
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([7, 11], seed=5)
+    release = _held_build(monkeypatch)
+    steps = []
+
+    def streamer(new):  # the build is released after five plain steps
+        steps.append(new)
+        if len(steps) == 5:
+            release.set()
+
+    decoder = SpeculativeDecoder(model, draft_dtype="int8-dynamic", draft_cache=_cache(), background=True)
+    assert not decoder.draft_ready()  # the constructor did not wait
+    result = decoder.generate(ids, mask, max_new_tokens=TOKENS, eos_token_id=[], streamer=streamer)
+    stats = result.stats
+    assert result.tokens == oracle(model, ids, mask, TOKENS)  # plain steps, then speculation: exact throughout
+    assert stats.building_steps >= 5 and stats.rounds >= 1 and stats.plain_steps >= stats.building_steps
+    # the steps taken while building (slowed by the build) never reach the speed monitor
+    assert decoder.monitors[2].plain_observed <= stats.plain_steps - stats.building_steps
+    assert stats.setup is decoder.setup and stats.setup.background and stats.draft_engine == "lean"
+    assert "while the draft was being built" in stats.describe() and "built in the background" in stats.describe()
+    again = decoder.generate(ids, mask, max_new_tokens=TOKENS, eos_token_id=[]).stats
+    assert again.building_steps == 0 and again.setup is None and again.rounds >= 1
+    decoder.close()
+
+
+def test_a_generation_that_ends_before_the_background_build_is_all_plain(cache_root, monkeypatch):
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([6], seed=3)
+    release = _held_build(monkeypatch)
+    decoder = SpeculativeDecoder(model, draft_dtype="int8", draft_cache=_cache(), background=True)
+    short = decoder.generate(ids, mask, max_new_tokens=4, eos_token_id=[])
+    assert short.tokens == oracle(model, ids, mask, 4) and short.stats.rounds == 0
+    assert short.stats.building_steps == short.stats.plain_steps == 3  # (the prefill gives the first token)
+    assert short.stats.setup is None  # not done yet: reported with the generation that adopts the draft
+    release.set()
+    decoder.draft  # waits for the build
+    later = decoder.generate(ids, mask, max_new_tokens=TOKENS, eos_token_id=[]).stats
+    assert later.setup is decoder.setup and later.rounds >= 1 and later.building_steps == 0
+    decoder.close()
+
+
+def test_a_background_build_that_fails_raises_its_own_error(cache_root, monkeypatch):
+    from skiplm.errors import PlanError
+    from skiplm.speculative import decoder as decoder_module
+
+    def failing(*args, **kwargs):
+        raise PlanError("no draft today: try --draft-dtype int8.")
+
+    monkeypatch.setattr(decoder_module, "make_draft", failing)
+    model = cached_tiny_model("llama")
+    ids, mask = left_padded([6], seed=3)
+    decoder = SpeculativeDecoder(model, draft_dtype="int8", draft_cache=_cache(), background=True)
+    with pytest.raises(PlanError, match="no draft today"):
+        decoder.generate(ids, mask, max_new_tokens=TOKENS, eos_token_id=[])
+    decoder.close()  # nothing to close; the error is not raised twice

@@ -827,3 +827,28 @@ def test_a_prompt_beyond_the_context_is_refused_before_decoding(tiny_folder):
     out = skiplm.speculative.generate(model, tokenizer, ids, plan=skiplm.SkipPlan.from_layers(4, blocks=[1]),
                                       max_new_tokens=2)  # 512 in all: fits
     assert 1 <= len(out.tokens[0]) <= 2
+
+
+def test_draft_search_times_the_batch_sizes_it_is_asked_for(tiny_folder, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "draft.json"
+    result = run_cli("draft-search", tiny_folder, "--max-blocks", 1, "--limit", 2, "--new-tokens", 6,
+                     "--precisions", "int8", "--batch-sizes", "1,2", "-o", out)
+    assert result.exception is None, result.output
+    search = json.loads((tmp_path / "draft.search.json").read_text())
+    assert search["batch_sizes"] == [1, 2]
+    measured = search["measured"]["results"]
+    for name, speedup in search["speedups"].items():  # the geometric mean of each batch size's measured speedup
+        per = search["speedups_by_batch"][name]
+        assert per == {"1": measured["calibration_b1"][name]["speedup"], "2": measured["calibration_b2"][name]["speedup"]}
+        assert speedup == pytest.approx((per["1"] * per["2"]) ** 0.5)
+        assert measured["calibration_b2"][name]["identical_rows"] == 2  # one batch of two rows, exact
+    assert search["best"] == max(search["speedups"], key=search["speedups"].get)
+    assert search["pays"] == (min(search["speedups_by_batch"][search["best"]].values()) > 1.0)
+    plan = skiplm.SkipPlan.load(out)
+    assert plan.provenance["draft_search"]["batch_sizes"] == [1, 2]
+    assert plan.provenance["draft_search"]["speedups_by_batch"] == search["speedups_by_batch"]
+    refused = run_cli("draft-search", tiny_folder, "--limit", 2, "--batch-sizes", "1,4", "-o", tmp_path / "x.json")
+    assert refused.exit_code != 0 and "--limit 4 or more (now 2)" in str(refused.exception)  # before loading anything
+    assert not (tmp_path / "x.json").exists()

@@ -134,7 +134,8 @@ def generate(model, plan_path, heal_dir, merge, prompt, max_new_tokens, chat, te
             prompt_lookup=prompt_lookup or None, draft_cache=False if no_draft_cache else None,
             draft_adapter=adapter, draft_vocab=vocab, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0, top_k=top_k, top_p=top_p, max_draft=max_draft,
-            seed=seed, streamer=TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True), check_model=False)
+            seed=seed, streamer=TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True), check_model=False,
+            background=True)  # a one-shot command: plain steps while the draft is built
         elapsed = time.perf_counter() - start
         new = len(result.tokens[0])
         precision = draft_dtype or draft_precision(skip_plan)
@@ -143,10 +144,14 @@ def generate(model, plan_path, heal_dir, merge, prompt, max_new_tokens, chat, te
                                         f"proposing {vocab.describe()}" if vocab is not None else "",
                                         f"trained ({adapter.describe()})" if adapter is not None else ""]))
         # decoding (as the plain path times it) apart from the one-time setup (making or loading the draft)
-        decoding = result.stats.total_seconds
+        decoding, setup = result.stats.total_seconds, result.stats.setup
+        if setup is not None and setup.background:  # built while the first plain steps decoded: not one after other
+            timing = (f"the draft built meanwhile in {setup.seconds:.2f} s, during "
+                      f"{result.stats.building_steps} plain steps")
+        else:
+            timing = f"after {result.stats.setup_seconds:.2f} s of setup"
         console.print(f"[dim]{new} tokens in {decoding:.2f} s ({new / max(decoding, 1e-9):.1f} tokens/s, including "
-                      f"prefill), after {result.stats.setup_seconds:.2f} s of setup ({elapsed:.2f} s in all); "
-                      f"draft: {draft}[/dim]")
+                      f"prefill), {timing} ({elapsed:.2f} s in all); draft: {draft}[/dim]")
         console.print(f"[dim]{result.stats.describe()}[/dim]")
         return
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)

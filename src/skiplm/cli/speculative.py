@@ -122,6 +122,9 @@ def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, lim
 @click.option("--alternatives", default=2, show_default=True, type=click.IntRange(min=0),
               help="runner-up skip sets (same precision) to record in the draft plan for on-the-fly selection")
 @click.option("--limit", default=3, show_default=True, type=click.IntRange(min=1), help="calibration prompts")
+@click.option("--batch-sizes", default="1", show_default=True, type=IntList(1),
+              help="comma-separated batch sizes to time every candidate at (the winner: the highest geometric mean "
+                   "of its speedups); --limit must be at least the largest")
 @click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--repeats", default=1, show_default=True, type=click.IntRange(min=1),
               help="timing rounds per candidate (median); more rounds tell closer candidates apart, and take longer")
@@ -146,11 +149,12 @@ def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, lim
 @click.option("--out", "-o", type=Output("file"), required=True, help="draft plan file to write (JSON)")
 @NO_DRAFT_CACHE
 @_model_options
-def draft_search(model, max_blocks, precisions, prompt_source, alternatives, limit, new_tokens, repeats, max_draft,
-                 train_blocks, trained_paths, train_steps, train_minutes, train_sequences, rank, draft_vocab, out,
+def draft_search(model, max_blocks, precisions, prompt_source, alternatives, limit, batch_sizes, new_tokens, repeats,
+                 max_draft, train_blocks, trained_paths, train_steps, train_minutes, train_sequences, rank, draft_vocab, out,
                  no_draft_cache, dtype, device):
     """Choose a self-speculative draft for MODEL by measurement: each candidate (a skip set and a precision) drafts
-    whole generations on calibration prompts at batch 1, timed against plain greedy decoding; the fastest is saved
+    whole generations on calibration prompts (at batch 1, or --batch-sizes), timed against plain greedy decoding in
+    the same run; the fastest is saved
     as a draft plan (its precision included) for `generate --speculative --plan` and `bench-speculative
     --draft-plan`."""
     from ..speculative.search import run_draft_search, searchable_precisions
@@ -158,6 +162,9 @@ def draft_search(model, max_blocks, precisions, prompt_source, alternatives, lim
     asked = [p.strip() for p in precisions.split(",") if p.strip()]
     if not asked:
         raise click.UsageError("--precisions needs at least one precision, e.g. float32,int8.")
+    if limit < max(batch_sizes):
+        raise click.UsageError(f"--batch-sizes {max(batch_sizes)} needs at least that many calibration prompts: give "
+                               f"--limit {max(batch_sizes)} or more (now {limit}).")
     hf_model, tokenizer = _load(model, dtype, device)
     usable, reasons = searchable_precisions(asked, next(hf_model.parameters()).device)
     for precision, reason in reasons.items():
@@ -190,11 +197,14 @@ def draft_search(model, max_blocks, precisions, prompt_source, alternatives, lim
         search = run_draft_search(hf_model, tokenizer, precisions=usable, max_blocks=max_blocks, prompts=prompt_source,
                                   alternatives=alternatives, limit=limit, new_tokens=new_tokens, repeats=repeats,
                                   max_draft=max_draft, name=model, train=tuple(train_blocks or ()), trained=trained,
-                                  trainer=trainer, progress=status.update, vocab=vocab)
+                                  trainer=trainer, progress=status.update, vocab=vocab, batch_sizes=batch_sizes)
     search.save(out, command=_command_line())
     found = search.found
+    several = len(found["batch_sizes"]) > 1
     for name, speedup in found["speedups"].items():
-        console.print(f"{name}: {speedup:.3f}x, {found['acceptance'][name]:.0%} of drafts accepted")
+        per = ", ".join(f"b{b} {x:.3f}x" for b, x in found["by_batch"][name].items())
+        console.print(f"{name}: {speedup:.3f}x{' (geometric mean; ' + per + ')' if several else ''}, "
+                      f"{found['acceptance'][name]:.0%} of drafts accepted")
     verdict = ("beats plain decoding" if found["pays"] else
                "does not beat plain decoding here: speculation with it will mostly fall back to plain steps")
     console.print(f"best draft {search.best.name} ({search.plan.describe()}) {verdict}; search took "

@@ -12,6 +12,8 @@ with its adapter beside the plan, and records no runner-ups (its adapter was tra
 from __future__ import annotations
 
 import dataclasses
+import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,23 +34,37 @@ from .trained import save_trained_draft
 
 def search_draft(model: nn.Module, prompts: list[list[int]], candidates: Sequence[Draft], *, new_tokens: int = 32,
                  max_draft: int = DEFAULT_MAX_DRAFT, repeats: int = 1, eos_token_id=None, pad_token_id: int = 0,
+                 batch_sizes: Sequence[int] = (1,),
                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Offline draft search: each candidate drafts for the whole generation (no fallback) on the calibration
-    ``prompts`` at batch 1, timed against plain greedy decoding in the same run; the winner is the candidate with the
-    highest measured speedup of the whole speculative loop (acceptance, draft cost and verify cost all count).
-    ``pays`` says whether it beats plain decoding at all. ``repeats``: rounds over the prompts, in alternating order
-    (the median speedup counts); one round tells apart candidates more than ~5% apart."""
+    ``prompts`` at each of ``batch_sizes``, timed against plain greedy decoding in the same run; the winner is the
+    candidate with the highest measured speedup of the whole speculative loop (acceptance, draft cost and verify cost
+    all count) — over several batch sizes, the highest geometric mean of its speedups (``speedups``; each batch
+    size's own in ``by_batch``). ``pays`` says whether it beats plain decoding at every batch size. ``repeats``: rounds
+    over the prompts, in alternating order (the median speedup counts); one round tells apart candidates more than
+    ~5% apart."""
     if not candidates:
         raise DataError("the draft search needs at least one candidate.")
+    batch_sizes = tuple(dict.fromkeys(int(b) for b in batch_sizes))
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise DataError("the draft search needs positive batch sizes, e.g. 1 or 1,4.")
+    if len(prompts) < max(batch_sizes):
+        raise DataError(f"batch {max(batch_sizes)} needs at least as many calibration prompts; there are "
+                        f"{len(prompts)}: raise --limit to {max(batch_sizes)} or more.")
     start = time.perf_counter()
-    result = run_speculative_bench(model, {"calibration": prompts}, candidates, batch_sizes=(1,), repeats=repeats,
-                                   new_tokens=new_tokens, max_draft=max_draft, eos_token_id=eos_token_id,
-                                   pad_token_id=pad_token_id, fallback=False, progress=progress)
-    measured = result["results"]["calibration_b1"]
-    speedups = {d.name: measured[d.name]["speedup"] for d in candidates}
+    result = run_speculative_bench(model, {"calibration": prompts}, candidates, batch_sizes=batch_sizes,
+                                   repeats=repeats, new_tokens=new_tokens, max_draft=max_draft,
+                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, fallback=False,
+                                   progress=progress)
+    measured = {b: result["results"][f"calibration_b{b}"] for b in batch_sizes}
+    by_batch = {d.name: {b: measured[b][d.name]["speedup"] for b in batch_sizes} for d in candidates}
+    speedups = {name: math.prod(per.values()) ** (1 / len(per)) for name, per in by_batch.items()}
     best = max(candidates, key=lambda d: speedups[d.name])
-    return {"best": best, "pays": speedups[best.name] > 1.0, "speedups": speedups,
-            "acceptance": {d.name: measured[d.name]["acceptance_rate"] for d in candidates},
+    # acceptance: the mean over the batch sizes
+    acceptance = {d.name: statistics.fmean(measured[b][d.name]["acceptance_rate"] for b in batch_sizes)
+                  for d in candidates}
+    return {"best": best, "pays": min(by_batch[best.name].values()) > 1.0, "speedups": speedups,
+            "by_batch": by_batch, "batch_sizes": list(batch_sizes), "acceptance": acceptance,
             "seconds": time.perf_counter() - start, "measured": result}
 
 
@@ -108,6 +124,9 @@ class DraftSearch:
         write_json(Path(out).with_suffix(".search.json"),
                    {"kind": "draft-search", "command": command, "best": self.best.name, "pays": found["pays"],
                     "seconds": self.seconds, "speedups": found["speedups"], "acceptance": found["acceptance"],
+                    "batch_sizes": found["batch_sizes"],
+                    "speedups_by_batch": {name: {str(b): x for b, x in per.items()}
+                                          for name, per in found["by_batch"].items()},
                     "measured": found["measured"]})
         return path
 
@@ -150,14 +169,15 @@ def run_draft_search(model: nn.Module, tokenizer, *, precisions: Sequence[str], 
                      prompts: str = "gsm8k", alternatives: int = 2, limit: int = 3, new_tokens: int = 64,
                      repeats: int = 1, max_draft: int = DEFAULT_MAX_DRAFT, name: str | None = None,
                      train: Sequence[int] = (), trained: Sequence[Draft] = (), trainer: Callable[..., Any] | None = None,
-                     progress: Callable[[str], None] | None = None, vocab=None) -> DraftSearch:
+                     progress: Callable[[str], None] | None = None, vocab=None,
+                     batch_sizes: Sequence[int] = (1,)) -> DraftSearch:
     """Rank blocks, time every candidate (:func:`draft_candidates`, :func:`search_draft`) on ``limit`` prompts of
     ``prompts``, and make the winner a draft plan: its provenance records its precision, the ``alternatives`` fastest
     other skip sets of that precision (runner-ups, for on-the-fly selection) and the search's settings and
     measurements. Trained drafts: ``train`` (block counts: adapters trained now, :func:`trained_candidates`, with
     ``trainer`` if given) and ``trained`` (trained drafts made earlier) are candidates too. ``vocab``: every candidate
     drafts with this reduced-vocabulary head (a :class:`~skiplm.speculative.vocab.DraftVocab`), recorded in the draft
-    plan (``draft.vocab``)."""
+    plan (``draft.vocab``). ``batch_sizes``: timed at each (the winner by the geometric mean of its speedups)."""
     start = time.perf_counter()
     if progress:
         progress("ranking blocks by Block Influence")
@@ -168,7 +188,7 @@ def run_draft_search(model: nn.Module, tokenizer, *, precisions: Sequence[str], 
     calibration = prompt_set(tokenizer, prompts, limit)
     found = search_draft(model, calibration, candidates, new_tokens=new_tokens, max_draft=max_draft, repeats=repeats,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
-                         progress=(lambda text: progress(f"timing candidates: {text}")) if progress else None)
+                         batch_sizes=batch_sizes, progress=(lambda text: progress(f"timing candidates: {text}")) if progress else None)
     seconds = time.perf_counter() - start
     best = found["best"]
     # runner-ups: untrained skip sets of the winner's precision (a trained winner's adapter fits its skip set only)
@@ -182,7 +202,9 @@ def run_draft_search(model: nn.Module, tokenizer, *, precisions: Sequence[str], 
         **best.plan.provenance, "draft": draft,
         "draft_search": {"speedups": found["speedups"], "acceptance": found["acceptance"], "pays": found["pays"],
                          "seconds": seconds, "prompts": prompts, "limit": limit, "new_tokens": new_tokens,
-                         "repeats": repeats,
+                         "repeats": repeats, "batch_sizes": found["batch_sizes"],
+                         "speedups_by_batch": {name: {str(b): x for b, x in per.items()}
+                                               for name, per in found["by_batch"].items()},
                          "trained": any(d is best for d in trained_now),  # its training is in these seconds
                          "trained_candidates": [d.name for d in candidates if d.adapter is not None]}})
     return DraftSearch(plan, best, found, seconds)

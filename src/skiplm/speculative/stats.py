@@ -30,6 +30,7 @@ class SetupStats:
     warmup_seconds: float = 0.0  # its first calls (TorchScript profiles and optimizes)
     store_seconds: float = 0.0  # writing the draft cache entry
     head_seconds: float = 0.0  # packing the verifier's output head
+    background: bool = False  # the draft was built in a thread while plain steps decoded (seconds: until it was ready)
     cache_path: str | None = None  # the draft cache entry used or written
     cache_note: str | None = None  # why the cache was not used, or was rebuilt
 
@@ -51,7 +52,8 @@ class SetupStats:
                           if seconds >= 0.005)
         source = {"built": "built now", "disk": "from the draft cache", "memory": "built earlier in this process",
                   "model": "the model's own weights"}.get(self.draft_source, self.draft_source)
-        text = f"setup {self.seconds:.2f} s (draft {source}" + (f"; {shown} s" if shown else "") + ")"
+        built = "; built in the background while decoding plain steps" if self.background else ""
+        text = f"setup {self.seconds:.2f} s (draft {source}" + (f"; {shown} s" if shown else "") + built + ")"
         if self.cache_note:
             text += f"; draft cache: {self.cache_note}"
         return text
@@ -71,6 +73,7 @@ class SpeculativeStats:
     discarded: int = 0  # accepted - committed_from_draft: drafts a row accepted but another row's rejection threw away
     plain_steps: int = 0  # single-token full-model steps (probe, fallback, or the last token)
     fallback_steps: int = 0  # plain steps taken because speculation did not pay
+    building_steps: int = 0  # plain steps taken while the draft was being built in the background
     fallbacks: int = 0  # times speculation was switched off
     fallback_events: list[dict[str, float]] = dataclasses.field(default_factory=list)
     accepted_histogram: list[int] = dataclasses.field(default_factory=list)  # rounds by tokens committed from drafts
@@ -131,6 +134,8 @@ class SpeculativeStats:
                 f"{self.tokens_per_round:.2f} tokens per round; {self.plain_steps} plain steps")
         if self.fallbacks:
             text += f" ({self.fallback_steps} after {self.fallbacks} fallback(s): speculation did not pay)"
+        if self.building_steps:
+            text += f" ({self.building_steps} while the draft was being built)"
         if self.discarded:
             text += f"; {self.discarded} accepted drafts discarded by the batch minimum"
         if self.lookup_rounds:
