@@ -20,7 +20,8 @@ HEALS = Path("results/heal-work/heals")
 
 def _rows_for(target: str) -> list[tuple[str, str, str, str | None]]:
     """(kind, eval row, bench row, folder) per row of one target."""
-    rows = [("FiRST", f"first-{target}/first", f"first-{target}/first", f"first-{target}")]
+    # (`skiplm eval` names each router folder's rows by their folder, `skiplm bench` (one router per run) "first")
+    rows = [("FiRST", f"first-{target}/first", "first", f"first-{target}")]
     if target == "1.2":
         rows.append(("FiRST, straight-through", "first-1.2-st/first", "first-1.2-st/first", "first-1.2-st"))
     for method in ("search", "block-influence"):
