@@ -841,7 +841,7 @@ def test_draft_search_times_the_batch_sizes_it_is_asked_for(tiny_folder, tmp_pat
     measured = search["measured"]["results"]
     for name, speedup in search["speedups"].items():  # the geometric mean of each batch size's measured speedup
         per = search["speedups_by_batch"][name]
-        assert per == {"1": measured["calibration_b1"][name]["speedup"], "2": measured["calibration_b2"][name]["speedup"]}
+        assert per == {str(b): measured[f"calibration_b{b}"][name]["speedup"] for b in (1, 2)}
         assert speedup == pytest.approx((per["1"] * per["2"]) ** 0.5)
         assert measured["calibration_b2"][name]["identical_rows"] == 2  # one batch of two rows, exact
     assert search["best"] == max(search["speedups"], key=search["speedups"].get)

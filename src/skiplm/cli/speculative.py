@@ -150,13 +150,12 @@ def bench_speculative(model, plan_paths, dtypes, adapt, lookup, prompt_sets, lim
 @NO_DRAFT_CACHE
 @_model_options
 def draft_search(model, max_blocks, precisions, prompt_source, alternatives, limit, batch_sizes, new_tokens, repeats,
-                 max_draft, train_blocks, trained_paths, train_steps, train_minutes, train_sequences, rank, draft_vocab, out,
-                 no_draft_cache, dtype, device):
+                 max_draft, train_blocks, trained_paths, train_steps, train_minutes, train_sequences, rank, draft_vocab,
+                 out, no_draft_cache, dtype, device):
     """Choose a self-speculative draft for MODEL by measurement: each candidate (a skip set and a precision) drafts
     whole generations on calibration prompts (at batch 1, or --batch-sizes), timed against plain greedy decoding in
-    the same run; the fastest is saved
-    as a draft plan (its precision included) for `generate --speculative --plan` and `bench-speculative
-    --draft-plan`."""
+    the same run; the fastest is saved as a draft plan (its precision included) for `generate --speculative --plan`
+    and `bench-speculative --draft-plan`."""
     from ..speculative.search import run_draft_search, searchable_precisions
 
     asked = [p.strip() for p in precisions.split(",") if p.strip()]

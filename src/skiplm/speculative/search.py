@@ -57,7 +57,8 @@ def search_draft(model: nn.Module, prompts: list[list[int]], candidates: Sequenc
                                    eos_token_id=eos_token_id, pad_token_id=pad_token_id, fallback=False,
                                    progress=progress)
     measured = {b: result["results"][f"calibration_b{b}"] for b in batch_sizes}
-    by_batch = {d.name: {b: measured[b][d.name]["speedup"] for b in batch_sizes} for d in candidates}
+    # each candidate's speedup per batch size (keyed "1", "4", ...: as the JSON files keep them)
+    by_batch = {d.name: {str(b): measured[b][d.name]["speedup"] for b in batch_sizes} for d in candidates}
     speedups = {name: math.prod(per.values()) ** (1 / len(per)) for name, per in by_batch.items()}
     best = max(candidates, key=lambda d: speedups[d.name])
     # acceptance: the mean over the batch sizes
@@ -124,9 +125,7 @@ class DraftSearch:
         write_json(Path(out).with_suffix(".search.json"),
                    {"kind": "draft-search", "command": command, "best": self.best.name, "pays": found["pays"],
                     "seconds": self.seconds, "speedups": found["speedups"], "acceptance": found["acceptance"],
-                    "batch_sizes": found["batch_sizes"],
-                    "speedups_by_batch": {name: {str(b): x for b, x in per.items()}
-                                          for name, per in found["by_batch"].items()},
+                    "batch_sizes": found["batch_sizes"], "speedups_by_batch": found["by_batch"],
                     "measured": found["measured"]})
         return path
 
@@ -188,7 +187,8 @@ def run_draft_search(model: nn.Module, tokenizer, *, precisions: Sequence[str], 
     calibration = prompt_set(tokenizer, prompts, limit)
     found = search_draft(model, calibration, candidates, new_tokens=new_tokens, max_draft=max_draft, repeats=repeats,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
-                         batch_sizes=batch_sizes, progress=(lambda text: progress(f"timing candidates: {text}")) if progress else None)
+                         batch_sizes=batch_sizes,
+                         progress=(lambda text: progress(f"timing candidates: {text}")) if progress else None)
     seconds = time.perf_counter() - start
     best = found["best"]
     # runner-ups: untrained skip sets of the winner's precision (a trained winner's adapter fits its skip set only)
@@ -203,8 +203,7 @@ def run_draft_search(model: nn.Module, tokenizer, *, precisions: Sequence[str], 
         "draft_search": {"speedups": found["speedups"], "acceptance": found["acceptance"], "pays": found["pays"],
                          "seconds": seconds, "prompts": prompts, "limit": limit, "new_tokens": new_tokens,
                          "repeats": repeats, "batch_sizes": found["batch_sizes"],
-                         "speedups_by_batch": {name: {str(b): x for b, x in per.items()}
-                                               for name, per in found["by_batch"].items()},
+                         "speedups_by_batch": found["by_batch"],
                          "trained": any(d is best for d in trained_now),  # its training is in these seconds
                          "trained_candidates": [d.name for d in candidates if d.adapter is not None]}})
     return DraftSearch(plan, best, found, seconds)
