@@ -50,6 +50,35 @@ def _reporting():
         yield report
 
 
+@contextlib.contextmanager
+def _training_progress(label, *, command: str, out, total: int | None = None, held_out: tuple[str, ...] = ("kl",)):
+    """A progress bar for a training run (``skiplm.train.distill``) and the callback it reports to,
+    ``report(done, total, info)``: ``label`` (a text, or ``label(done, info)``), then the loss, tokens/s and the last
+    held-out evaluation's ``held_out`` measures. Ctrl-C (the run's ``TrainingInterrupted``, after a checkpoint) ends
+    the command with exit code 130 and how to continue: ``skiplm COMMAND ... --out OUT --resume``."""
+    from ..train.distill import TrainingInterrupted
+
+    names = {"kl": ("held-out KL", ".4f"), "acceptance": ("held-out acceptance", ".3f")}
+    with _progress() as progress:
+        task = progress.add_task(label if isinstance(label, str) else label(0, None), total=total)
+
+        def report(done, total, info=None):
+            text = label if isinstance(label, str) else label(done, info)
+            if info:
+                text += f"  loss {info['loss']:.4f}  {info['tokens_per_second']:,.0f} tok/s"
+                for key in held_out:
+                    if f"held_out_{key}" in info:
+                        name, spec = names[key]
+                        text += f"  {name} {info[f'held_out_{key}']:{spec}}"
+            progress.update(task, completed=done, total=total, description=text)
+
+        try:
+            yield report
+        except TrainingInterrupted as exc:
+            console.print(f"{exc} (skiplm {command} ... --out {out} --resume)")
+            sys.exit(130)
+
+
 def _print_table(headers: list[str], rows: list[list[str]], *, left_columns: int = 1, min_width: int | None = None,
                  **table_options) -> None:
     """A result table on stdout (the progress and messages go to stderr): the first ``left_columns`` columns left

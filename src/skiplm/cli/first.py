@@ -10,14 +10,13 @@ the parameter-count cost model (``--costs params``) says the target needs. Use t
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import click
 
 from ..registry import ROUTERS
-from .common import MODEL_ARGUMENT, _load, _model_options, _progress, cli, console
+from .common import MODEL_ARGUMENT, _load, _model_options, _training_progress, cli, console
 from .options import POSITIVE, Output
 
 
@@ -53,7 +52,7 @@ def first_command(model, speedup, blocks, costs, corpus, sequences, length, step
     from ..errors import SkipLMError
     from ..heal.train import _settings
     from ..routers import RouterError, train_first
-    from ..train.distill import TrainError, TrainingInterrupted
+    from ..train.distill import TrainError
     from .heal import _data, _training_lines
 
     if (speedup is None) == (blocks is None):
@@ -89,17 +88,10 @@ def first_command(model, speedup, blocks, costs, corpus, sequences, length, step
         with console.status("measuring the latency of skipped blocks on this device"):
             latency = LatencyModel.measure(hf_model)
     start = time.perf_counter()
-    with _progress() as progress:
-        task = progress.add_task("training FiRST routers", total=None)
+    def label(done, info):  # (after training, the threshold's calibration reports with no info)
+        return "training FiRST routers" if info is not None or done == 0 else "calibrating the threshold"
 
-        def report(done, total, info=None):
-            text = "training FiRST routers" if info is not None or done == 0 else "calibrating the threshold"
-            if info:
-                text += f"  loss {info['loss']:.4f}  {info['tokens_per_second']:,.0f} tok/s"
-                if "held_out_kl" in info:
-                    text += f"  held-out KL {info['held_out_kl']:.4f}"
-            progress.update(task, completed=done, total=total, description=text)
-
+    with _training_progress(label, command="first", out=out) as report:
         try:
             first = train_first(
                 hf_model, data, speedup=speedup, blocks=blocks, latency=latency, rank=options["rank"],
@@ -107,9 +99,6 @@ def first_command(model, speedup, blocks, costs, corpus, sequences, length, step
                 prompt_tokens=options["prompt_tokens"], straight_through=options["straight_through"],
                 protect_first=protect_first, protect_last=protect_last, held_out=options["held_out"],
                 settings=_settings(options), run_dir=run_dir, resume=resume, progress=report)
-        except TrainingInterrupted as exc:
-            console.print(f"{exc} (skiplm first ... --out {out} --resume)")
-            sys.exit(130)
         except RouterError as exc:
             raise click.UsageError(str(exc)) from None
     first.provenance.update({"data": read, "model_name": model})

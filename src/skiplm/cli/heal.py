@@ -9,7 +9,6 @@ continues, and is removed once the heal folder is written."""
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from .common import (
     _load_plan,
     _model_options,
     _progress,
+    _training_progress,
     cli,
     console,
 )
@@ -66,8 +66,6 @@ def heal(model, plan_path, method, extra_options, corpus, sequences, length, min
     """Heal a block plan of MODEL (fit or train it back toward the full model) and write the heal folder."""
     from ..heal import heal as heal_plan
     from ..heal import methods
-    from ..train.distill import TrainingInterrupted
-
     names = _methods(methods, method)
     specs = [HEALERS.get(name) for name in names]
     options = _parse_options(specs, extra_options)
@@ -93,23 +91,9 @@ def heal(model, plan_path, method, extra_options, corpus, sequences, length, min
     skip_plan = _load_plan(plan_path, hf_model, force)
     data, read = _data(hf_model, tokenizer, corpus, sequences, length, options.get("seed", 0))
     start = time.perf_counter()
-    with _progress() as progress:
-        task = progress.add_task(f"healing ({method})", total=None)
-
-        def report(done, total, info=None):
-            text = f"healing ({method})"
-            if info:
-                text += f"  loss {info['loss']:.4f}  {info['tokens_per_second']:,.0f} tok/s"
-                if "held_out_kl" in info:
-                    text += f"  held-out KL {info['held_out_kl']:.4f}"
-            progress.update(task, completed=done, total=total, description=text)
-
-        try:
-            healed = heal_plan(hf_model, skip_plan, method, calibration=data, progress=report,
-                               run_dir=run_dir if trains else None, resume=resume, **options)
-        except TrainingInterrupted as exc:
-            console.print(f"{exc} (skiplm heal ... --out {out} --resume)")
-            sys.exit(130)
+    with _training_progress(f"healing ({method})", command="heal", out=out) as report:
+        healed = heal_plan(hf_model, skip_plan, method, calibration=data, progress=report,
+                           run_dir=run_dir if trains else None, resume=resume, **options)
     elapsed = time.perf_counter() - start
     healed.save(out)
     if trains:

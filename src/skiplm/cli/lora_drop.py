@@ -8,13 +8,12 @@ model generates itself (``--data self``, cached; the same text ``skiplm heal`` t
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import click
 
-from .common import MODEL_ARGUMENT, _load, _model_options, _progress, cli, console
+from .common import MODEL_ARGUMENT, _load, _model_options, _training_progress, cli, console
 from .heal import SELF, _data, _training_lines
 from .options import POSITIVE, IntList, Output
 
@@ -56,7 +55,7 @@ def lora_drop(model, anchor_every, rank, droppable, objective, corpus, sequences
     rank-r correction on all but every K-th decode token; write the folder."""
     from ..lora_drop import LoraDrop, train_lora_drop
     from ..models.adapters import count_layers
-    from ..train.distill import TrainError, TrainingInterrupted, TrainSettings
+    from ..train.distill import TrainError, TrainSettings
 
     try:
         settings = TrainSettings(steps=steps, minutes=minutes, batch_size=batch_size, learning_rate=learning_rate,
@@ -81,24 +80,11 @@ def lora_drop(model, anchor_every, rank, droppable, objective, corpus, sequences
         return
     data, read = _data(hf_model, tokenizer, corpus, sequences, length, seed)
     start = time.perf_counter()
-    with _progress() as progress:
-        task = progress.add_task("training LoRA-Drop corrections", total=steps)
-
-        def report(done, total, info=None):
-            text = f"LoRA-Drop K={anchor_every} r={rank}"
-            if info:
-                text += f"  loss {info['loss']:.4f}  {info['tokens_per_second']:,.0f} tok/s"
-                if "held_out_kl" in info:
-                    text += f"  held-out KL {info['held_out_kl']:.4f}"
-            progress.update(task, completed=done, total=total, description=text)
-
-        try:
-            skipper = train_lora_drop(hf_model, anchor_every, rank, calibration=data, held_out=held_out,
-                                      droppable=droppable, objective=objective, settings=settings, run_dir=run_dir,
-                                      resume=resume, progress=report, seed=seed, name=model)
-        except TrainingInterrupted as exc:
-            console.print(f"{exc} (skiplm lora-drop ... --out {out} --resume)")
-            sys.exit(130)
+    label = f"training LoRA-Drop corrections (K={anchor_every}, r={rank})"
+    with _training_progress(label, command="lora-drop", out=out, total=steps) as report:
+        skipper = train_lora_drop(hf_model, anchor_every, rank, calibration=data, held_out=held_out,
+                                  droppable=droppable, objective=objective, settings=settings, run_dir=run_dir,
+                                  resume=resume, progress=report, seed=seed, name=model)
     skipper.provenance["data"] = read
     skipper.save(out)
     shutil.rmtree(run_dir, ignore_errors=True)

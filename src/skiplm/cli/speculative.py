@@ -12,7 +12,8 @@ import click
 from ..measure.rows import plan_names
 from ..speculative.decoder import DEFAULT_MAX_DRAFT
 from .options import IntList, Output
-from .common import MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, _progress, cli, console
+from .common import (MODEL_ARGUMENT, _command_line, _load, _load_plan, _model_options, _progress, _training_progress,
+                     cli, console)
 
 NO_DRAFT_CACHE = click.option(
     "--no-draft-cache", "no_draft_cache", is_flag=True,
@@ -323,17 +324,8 @@ def draft_train(model, plan_path, precision, rank, alpha, modules, steps, minute
     chosen = precision_name(precision) if precision else ((plan.provenance.get("draft") or {}).get("precision")
                                                           or "float32")
     data = _training_data(hf_model, tokenizer, sequences, length, seed)
-    with _progress() as progress:
-        task = progress.add_task("training the draft", total=steps)
-
-        def report(done, total, info=None):
-            text = "training the draft"
-            if info:
-                text += f"  loss {info['loss']:.4f}  {info['tokens_per_second']:,.0f} tok/s"
-                if "held_out_acceptance" in info:
-                    text += f"  held-out acceptance {info['held_out_acceptance']:.3f}"
-            progress.update(task, completed=done, total=total, description=text)
-
+    with _training_progress("training the draft", command="draft-train", out=out, total=steps,
+                            held_out=("acceptance",)) as report:
         adapter = train_draft(hf_model, plan, data, held_out=held_out, rank=rank, alpha=alpha, modules=modules,
                               precision=chosen, run_dir=run_dir, resume=resume, progress=report,
                               settings=_settings(steps, minutes, batch_size, learning_rate, eval_every, patience,
