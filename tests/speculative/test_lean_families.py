@@ -8,17 +8,16 @@ import pytest
 import torch
 import transformers
 
-import skiplm
 from skiplm.errors import PlanError
 from skiplm.speculative import SpeculativeDecoder
 from skiplm.speculative.lean import LEAN_FAMILIES, LeanDraft, lean_draft_unsupported, plain_logits
 from skiplm.speculative.quantize import packed_head
 
 from conftest import _COMMON, SLIDING_WINDOW, VOCAB, cached_tiny_model, plan_for
+from test_draft_engine import PLANS, _reference
 from test_speculative import left_padded, oracle
 
 NEW_FAMILIES = ["gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "smollm3"]
-PLANS = {"none": None, "blocks+mlp": dict(blocks=[1], mlp=[3]), "attention": dict(attention=[0, 4])}
 
 
 def _extra_model(family: str, **overrides) -> transformers.PreTrainedModel:
@@ -63,15 +62,6 @@ def _model(family: str):
             _EXTRA[family] = _extra_model(family)
         return _EXTRA[family]
     return cached_tiny_model(family)
-
-
-def _reference(model, ids, mask, plan):
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        if plan is None:
-            return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        with skiplm.apply(model, plan):
-            return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
