@@ -6,11 +6,13 @@ leaves something that looks complete.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import SkipLMError
 
@@ -112,4 +114,28 @@ def atomic_folder(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["OutputError", "atomic_folder", "check_output", "write_bytes_atomic", "write_text_atomic"]
+def read_json(path: Path, error: type[Exception], remedy: str = "") -> Any:
+    """The JSON a folder's record file holds, or ``error`` saying it is not valid JSON (e.g. truncated), and
+    ``remedy``."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}); it may be truncated.{' ' + remedy if remedy else ''}") from None
+
+
+def check_record(data: Any, *, format_name: str, schema_version: int, error: type[Exception], what: str,
+                 where: Any) -> dict[str, Any]:
+    """``data`` if it is a record of ``format_name`` (a JSON object whose ``"format"`` it names) at an integer
+    ``schema_version`` this skiplm reads (at most ``schema_version``); else ``error``. ``what`` names the record
+    ("a heal record"), ``where`` where it came from, in the messages."""
+    if not isinstance(data, dict) or data.get("format") != format_name:
+        raise error(f"{where} is not {what} (expected \"format\": \"{format_name}\").")
+    version = data.get("schema_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version > schema_version:
+        raise error(f"{where} has schema version {version!r}; this skiplm reads up to {schema_version}: upgrade "
+                    "skiplm, or make it again with this one.")
+    return data
+
+
+__all__ = ["OutputError", "atomic_folder", "check_output", "check_record", "read_json", "write_bytes_atomic",
+           "write_text_atomic"]

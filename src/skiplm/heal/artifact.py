@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..files import atomic_folder, check_output, write_bytes_atomic, write_text_atomic
+from ..files import atomic_folder, check_output, check_record, read_json, write_bytes_atomic, write_text_atomic
 from ..plan import SkipPlan
 from ..runtime import SkipHandle, check_free, check_layers, install_handle
 from .spans import HealError, Span, resolve_spans
@@ -502,18 +502,8 @@ def load_healed(folder: str | Path) -> Healed:
     record = folder / HEAL_FILE
     if not folder.is_dir() or not record.is_file():
         raise HealError(f"{folder} is not a heal folder (no {HEAL_FILE} in it); make one with `skiplm heal`.")
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HealError(f"{record} is not valid JSON ({exc}); it may be truncated. Heal again with `skiplm heal`.") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise HealError(f"{record} is not a skiplm heal record (expected \"format\": \"{FORMAT_NAME}\").")
-    version = data.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise HealError(f"{record} has no integer 'schema_version'.")
-    if version > SCHEMA_VERSION:
-        raise HealError(f"{record} has schema version {version}, newer than this skiplm understands "
-                        f"({SCHEMA_VERSION}): upgrade skiplm.")
+    data = check_record(read_json(record, HealError, "Heal again with `skiplm heal`."), format_name=FORMAT_NAME,
+                        schema_version=SCHEMA_VERSION, error=HealError, what="a skiplm heal record", where=record)
     try:
         plan = SkipPlan.from_json(data["plan"])
         steps = list(data["steps"])

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import atomic_folder, check_output, write_bytes_atomic, write_text_atomic
+from ..files import atomic_folder, check_output, check_record, read_json, write_bytes_atomic, write_text_atomic
 from ..plan import ModelIdentity, check_made_for, model_identity
 from ..errors import PlanError
 from ..runtime.hooks import install_handle
@@ -208,20 +208,13 @@ def load_lora_drop(path: str | Path) -> LoraDrop:
     record = path / RECORD_FILE if path.is_dir() else path
     if not record.is_file():
         raise LoraDropError(f"{path} is not a LoRA-Drop folder (no {RECORD_FILE}); make one with `skiplm lora-drop`.")
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoraDropError(f"{record} is not valid JSON ({exc}); it may be truncated.") from None
-    return lora_drop_from_json(data, record.parent, where=record)
+    return lora_drop_from_json(read_json(record, LoraDropError), record.parent, where=record)
 
 
 def lora_drop_from_json(data: Any, folder: Path | None = None, *, where: Any = "the LoRA-Drop record") -> LoraDrop:
     """The skipper a record holds; its corrections read from ``folder`` (checked against the record)."""
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise LoraDropError(f"{where} is not a LoRA-Drop record (expected \"format\": \"{FORMAT_NAME}\").")
-    version = data.get("schema_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise LoraDropError(f"{where} has schema version {version!r}; this skiplm reads {SCHEMA_VERSION}: upgrade skiplm.")
+    check_record(data, format_name=FORMAT_NAME, schema_version=SCHEMA_VERSION, error=LoraDropError,
+                 what="a LoRA-Drop record", where=where)
     files = data.get("files") or {}
     if not isinstance(files, dict) or set(files) - {WEIGHTS_FILE}:
         raise LoraDropError(f"{where} lists files this skiplm does not know: {sorted(files)}.")

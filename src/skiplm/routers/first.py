@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..files import atomic_folder, check_output, write_bytes_atomic, write_text_atomic
+from ..files import atomic_folder, check_output, check_record, read_json, write_bytes_atomic, write_text_atomic
 from ..models.adapters import count_layers, get_adapter
 from ..plan import ModelIdentity, check_made_for, model_identity
 from ..registry import ROUTERS, SKIPPER_FILES, Option, Spec
@@ -576,16 +576,8 @@ def load_first(path: str | Path) -> FiRST:
     record = folder / RECORD_FILE
     if not folder.is_dir() or not record.is_file():
         raise RouterError(f"{path} is not a FiRST folder (no {RECORD_FILE} in it); make one with `skiplm first`.")
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RouterError(f"{record} is not valid JSON ({exc}); it may be truncated. Train again.") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise RouterError(f"{record} is not a FiRST record (expected \"format\": \"{FORMAT_NAME}\").")
-    version = data.get("schema_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise RouterError(f"{record} has schema version {version!r}; this skiplm reads {SCHEMA_VERSION}: upgrade "
-                          "skiplm or train again.")
+    data = check_record(read_json(record, RouterError, "Train again."), format_name=FORMAT_NAME,
+                        schema_version=SCHEMA_VERSION, error=RouterError, what="a FiRST record", where=record)
     files = _read_files(folder, data.get("files"))
     if ROUTERS_FILE not in files:
         raise RouterError(f"{record} lists no {ROUTERS_FILE}; the folder is incomplete. Train again.")

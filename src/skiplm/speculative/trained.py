@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import SkipLMError
-from ..files import atomic_folder, write_bytes_atomic, write_text_atomic
+from ..files import atomic_folder, check_record, read_json, write_bytes_atomic, write_text_atomic
 from ..plan import SkipPlan
 from ..registry import DRAFTS, Option
 
@@ -204,15 +204,9 @@ class DraftAdapter:
         if not path.is_file():
             raise DraftAdapterError(f"{folder} is not a draft adapter folder (no {RECORD_FILE}); train one with "
                                     "`skiplm draft-train`.")
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DraftAdapterError(f"{path} is not valid JSON ({exc}); train the draft again.") from None
-        if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
-            raise DraftAdapterError(f"{path} is not a skiplm draft adapter record (\"format\": \"{FORMAT_NAME}\").")
-        if not isinstance(record.get("schema_version"), int) or record["schema_version"] > SCHEMA_VERSION:
-            raise DraftAdapterError(f"{path} has schema version {record.get('schema_version')!r}; this skiplm reads "
-                                    f"up to {SCHEMA_VERSION}: upgrade skiplm.")
+        record = check_record(read_json(path, DraftAdapterError, "Train the draft again."), format_name=FORMAT_NAME,
+                              schema_version=SCHEMA_VERSION, error=DraftAdapterError,
+                              what="a skiplm draft adapter record", where=path)
         for name, check in (record.get("files") or {}).items():
             data = (folder / name).read_bytes() if (folder / name).is_file() else None
             if data is None:
